@@ -1,0 +1,205 @@
+"""The candidate pool: which generators exist, what each costs, and how to run and serve it.
+
+A pool file is YAML::
+
+    cost_unit: tflops            # what `cost` counts: tflops, seconds, dollars, relative, ...
+    metrics:                     # optional: the scorers `catimage build` runs
+      - {name: clip_score, params: {model: ViT-B-32, pretrained: /ckpt/clip.pt}}
+    candidates:
+      - name: sdxl-20
+        cost: 239.4              # optional when the quality table carries measured costs
+        generator: {model: stabilityai/stable-diffusion-xl-base-1.0, steps: 20, scheduler: euler}
+        build: {batch_size: 4, concurrency: 1, num_gpus: 1}
+        serve: {num_gpus: 1, autoscaling: {min_replicas: 1, max_replicas: 4}}
+
+Everything is validated on load (unknown keys, duplicate names, negative costs) so that a typo
+fails at the first command rather than hours into a cluster job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from catimage.errors import PoolError
+from catimage.generators.spec import GeneratorSpec, parse_generator_spec
+from catimage.metrics.spec import MetricSpec
+
+
+class BuildResources(BaseModel):
+    """How the Ray Data build job runs this candidate's generator actor pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: PositiveInt = 4
+    concurrency: PositiveInt = 1
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve `autoscaling_config` for one generator deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: PositiveInt = 1
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeResources(BaseModel):
+    """How Ray Serve runs this candidate's generator deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    max_ongoing_requests: PositiveInt = 4
+    max_batch_size: PositiveInt = 1
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+
+class Candidate(BaseModel):
+    """One generator configuration the router can choose."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    cost: float | None = Field(default=None, ge=0)
+    generator: GeneratorSpec | None = None
+    build: BuildResources = Field(default_factory=BuildResources)
+    serve: ServeResources = Field(default_factory=ServeResources)
+
+    @field_validator("generator", mode="before")
+    @classmethod
+    def _parse_generator(cls, value: Any) -> Any:
+        if value is None or isinstance(value, BaseModel):
+            return value
+        return parse_generator_spec(value)
+
+    @field_validator("cost")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not np.isfinite(value):
+            raise ValueError("cost must be a finite number")
+        return value
+
+
+class Pool(BaseModel):
+    """A validated pool; the order of `candidates` is the column order everywhere downstream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cost_unit: str = Field(min_length=1)
+    candidates: list[Candidate] = Field(min_length=1)
+    metrics: list[MetricSpec] = Field(default_factory=list)
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> Pool:
+        seen: set[str] = set()
+        dupes = [c.name for c in self.candidates if c.name in seen or seen.add(c.name)]
+        if dupes:
+            raise ValueError(f"duplicate candidate names: {sorted(set(dupes))}; each name must be unique")
+        mnames = [m.name for m in self.metrics]
+        if len(set(mnames)) != len(mnames):
+            raise ValueError(f"duplicate metric names in metrics: {mnames}")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.candidates]
+
+    def get(self, name: str) -> Candidate:
+        for cand in self.candidates:
+            if cand.name == name:
+                return cand
+        raise PoolError(f"unknown candidate {name!r}; the pool has {self.names}")
+
+    def select(self, names: Iterable[str]) -> Pool:
+        """The sub-pool of `names`, in that order (e.g. the candidates a quality table covers)."""
+        return self.model_copy(update={"candidates": [self.get(n) for n in names]})
+
+    def cost_vector(self, names: Iterable[str] | None = None, measured: Mapping[str, float] | None = None) -> np.ndarray:
+        """Costs in `names` order: the pool's declared cost, else the measured one from the table.
+
+        Declared costs win because the user wrote them on purpose (e.g. dollars rather than the
+        seconds the build job measured).
+        """
+        names = list(self.names if names is None else names)
+        measured = dict(measured or {})
+        out = np.empty(len(names), dtype=np.float64)
+        missing = []
+        for i, name in enumerate(names):
+            declared = self.get(name).cost
+            value = declared if declared is not None else measured.get(name)
+            if value is None or not np.isfinite(value):
+                missing.append(name)
+            else:
+                out[i] = float(value)
+        if missing:
+            raise PoolError(
+                f"no cost for candidates {missing}: give `cost:` in the pool file, or build the quality "
+                "table with measured costs (a `cost` column), or run `catimage cost POOL.yaml`"
+            )
+        return out
+
+    def with_costs(self, costs: Mapping[str, float]) -> Pool:
+        """A copy with `costs` written in (what `catimage cost` saves)."""
+        cands = [c.model_copy(update={"cost": float(costs[c.name])}) if c.name in costs else c for c in self.candidates]
+        return self.model_copy(update={"candidates": cands})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see catimage/pool.py for the keys a pool takes)"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def pool_from_dict(data: Any, source: str = "pool") -> Pool:
+    """Validate an already-parsed pool mapping, with one readable message listing every problem."""
+    if not isinstance(data, dict):
+        raise PoolError(f"{source}: a pool must be a mapping with `cost_unit` and `candidates`, got {type(data).__name__}")
+    try:
+        return Pool.model_validate(data)
+    except ValidationError as err:
+        raise PoolError(f"{source} is not a valid pool:\n{_format_validation(err)}") from None
+
+
+def load_pool(path: str | Path) -> Pool:
+    """Read and validate a pool YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PoolError(f"pool file {path} does not exist; pass --pool PATH to a YAML pool file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PoolError(f"{path} is not valid YAML: {err}") from None
+    return pool_from_dict(data, source=str(path))
