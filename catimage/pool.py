@@ -110,6 +110,9 @@ class Pool(BaseModel):
     candidates: list[Candidate] = Field(min_length=1)
     metrics: list[MetricSpec] = Field(default_factory=list)
     description: str | None = None
+    costs_assumed: bool = Field(
+        default=False, description="True when costs are illustrative, not measured: every report says so."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> Pool:

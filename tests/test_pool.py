@@ -1,0 +1,96 @@
+"""Pool files: validation messages a user can act on, and cost lookup."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catimage.errors import PoolError
+from catimage.generators.spec import DiffusersSpec, HttpSpec
+from catimage.pool import load_pool, pool_from_dict
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _pool(**over):
+    data = {"cost_unit": "tflops", "candidates": [{"name": "a", "cost": 1.0}, {"name": "b", "cost": 3.0}]}
+    data.update(over)
+    return data
+
+
+def test_costs_in_requested_order():
+    pool = pool_from_dict(_pool())
+    np.testing.assert_array_equal(pool.cost_vector(["b", "a"]), [3.0, 1.0])
+
+
+def test_declared_cost_wins_over_measured_and_measured_fills_gaps():
+    pool = pool_from_dict(_pool(candidates=[{"name": "a", "cost": 1.0}, {"name": "b"}]))
+    np.testing.assert_array_equal(pool.cost_vector(measured={"a": 9.0, "b": 2.5}), [1.0, 2.5])
+
+
+def test_missing_cost_says_how_to_get_one():
+    pool = pool_from_dict(_pool(candidates=[{"name": "a"}]))
+    with pytest.raises(PoolError, match="catimage cost"):
+        pool.cost_vector()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_pool(candidates=[{"name": "a", "cost": 1}, {"name": "a", "cost": 2}]), "duplicate candidate names"),
+        (_pool(candidates=[{"name": "a", "cost": -1}]), "greater than or equal to 0"),
+        (_pool(candidates=[{"name": "a", "cost": 1, "steps": 4}]), r"candidates\.0\.steps: unknown key"),
+        (_pool(colour="red"), "colour: unknown key"),
+        (_pool(candidates=[]), "at least 1"),
+        ({"candidates": [{"name": "a"}]}, "cost_unit"),
+        (_pool(candidates=[{"name": "a", "generator": {"kind": "ftp"}}]), "unknown generator kind"),
+        (_pool(candidates=[{"name": "a", "generator": {"model": "m", "stepz": 3}}]), "stepz"),
+        (_pool(candidates=[{"name": "a", "serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}]), "min_replicas"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
+def test_bad_pools_are_rejected_with_the_reason(data, message):
+    with pytest.raises(PoolError, match=message):
+        pool_from_dict(data)
+
+
+def test_generator_blocks_parse_by_kind():
+    pool = pool_from_dict(
+        _pool(
+            candidates=[
+                {"name": "sd", "generator": {"model": "tiny:sd", "steps": 4}},
+                {"name": "api", "generator": {"kind": "http", "url": "http://127.0.0.1:1/v1/images", "model": "x"}},
+            ]
+        )
+    )
+    assert isinstance(pool.get("sd").generator, DiffusersSpec)
+    assert pool.get("sd").generator.steps == 4
+    assert isinstance(pool.get("api").generator, HttpSpec)
+
+
+def test_unknown_candidate_lookup_lists_the_pool():
+    with pytest.raises(PoolError, match=r"unknown candidate 'c'.*\['a', 'b'\]"):
+        pool_from_dict(_pool()).get("c")
+
+
+def test_save_load_roundtrip(tmp_path):
+    pool = pool_from_dict(_pool()).with_costs({"a": 0.5})
+    pool.save(tmp_path / "p.yaml")
+    again = load_pool(tmp_path / "p.yaml")
+    assert again == pool
+    assert again.get("a").cost == 0.5
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(PoolError, match="does not exist"):
+        load_pool(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cost_unit: [unclosed\n")
+    with pytest.raises(PoolError, match="not valid YAML"):
+        load_pool(bad)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*pool*.yaml")))
+def test_shipped_pool_files_load(name):
+    pool = load_pool(CONFIGS / name)
+    assert pool.names

@@ -1,0 +1,148 @@
+"""The quality-table schema, its readers, aggregation into the S-sample mean, scaling and splits."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from catimage.errors import TableError
+from catimage.table import (
+    MetricScaler,
+    aggregate,
+    metric_columns,
+    read_quality_table,
+    split_prompts,
+    stable_prompt_id,
+    validate_table,
+    write_quality_table,
+)
+
+
+def _table(**over):
+    data = {
+        "prompt_id": ["p1", "p1", "p1", "p2", "p2", "p2"],
+        "prompt": ["a cat", "a cat", "a cat", "a dog", "a dog", "a dog"],
+        "candidate": ["fast", "fast", "slow", "fast", "slow", "slow"],
+        "seed": [0, 1, 0, 0, 0, 1],
+        "cost": [1.0, 1.0, 4.0, 1.0, 4.0, 4.0],
+        "clip_score": [20.0, 22.0, 30.0, 10.0, 25.0, 27.0],
+    }
+    data.update(over)
+    return pa.table(data)
+
+
+def test_aggregate_means_counts_variances_and_costs():
+    m = aggregate(_table())
+    assert m.prompt_ids == ["p1", "p2"] and m.candidates == ["fast", "slow"]
+    np.testing.assert_allclose(m.mean, [[21.0, 30.0], [10.0, 26.0]])
+    np.testing.assert_array_equal(m.count, [[2, 1], [1, 2]])
+    assert m.var[0, 0] == pytest.approx(2.0) and m.var[1, 1] == pytest.approx(2.0)
+    assert np.isnan(m.var[0, 1])
+    np.testing.assert_allclose(m.cost, [1.0, 4.0])
+
+
+def test_aggregate_follows_pool_order_and_marks_missing_cells():
+    t = _table().take([0, 1, 2, 4, 5])  # p2 keeps only its 'slow' samples
+    m = aggregate(t, candidates=["slow", "fast"])
+    assert m.candidates == ["slow", "fast"]
+    assert np.isnan(m.mean[1, 1]) and m.count[1, 1] == 0
+    assert m.mean[1, 0] == pytest.approx(26.0)
+
+
+def test_metric_must_be_chosen_when_ambiguous():
+    t = _table(image_reward=[0.1] * 6)
+    assert metric_columns(t) == ["clip_score", "image_reward"]
+    with pytest.raises(TableError, match="--metric"):
+        aggregate(t)
+    assert aggregate(t, metric="image_reward").metric == "image_reward"
+    with pytest.raises(TableError, match="choose one of"):
+        aggregate(t, metric="aesthetic")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (_table().drop_columns(["candidate"]), r"lacks required column\(s\) \['candidate'\]"),
+        (_table().slice(0, 0), "is empty"),
+        (_table().drop_columns(["clip_score"]), "no numeric quality column"),
+    ],
+)
+def test_validation_errors(table, message):
+    with pytest.raises(TableError, match=message):
+        validate_table(table)
+
+
+def test_nan_quality_is_refused_with_count():
+    with pytest.raises(TableError, match="1 NaN"):
+        aggregate(_table(clip_score=[20.0, np.nan, 30.0, 10.0, 25.0, 27.0]))
+
+
+def test_unknown_and_absent_candidates():
+    with pytest.raises(TableError, match="does not declare"):
+        aggregate(_table(), candidates=["fast"])
+    with pytest.raises(TableError, match="have no rows"):
+        aggregate(_table(), candidates=["fast", "slow", "api"])
+
+
+def test_parquet_and_csv_roundtrip(tmp_path):
+    path = write_quality_table(_table(), tmp_path / "q" / "t.parquet")
+    assert read_quality_table(path).equals(validate_table(_table()))
+    # A directory of Parquet parts reads as one table (what the build job writes).
+    pq.write_table(_table(), tmp_path / "q" / "u.parquet")
+    assert read_quality_table(tmp_path / "q").num_rows == 12
+    csv = tmp_path / "t.csv"
+    _table().to_pandas().to_csv(csv, index=False)
+    assert aggregate(read_quality_table(csv)).mean.shape == (2, 2)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(TableError, match="does not exist"):
+        read_quality_table(tmp_path / "none.parquet")
+    (tmp_path / "t.xlsx").write_text("x")
+    with pytest.raises(TableError, match="unknown table format"):
+        read_quality_table(tmp_path / "t.xlsx")
+
+
+def test_stable_prompt_id_ignores_spacing_only():
+    assert stable_prompt_id("a  red car ") == stable_prompt_id("a red car")
+    assert stable_prompt_id("a red car") != stable_prompt_id("a red cat")
+    assert len(stable_prompt_id("x")) == 16
+
+
+def test_scaler_fits_on_given_values_and_inverts():
+    s = MetricScaler.fit(np.array([[2.0, np.nan], [4.0, 6.0]]))
+    assert (s.low, s.high) == (2.0, 6.0)
+    np.testing.assert_allclose(s.transform([2.0, 4.0, 6.0, 8.0]), [0.0, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(s.inverse_transform([0.0, 0.5]), [2.0, 4.0])
+    assert MetricScaler.from_dict(s.to_dict()) == s
+
+
+def test_split_is_disjoint_covering_and_seeded():
+    sp = split_prompts(100, 0.1, 0.2, seed=3)
+    allidx = np.concatenate([sp.train, sp.val, sp.test])
+    assert sorted(allidx) == list(range(100))
+    assert (len(sp.test), len(sp.val)) == (10, 20)
+    assert np.array_equal(split_prompts(100, 0.1, 0.2, seed=3).test, sp.test)
+    assert not np.array_equal(split_prompts(100, 0.1, 0.2, seed=4).test, sp.test)
+    with pytest.raises(TableError):
+        split_prompts(3, 0.5, 0.4)
+
+
+def test_genai_bench_loads_one_row_per_rating(shared_data):
+    t = read_quality_table(shared_data / "genai-bench-527" / "genai_image.json")
+    assert t.num_rows == 527 * 6 * 3
+    m = aggregate(t)
+    assert m.mean.shape == (527, 6) and (m.count == 3).all()
+    # The data README's mean ratings.
+    means = dict(zip(m.candidates, m.mean.mean(axis=0)))
+    assert means["DALLE_3"] == pytest.approx(3.72, abs=0.005)
+    assert means["SDXL_2_1"] == pytest.approx(2.85, abs=0.005)
+
+
+def test_agiqa3k_loads_configs_from_file_names(shared_data):
+    t = read_quality_table(shared_data / "agiqa-3k" / "data.csv")
+    assert set(metric_columns(t)) == {"mos_quality", "mos_align"}
+    m = aggregate(t, metric="mos_quality")
+    assert m.mean.shape == (300, 10)
+    assert "sd1.5_lowstep" in m.candidates and "midjourney_normal" in m.candidates
+    assert np.isnan(m.mean[:, m.candidates.index("DALLE2_normal")]).sum() == 10
