@@ -1,0 +1,247 @@
+"""Report files of an evaluation: report.json, report.md and deferral.png.
+
+`write_report` takes the dict that catimage.evaluation.evaluate_table returns (keys `fixed`,
+`router`, `oracle`, `hull`, `summary`, `meta`, optionally `routers` = {label: {router, summary}}
+when several estimators were compared) and writes all three. The notes (assumed costs, noise
+images, ...) go first in the Markdown and under the plot, because they decide how far the figures
+can be trusted. Plots use matplotlib's object API with the Agg canvas: no pyplot global state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catimage.evaluation import to_jsonable
+from catimage.routing import cost_to_reach, curve_arrays, interpolate_curve
+
+log = logging.getLogger(__name__)
+
+LOG_SCALE_SPAN = 100.0  # costs spanning more than this factor are plotted on a log axis
+
+
+def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and deferral.png into `out_dir`; returns their paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "deferral.png"}
+    paths["json"].write_text(json.dumps(to_jsonable(report), indent=2))
+    paths["markdown"].write_text(render_markdown(report))
+    meta = report.get("meta", {})
+    if report.get("routers"):
+        curves = {label: {**report, **sub} for label, sub in report["routers"].items()}
+    else:
+        curves = {str(meta.get("estimator", "router")): report}
+    plot_deferral(curves, paths["plot"])
+    return paths
+
+
+# --- Markdown -----------------------------------------------------------------------------------
+
+
+def _f(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            return "n/a"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _signed(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "n/a"
+    if abs(value) < 1e-12:  # summation-order noise, not a gain
+        value = 0.0
+    return f"{value:+.{digits}g}"
+
+
+def _mean_std(trials: Mapping[str, Any], key: str) -> str:
+    mean, std = trials.get(f"mean_{key}"), trials.get(f"std_{key}")
+    text = _f(mean) if std is None else f"{_f(mean)} ± {_f(std, 2)}"
+    if f"n_{key}" in trials:
+        text += f" ({trials[f'n_{key}']}/{trials.get('n')} trials)"
+    return text
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """The human-readable report: notes, summary, Tables 1-3 of the paper's layout, fixed points."""
+    meta = report.get("meta", {})
+    summary = report.get("summary", {})
+    unit = meta.get("cost_unit", "cost")
+    metric = meta.get("metric", "quality")
+    lines = [f"# catimage evaluation: {metric} vs cost ({unit})", ""]
+    notes = meta.get("notes", [])
+    if notes:
+        lines += ["> **Read first**", ">"] + [f"> - {n}" for n in notes] + [""]
+    lines += [
+        f"Router: **{meta.get('estimator', '?')}** {json.dumps(meta.get('estimator_params', {}))} on "
+        f"**{(meta.get('embedder') or {}).get('name', '?')}** embeddings; {meta.get('n_test', '?')} test prompts "
+        f"(of {meta.get('n_prompts', '?')}); quality in {metric} units, cost in {unit}; "
+        f"curves read with {meta.get('interpolation', 'linear')} interpolation.",
+        "",
+        "## Summary (trial 0)",
+        "",
+    ]
+    best = summary.get("best_fixed")
+    lines += _table(
+        ["figure", "value"],
+        [
+            ["best fixed candidate", f"{best} (cost {_f(summary.get('best_fixed_cost'))}, quality {_f(summary.get('best_fixed_quality'))})"],
+            ["router quality at its cost", f"{_f(summary.get('quality_at_best_fixed_cost'))} ({_signed(summary.get('gain_at_best_fixed_cost'))})"],
+            ["oracle quality at its cost", _f(summary.get("oracle_quality_at_best_fixed_cost"))],
+            ["router cost to match it / its cost", _f(summary.get("cost_ratio_to_match_best_fixed"))],
+            ["mean gain over the prompt-agnostic hull", _signed(summary.get("area_over_hull"))],
+            ["share of the oracle's gain at its cost", _f(summary.get("oracle_gain_fraction"))],
+        ],
+    )
+    trials = summary.get("trials") or {}
+    if trials:
+        lines += [f"## Table 1: {trials.get('n')} trial(s) (re-drawn splits)", ""]
+        lines += _table(
+            ["win rate", "quality at best fixed cost", "gain at best fixed cost", "area over hull",
+             "cost ratio to match best", "oracle gain fraction"],
+            [[
+                _f(trials.get("win_rate")),
+                _mean_std(trials, "quality_at_best_fixed_cost"),
+                _mean_std(trials, "gain_at_best_fixed_cost"),
+                _mean_std(trials, "area_over_hull"),
+                _mean_std(trials, "cost_ratio_to_match_best_fixed"),
+                _mean_std(trials, "oracle_gain_fraction"),
+            ]],
+        )
+    fixed = report.get("fixed", [])
+    hull_names = {h.get("candidate") for h in report.get("hull", [])}
+    router, oracle, hull = report.get("router", []), report.get("oracle", []), report.get("hull", [])
+    if fixed:
+        lines += ["## Fixed candidates", ""]
+        lines += _table(
+            ["candidate", f"cost ({unit})", f"mean {metric}", "on hull"],
+            [[p["candidate"], _f(p["cost"]), _f(p["quality"]), "yes" if p["candidate"] in hull_names else ""]
+             for p in sorted(fixed, key=lambda p: p["cost"])],
+        )
+    if fixed and router:
+        gains = summary.get("gain_at_fixed_cost", {})
+        lines += ["## Table 2: quality at each fixed candidate's cost", ""]
+        rows = []
+        for p in sorted(fixed, key=lambda p: p["cost"]):
+            q_r = interpolate_curve(router, p["cost"])
+            q_o = interpolate_curve(oracle, p["cost"]) if oracle else None
+            q_h = interpolate_curve(hull, p["cost"]) if hull else None
+            rows.append([p["candidate"], _f(p["cost"]), _f(p["quality"]), _f(q_r),
+                         _signed(gains.get(p["candidate"], q_r - p["quality"])), _f(q_h), _f(q_o)])
+        lines += _table(["candidate", "cost", "fixed", "router", "router gain", "hull", "oracle"], rows)
+        ratios = summary.get("cost_ratio_to_match", {})
+        lines += ["## Table 3: cost for the router to match each candidate's quality", ""]
+        rows = []
+        for p in sorted(fixed, key=lambda p: p["cost"]):
+            reach = cost_to_reach(router, p["quality"])
+            rows.append([p["candidate"], _f(p["quality"]), _f(p["cost"]), _f(reach),
+                         _f(ratios.get(p["candidate"]))])
+        lines += _table(["candidate", "quality", "its cost", "router cost to match", "ratio"], rows)
+    routers = report.get("routers")
+    if routers:
+        lines += ["## Routers compared", ""]
+        rows = []
+        for label, sub in routers.items():
+            s = sub.get("summary", {})
+            tr = s.get("trials") or {}
+            rows.append([label, _f(s.get("quality_at_best_fixed_cost")), _signed(s.get("area_over_hull")),
+                         _f(s.get("cost_ratio_to_match_best_fixed")), _f(s.get("oracle_gain_fraction")),
+                         _f(tr.get("win_rate")), _mean_std(tr, "gain_at_best_fixed_cost") if tr else "n/a"])
+        lines += _table(["router", "quality at best fixed cost", "area over hull", "cost ratio",
+                         "oracle gain fraction", "win rate", "gain over trials"], rows)
+    lines += [
+        "Figures: **gain** = router quality minus the fixed candidate's at the same average cost; "
+        "**area over hull** = mean over the fixed candidates' cost range of the router's quality minus the "
+        "best prompt-agnostic random mixture; **cost ratio** = the router's cheapest average cost reaching a "
+        "candidate's quality divided by that candidate's cost (n/a: never reached); **oracle gain fraction** = "
+        "(router - best fixed) / (oracle - best fixed) at the best fixed candidate's cost.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- plot ---------------------------------------------------------------------------------------
+
+
+def _dense(points: Sequence[Any], log_x: bool, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Points to draw a linearly interpolated curve faithfully (straight segments bend on a log axis)."""
+    xs, ys = curve_arrays(points)
+    if not log_x or xs.size < 2 or xs[0] <= 0:
+        return xs, ys
+    grid = np.unique(np.concatenate([xs, np.geomspace(xs[0], xs[-1], n)]))
+    return grid, np.asarray(interpolate_curve(points, grid))
+
+
+def plot_deferral(
+    reports: Mapping[str, Mapping[str, Any]], path: str | Path, log_x: bool | None = None, title: str | None = None
+) -> Path:
+    """One figure: each report's router curve, plus the first report's oracle, hull and fixed points.
+
+    x = average cost per prompt in the pool's cost unit (log axis when the costs span more than
+    100x and all are positive, unless `log_x` says otherwise); y = quality in the metric's units.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not reports:
+        raise ValueError("plot_deferral needs at least one report")
+    first = next(iter(reports.values()))
+    meta = first.get("meta", {})
+    fixed = first.get("fixed", [])
+    costs = np.array([p["cost"] for p in fixed], dtype=np.float64) if fixed else np.zeros(0)
+    if log_x is None:
+        pos = costs[costs > 0]
+        log_x = bool(pos.size == costs.size and pos.size >= 2 and pos.max() / pos.min() > LOG_SCALE_SPAN)
+
+    fig = Figure(figsize=(8, 5.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if first.get("oracle"):
+        ax.plot(*_dense(first["oracle"], log_x), color="0.45", lw=1.2, ls=":", label="oracle (test labels)")
+    if first.get("hull"):
+        hx, hy = _dense(first["hull"], log_x)
+        ax.plot(hx, hy, color="tab:gray", lw=1.5, ls="--", label="best random mix of fixed candidates")
+    right = float(costs.max()) if costs.size else None
+    for k, (label, rep) in enumerate(reports.items()):
+        if rep.get("router"):
+            rx, ry = _dense(rep["router"], log_x)
+            ax.plot(rx, ry, lw=2, color=f"C{k}", label=f"router: {label}")
+            if right is not None and rx[-1] < right:  # beyond its lambda=0 cost the router stays flat
+                ax.plot([rx[-1], right], [ry[-1], ry[-1]], lw=1, color=f"C{k}", alpha=0.4)
+    for p in fixed:
+        ax.scatter([p["cost"]], [p["quality"]], color="black", zorder=5, s=22)
+        ax.annotate(p["candidate"], (p["cost"], p["quality"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    if log_x:
+        ax.set_xscale("log")
+    unit = meta.get("cost_unit", "cost")
+    ax.set_xlabel(f"average cost per prompt ({unit}{', log scale' if log_x else ''})")
+    ax.set_ylabel(f"mean {meta.get('metric', 'quality')} (test prompts)")
+    ax.set_title(title or f"Deferral curves: {meta.get('metric', 'quality')} vs cost ({meta.get('n_test', '?')} test prompts)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    notes = meta.get("notes", [])
+    if notes:  # all of them: which one matters most (assumed costs, noise images) is the caller's call
+        text = "\n".join(textwrap.fill("Note: " + n, 140) for n in notes)
+        lines = text.count("\n") + 1
+        fig.set_size_inches(8, 5.5 + 0.12 * lines)
+        fig.text(0.01, 0.005, text, fontsize=6, va="bottom", ha="left", color="darkred")
+        fig.subplots_adjust(bottom=0.1 + 0.1 * lines / fig.get_size_inches()[1])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

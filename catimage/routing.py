@@ -1,0 +1,419 @@
+"""The routing rule, lambda calibration, the exact deferral curve and the prompt-agnostic hull.
+
+Everything here is pure numpy and works in the metric's own units (predictions, labels) and the
+pool's cost unit. The router sends prompt i to
+
+    r_i(lambda) = argmax_m  pred[i, m] - lambda * cost[m]          (exact ties -> cheaper, then lower index)
+
+Geometry used throughout: for one prompt, the candidates are points (cost_m, pred_m). The routed
+choice at lambda is the point of the upper concave hull of those points supported by a line of
+slope lambda. As lambda grows from 0 the choice walks left along the hull, from the best predicted
+candidate to the cheapest one, switching exactly at the hull's edge slopes
+(pred_a - pred_b) / (cost_a - cost_b). So each prompt's routed cost is a non-increasing step
+function of lambda, the average routed cost too, and the union of all prompts' edge slopes is the
+complete set of lambdas at which anything changes: the deferral curve evaluated there is exact, not
+a grid approximation.
+
+Curve semantics (used consistently by `interpolate_curve`, `cost_to_reach` and catimage.evaluation):
+between two consecutive deterministic routers (lambda_k, lambda_{k+1}) one may randomise per prompt,
+so every cost between their costs is achievable with the linearly interpolated quality. Quality at
+a cost below the curve's cheapest point is NaN (not achievable); above its most expensive point it
+is that point's quality (extra budget buys nothing: lambda=0 already takes the best prediction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from catimage.errors import BudgetError, CatimageError
+
+__all__ = [
+    "CurvePoint",
+    "HullPoint",
+    "route",
+    "calibrate_lambda",
+    "deferral_curve",
+    "deferral_curve_arrays",
+    "mixture_hull",
+    "interpolate_curve",
+    "cost_to_reach",
+    "curve_arrays",
+]
+
+# Relative slack when comparing average costs with a budget: an average of n equal costs can differ
+# from that cost by an ulp, and "budget exactly at the cheapest candidate" must still be met.
+_COST_RTOL = 1e-12
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One deterministic router on the deferral curve: valid for lambda in [lam, next point's lam)."""
+
+    lam: float
+    cost: float
+    quality: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"lambda": self.lam, "cost": self.cost, "quality": self.quality}
+
+
+@dataclass(frozen=True)
+class HullPoint:
+    """A vertex of the fixed candidates' upper concave hull; `index` is the candidate's column."""
+
+    cost: float
+    quality: float
+    index: int = -1
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"cost": self.cost, "quality": self.quality, "index": self.index}
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _check_costs(costs: Any, m: int | None = None) -> np.ndarray:
+    costs = np.asarray(costs, dtype=np.float64)
+    if costs.ndim != 1 or costs.size == 0:
+        raise CatimageError(f"costs must be a non-empty 1-D array (one per candidate), got shape {costs.shape}")
+    if m is not None and costs.size != m:
+        raise CatimageError(
+            f"predictions have {m} candidate column(s) but {costs.size} cost(s) were given; "
+            "pass one cost per candidate, in the same order"
+        )
+    if not np.isfinite(costs).all():
+        raise CatimageError(f"costs must be finite numbers, got {costs.tolist()}")
+    if (costs < 0).any():
+        raise CatimageError(f"costs must be >= 0, got {costs.tolist()}; check the pool file's `cost:` values")
+    return costs
+
+
+def _check_matrix(values: Any, name: str, m: int | None = None, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 2:
+        raise CatimageError(f"{name} must be a 2-D (prompts x candidates) array, got shape {arr.shape}")
+    if m is not None and arr.shape[1] != m:
+        raise CatimageError(f"{name} has {arr.shape[1]} candidate column(s), expected {m} (one per cost)")
+    if n is not None and arr.shape[0] != n:
+        raise CatimageError(f"{name} has {arr.shape[0]} prompt row(s), expected {n} (as many as the predictions)")
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise CatimageError(
+            f"{name} has {bad} NaN/infinite value(s); drop prompts with missing labels or predictions first"
+        )
+    return arr
+
+
+def _check_inputs(pred: Any, costs: Any) -> tuple[np.ndarray, np.ndarray]:
+    pred = np.asarray(pred, dtype=np.float64)
+    if pred.ndim != 2:
+        raise CatimageError(f"pred must be a 2-D (prompts x candidates) array, got shape {pred.shape}")
+    costs = _check_costs(costs, pred.shape[1])
+    return _check_matrix(pred, "pred", m=costs.size), costs
+
+
+def _check_lambda(lam: Any) -> float:
+    try:
+        lam = float(lam)
+    except (TypeError, ValueError):
+        raise BudgetError(f"lambda must be a number, got {lam!r}") from None
+    if np.isnan(lam) or lam < 0:
+        raise BudgetError(f"lambda must be >= 0 (0 = best predicted quality, larger = cheaper), got {lam}")
+    return lam
+
+
+def _cost_order(costs: np.ndarray) -> np.ndarray:
+    """Candidate columns sorted by (cost, index): argmax over this order breaks ties to the cheaper."""
+    return np.lexsort((np.arange(costs.size), costs))
+
+
+# --- the rule -----------------------------------------------------------------------------------
+
+
+def route(pred: Any, costs: Any, lam: float) -> np.ndarray:
+    """Routed candidate index per prompt: argmax_m pred - lam * cost, exact ties to the cheaper one.
+
+    `lam = inf` is allowed and means the limit: the cheapest candidate(s), best predicted among them.
+    """
+    pred, costs = _check_inputs(pred, costs)
+    lam = _check_lambda(lam)
+    order = _cost_order(costs)
+    if np.isinf(lam):
+        util = np.where(costs == costs.min(), pred, -np.inf)
+    else:
+        util = pred - lam * costs
+    return order[np.argmax(util[:, order], axis=1)].astype(np.int64)
+
+
+def _mean_cost(choice: np.ndarray, costs: np.ndarray) -> float:
+    """Average routed cost from integer counts (exact up to one rounding of the dot product)."""
+    counts = np.bincount(choice, minlength=costs.size)
+    return float(counts @ costs) / max(choice.size, 1)
+
+
+def _meets(avg_cost: float, budget: float, costs: np.ndarray) -> bool:
+    return avg_cost <= budget + _COST_RTOL * max(1.0, float(costs.max()))
+
+
+# --- the sweep over lambda ----------------------------------------------------------------------
+
+
+@dataclass
+class _Events:
+    """Where each prompt's choice changes: at `lam[e]`, prompt `row[e]` moves `src[e]` -> `dst[e]`.
+
+    Events are sorted by lambda; `start` is every prompt's choice at lambda = 0.
+    """
+
+    start: np.ndarray
+    lam: np.ndarray
+    row: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+
+
+def _sweep(pred: np.ndarray, costs: np.ndarray) -> _Events:
+    """Walk every prompt's upper hull from its lambda=0 choice to the cheapest candidate.
+
+    Vectorised gift wrapping: from the current choice v, the next switch is to the strictly cheaper
+    candidate j minimising the slope (pred_v - pred_j) / (cost_v - cost_j); equal slopes (collinear
+    points) go to the cheapest of them, as the tie rule says. At most M-1 steps, each O(n M).
+    """
+    n, m = pred.shape
+    rows = np.arange(n)
+    order = _cost_order(costs)
+    cur = route(pred, costs, 0.0)
+    start = cur.copy()
+    last = np.zeros(n)
+    lams, rws, srcs, dsts = [], [], [], []
+    for _ in range(m):
+        dc = costs[cur][:, None] - costs[None, :]
+        cheaper = dc > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(cheaper, (pred[rows, cur][:, None] - pred) / np.where(cheaper, dc, 1.0), np.inf)
+        smin = slope.min(axis=1)
+        moving = np.isfinite(smin)
+        if not moving.any():
+            break
+        tie = (slope == smin[:, None]) & cheaper
+        nxt = order[np.argmax(tie[:, order], axis=1)]
+        idx = np.nonzero(moving)[0]
+        # Rounding could put a slope an ulp below the previous switch; lambda must not go back.
+        at = np.maximum(smin[idx], last[idx])
+        lams.append(at)
+        rws.append(idx)
+        srcs.append(cur[idx])
+        dsts.append(nxt[idx])
+        last[idx] = at
+        cur = np.where(moving, nxt, cur)
+    if lams:
+        lam = np.concatenate(lams)
+        srt = np.argsort(lam, kind="stable")
+        return _Events(start, lam[srt], np.concatenate(rws)[srt], np.concatenate(srcs)[srt], np.concatenate(dsts)[srt])
+    empty = np.zeros(0, dtype=np.int64)
+    return _Events(start, np.zeros(0), empty, empty, empty)
+
+
+def _group_ends(lam: np.ndarray) -> np.ndarray:
+    """Index of the last event of each run of equal lambdas (the state after all of them)."""
+    if lam.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.nonzero(np.append(lam[1:] != lam[:-1], True))[0]
+
+
+def _cost_steps(ev: _Events, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lambdas, mean costs) of the curve points, from integer counts so no rounding drift builds up."""
+    n, m = ev.start.size, costs.size
+    counts0 = np.bincount(ev.start, minlength=m)
+    delta = np.zeros((ev.lam.size, m), dtype=np.int64)
+    e = np.arange(ev.lam.size)
+    delta[e, ev.src] -= 1
+    delta[e, ev.dst] += 1
+    counts = counts0[None, :] + np.cumsum(delta, axis=0)
+    ends = _group_ends(ev.lam)
+    lam = np.concatenate([[0.0], ev.lam[ends]])
+    cost = np.concatenate([[counts0 @ costs], counts[ends] @ costs]) / n
+    return lam, cost
+
+
+# --- calibration --------------------------------------------------------------------------------
+
+
+def calibrate_lambda(pred: Any, costs: Any, budget: float) -> float:
+    """The smallest lambda >= 0 whose average routed cost on these (calibration) prompts is <= budget.
+
+    Exact: the average cost only changes at the prompts' hull slopes, so the answer is 0 or one of
+    them. The returned float is then checked with `route` itself (and nudged up by a few ulps if
+    rounding at an exact tie would pick the dearer candidate), so routing these prompts at the
+    returned lambda really meets the budget.
+    """
+    pred, costs = _check_inputs(pred, costs)
+    if pred.shape[0] == 0:
+        raise CatimageError("calibration needs at least one prompt's predictions")
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        raise BudgetError(f"budget must be a number, got {budget!r}") from None
+    if not np.isfinite(budget):
+        raise BudgetError(f"budget must be a finite number, got {budget}")
+    cheapest = float(costs.min())
+    if not _meets(cheapest, budget, costs):
+        raise BudgetError(
+            f"budget {budget:g} is below the cheapest candidate's cost {cheapest:g} (in the pool's cost unit, "
+            f"the same unit as the pool file's `cost:` values); raise the budget to at least {cheapest:g}"
+        )
+    ev = _sweep(pred, costs)
+    lams, avg = _cost_steps(ev, costs)
+    ok = np.nonzero([_meets(a, budget, costs) for a in avg])[0]
+    if ok.size == 0:  # cannot happen: the last point routes everyone to a cheapest candidate
+        raise BudgetError(f"no lambda meets budget {budget:g}")
+    lam = float(lams[ok[0]])
+    if lam == 0.0:
+        return 0.0
+    step = float(np.spacing(lam))
+    candidate = lam
+    for _ in range(200):
+        if _meets(_mean_cost(route(pred, costs, candidate), costs), budget, costs):
+            return candidate
+        candidate = lam + step
+        step *= 2.0
+    return float("inf")  # only reachable through pathological rounding; inf routes to the cheapest
+
+
+# --- the exact deferral curve -------------------------------------------------------------------
+
+
+def deferral_curve_arrays(pred: Any, costs: Any, quality: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`deferral_curve` as three arrays (lambda, mean cost, mean true quality), lambda increasing."""
+    pred, costs = _check_inputs(pred, costs)
+    n = pred.shape[0]
+    if n == 0:
+        raise CatimageError("the deferral curve needs at least one prompt")
+    quality = _check_matrix(quality, "quality", m=costs.size, n=n)
+    ev = _sweep(pred, costs)
+    lam, cost = _cost_steps(ev, costs)
+    q0 = quality[np.arange(n), ev.start]
+    dq = quality[ev.row, ev.dst] - quality[ev.row, ev.src]
+    ends = _group_ends(ev.lam)
+    total = np.concatenate([[q0.sum()], q0.sum() + np.cumsum(dq)[ends]])
+    if ends.size:
+        # The end point is recomputed directly so that it equals the all-cheapest router exactly.
+        final = route(pred, costs, np.inf)
+        total[-1] = quality[np.arange(n), final].sum()
+    return lam, cost, total / n
+
+
+def deferral_curve(pred: Any, costs: Any, quality: Any) -> list[CurvePoint]:
+    """The exact deferral curve of routing on `pred`, scored with the true labels `quality`.
+
+    One point per distinct lambda at which some prompt's routed choice changes, from lambda = 0
+    (best predicted quality, highest cost) to the last switch, after which every prompt sits on the
+    cheapest candidate (lambda -> inf). cost = mean routed cost, quality = mean of
+    quality[i, route_i]. `quality` must be finite: drop prompts with missing labels first.
+    With `quality = pred` passed as the true labels this is the oracle's curve.
+    """
+    lam, cost, qual = deferral_curve_arrays(pred, costs, quality)
+    return [CurvePoint(float(a), float(b), float(c)) for a, b, c in zip(lam, cost, qual)]
+
+
+# --- the prompt-agnostic baseline ---------------------------------------------------------------
+
+
+def mixture_hull(costs: Any, qualities: Any) -> list[HullPoint]:
+    """Upper concave hull of the fixed candidates' (cost, mean quality), cheapest to best.
+
+    This is what a prompt-agnostic router achieves by sending a random fraction of prompts to each
+    of two neighbouring candidates. It starts at the cheapest candidate (best quality among equally
+    cheap ones) and ends at the best-quality candidate (cheapest among equally good ones); points
+    below the hull and collinear points on an edge are not vertices. Monotone chain on <= M points:
+    scipy's Qhull rejects the degenerate inputs (two points, collinear, equal costs) that pools have.
+    """
+    costs = _check_costs(costs)
+    qual = np.asarray(qualities, dtype=np.float64)
+    if qual.shape != costs.shape:
+        raise CatimageError(f"{costs.size} costs but qualities have shape {qual.shape}")
+    if not np.isfinite(qual).all():
+        raise CatimageError("fixed-candidate qualities must be finite (drop prompts with missing labels first)")
+    best_q = qual.max()
+    best = min(np.nonzero(qual == best_q)[0], key=lambda j: (costs[j], j))
+    order = np.lexsort((np.arange(costs.size), -qual, costs))  # cost up, quality down, index up
+    hull: list[int] = []
+    for j in order:
+        if costs[j] > costs[best]:
+            break
+        if hull and costs[j] == costs[hull[-1]]:
+            continue  # same cost, not better: dominated by the point already kept
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = (costs[b] - costs[a]) * (qual[j] - qual[a]) - (qual[b] - qual[a]) * (costs[j] - costs[a])
+            if cross >= 0:  # b is on or below the segment a -> j
+                hull.pop()
+            else:
+                break
+        hull.append(int(j))
+    return [HullPoint(float(costs[j]), float(qual[j]), int(j)) for j in hull]
+
+
+# --- reading curves -----------------------------------------------------------------------------
+
+CurveLike = Sequence[CurvePoint] | Sequence[HullPoint] | Sequence[Mapping[str, float]]
+
+
+def curve_arrays(points: CurveLike) -> tuple[np.ndarray, np.ndarray]:
+    """(cost, quality) of curve points sorted by cost (attributes or dict keys `cost`, `quality`)."""
+    if len(points) == 0:
+        raise CatimageError("an empty curve has no quality at any cost")
+    first = points[0]
+    if isinstance(first, Mapping):
+        cost = np.array([float(p["cost"]) for p in points])  # type: ignore[index]
+        qual = np.array([float(p["quality"]) for p in points])  # type: ignore[index]
+    else:
+        cost = np.array([float(p.cost) for p in points])  # type: ignore[union-attr]
+        qual = np.array([float(p.quality) for p in points])  # type: ignore[union-attr]
+    srt = np.argsort(cost, kind="stable")
+    return cost[srt], qual[srt]
+
+
+def interpolate_curve(
+    points: CurveLike, cost: float | np.ndarray, kind: Literal["linear", "step"] = "linear"
+) -> float | np.ndarray:
+    """Quality of a curve at a given average cost.
+
+    `linear` (the default, used by every report figure, as in the paper): linear interpolation
+    between neighbouring points, which randomising between two deterministic routers achieves.
+    `step`: the quality of the most expensive deterministic point whose cost is <= `cost`.
+    Below the cheapest point: NaN (not achievable). Above the dearest point: that point's quality.
+    """
+    xs, ys = curve_arrays(points)
+    c = np.asarray(cost, dtype=np.float64)
+    if kind == "linear":
+        out = np.interp(c, xs, ys)
+    elif kind == "step":
+        idx = np.searchsorted(xs, c, side="right") - 1
+        out = ys[np.clip(idx, 0, xs.size - 1)]
+    else:
+        raise CatimageError(f"unknown interpolation {kind!r}; use 'linear' or 'step'")
+    out = np.where(c < xs[0], np.nan, out)
+    return float(out) if out.ndim == 0 else out
+
+
+def cost_to_reach(points: CurveLike, target: float, atol: float = 1e-9) -> float | None:
+    """The smallest average cost at which the (linearly interpolated) curve reaches `target` quality.
+
+    None if it never does. `atol` absorbs summation rounding so that a curve whose end point *is*
+    a fixed candidate reaches that candidate's quality.
+    """
+    xs, ys = curve_arrays(points)
+    goal = float(target) - atol
+    if ys[0] >= goal:
+        return float(xs[0])
+    for k in range(1, xs.size):
+        if ys[k] >= goal:
+            q0, q1 = ys[k - 1], ys[k]
+            frac = (float(target) - q0) / (q1 - q0) if q1 > q0 else 1.0
+            return float(xs[k - 1] + min(max(frac, 0.0), 1.0) * (xs[k] - xs[k - 1]))
+    return None

@@ -1,0 +1,248 @@
+"""Evaluation figures on hand-computed cases, the trial loop on a planted signal, and report files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from catimage.embed import make_embedder
+from catimage.errors import CatimageError
+from catimage.evaluation import area_between, evaluate_predictions, evaluate_table, summarize_trials
+from catimage.report import plot_deferral, render_markdown, write_report
+from catimage.table import QualityMatrix, aggregate, read_quality_table
+
+REQUIRED = {"fixed", "router", "oracle", "hull", "summary", "meta"}
+SUMMARY_KEYS = {
+    "best_fixed",
+    "cost_ratio_to_match_best_fixed",
+    "quality_at_best_fixed_cost",
+    "area_over_hull",
+    "oracle_gain_fraction",
+    "gain_at_fixed_cost",
+    "trials",
+}
+META_KEYS = {"metric", "cost_unit", "candidates", "costs", "n_test", "estimator", "embedder", "notes"}
+GENAI_COSTS = {  # ../shared/data/README.md "Illustrative costs" (ASSUMED, not measured)
+    "SDXL_Turbo": 0.0026,
+    "SDXL_2_1": 0.35,
+    "SDXL_Base": 1.0,
+    "DeepFloyd_I_XL_v1": 1.5,
+    "Midjourney_6": 2.0,
+    "DALLE_3": 3.0,
+}
+
+
+def _strict_json(text: str) -> object:
+    def bad(name: str) -> None:
+        raise AssertionError(f"report.json holds {name}")
+
+    return json.loads(text, parse_constant=bad)
+
+
+# --- pure figures -------------------------------------------------------------------------------
+
+
+def test_figures_on_hand_example():
+    # router curve (see test_routing): (1,.25) (1.5,.3) (3,.7) (4,.85); fixed (1,.25) (2,.5) (4,.85)
+    pred = np.array([[0.2, 0.5, 0.6], [0.1, 0.15, 0.9]])
+    true = np.array([[0.3, 0.4, 0.7], [0.2, 0.6, 1.0]])
+    res = evaluate_predictions(pred, true, [1.0, 2.0, 4.0], ["a", "b", "c"])
+    s = res.summary
+    assert [(p.candidate, p.cost, p.quality) for p in res.fixed] == [
+        ("a", 1.0, pytest.approx(0.25)),
+        ("b", 2.0, pytest.approx(0.5)),
+        ("c", 4.0, pytest.approx(0.85)),
+    ]
+    assert [p.index for p in res.hull] == [0, 1, 2]  # slopes .25 then .175: concave
+    assert s["best_fixed"] == "c"
+    assert s["quality_at_best_fixed_cost"] == pytest.approx(0.85)
+    # at cost 2 the router mixes (1.5,.3) and (3,.7): .3 + .4/3
+    assert s["gain_at_fixed_cost"] == pytest.approx({"a": 0.0, "b": 0.3 + 0.4 / 3 - 0.5, "c": 0.0})
+    # .5 is reached halfway between (1.5,.3) and (3,.7): cost 2.25 = 1.125 x b's cost
+    assert s["cost_ratio_to_match"] == pytest.approx({"a": 1.0, "b": 1.125, "c": 1.0})
+    assert s["cost_ratio_to_match_best_fixed"] == pytest.approx(1.0)
+    # router - hull at costs 1, 1.5, 2, 3, 4: 0, -.075, -1/15, .025, 0 -> trapezoids sum to -1/16 over a range of 3
+    assert s["area_over_hull"] == pytest.approx(-1 / 48)
+    assert s["oracle_gain_fraction"] is None  # the oracle also ends at .85 at cost 4: no room to gain
+
+
+def test_figures_when_the_router_finds_the_oracle():
+    # prompt A is best on the cheap candidate, B on the dear one; the router's ranking is right
+    true = np.array([[1.0, 0.5], [0.0, 1.0]])
+    pred = np.array([[0.9, 0.8], [0.1, 0.9]])
+    s = evaluate_predictions(pred, true, [1.0, 2.0], ["cheap", "dear"]).summary
+    assert s["best_fixed"] == "dear"
+    assert s["quality_at_best_fixed_cost"] == pytest.approx(1.0)  # (1.5, 1.0) held flat to cost 2
+    assert s["gain_at_fixed_cost"]["dear"] == pytest.approx(0.25)
+    assert s["oracle_gain_fraction"] == pytest.approx(1.0)
+    assert s["cost_ratio_to_match_best_fixed"] == pytest.approx(1.25 / 2)  # .75 between (1,.5) and (1.5,1)
+    assert s["area_over_hull"] == pytest.approx(0.25)
+
+
+def test_cost_ratio_is_none_when_never_reached():
+    true = np.array([[0.0, 1.0], [0.0, 1.0]])
+    pred = np.array([[1.0, 0.0], [1.0, 0.0]])  # exactly backwards: always the cheap, bad one
+    s = evaluate_predictions(pred, true, [1.0, 2.0], ["cheap", "dear"]).summary
+    assert s["cost_ratio_to_match_best_fixed"] is None
+    assert s["gain_at_fixed_cost"]["dear"] == pytest.approx(-1.0)
+    assert s["area_over_hull"] == pytest.approx(-0.5)  # mean of -(c - 1) over [1, 2]
+
+
+def test_area_between_single_cost_range():
+    up = [{"cost": 1.0, "quality": 0.7}]
+    low = [{"cost": 1.0, "quality": 0.5}]
+    assert area_between(up, low, 1.0, 1.0) == pytest.approx(0.2)
+
+
+def test_evaluate_predictions_bad_input():
+    with pytest.raises(CatimageError, match="differ in shape"):
+        evaluate_predictions(np.zeros((3, 2)), np.zeros((2, 2)), [1, 2], ["a", "b"])
+    with pytest.raises(CatimageError, match="NaN"):
+        evaluate_predictions(np.zeros((2, 2)), np.array([[0.0, np.nan], [0, 0]]), [1, 2], ["a", "b"])
+    with pytest.raises(CatimageError, match=">= 0"):
+        evaluate_predictions(np.zeros((2, 2)), np.zeros((2, 2)), [1, -2], ["a", "b"])
+    with pytest.raises(CatimageError, match="candidates"):
+        evaluate_predictions(np.zeros((2, 2)), np.zeros((2, 2)), [1, 2], ["a"])
+
+
+def test_random_invariants_of_the_summary():
+    rng = np.random.default_rng(5)
+    n, m = 300, 5
+    costs = np.array([0.1, 0.5, 1.0, 2.0, 3.0])
+    true = rng.random((n, m)) + np.linspace(0, 0.3, m)
+    pred = true + rng.normal(0, 0.3, (n, m))
+    s = evaluate_predictions(pred, true, costs, list("abcde")).summary
+    assert s["oracle_quality_at_best_fixed_cost"] >= s["quality_at_best_fixed_cost"] - 1e-12
+    assert s["oracle_area_over_hull"] >= s["area_over_hull"] - 1e-12
+    assert s["oracle_area_over_hull"] >= 0
+    frac = (s["quality_at_best_fixed_cost"] - s["best_fixed_quality"]) / (
+        s["oracle_quality_at_best_fixed_cost"] - s["best_fixed_quality"]
+    )
+    assert s["oracle_gain_fraction"] == pytest.approx(frac)
+    assert s["gain_at_fixed_cost"]["a"] == 0.0  # the cheapest: every router ends there
+
+
+def test_summarize_trials():
+    recs = [
+        {"gain_at_best_fixed_cost": 0.2, "quality_at_best_fixed_cost": 3.0, "area_over_hull": 0.1,
+         "cost_ratio_to_match_best_fixed": 0.5, "oracle_gain_fraction": 0.4},
+        {"gain_at_best_fixed_cost": -0.1, "quality_at_best_fixed_cost": 2.0, "area_over_hull": 0.3,
+         "cost_ratio_to_match_best_fixed": None, "oracle_gain_fraction": 0.0},
+    ]
+    t = summarize_trials(recs)
+    assert t["n"] == 2 and t["win_rate"] == 0.5
+    assert t["mean_quality_at_best_fixed_cost"] == pytest.approx(2.5)
+    assert t["std_quality_at_best_fixed_cost"] == pytest.approx(np.sqrt(0.5))  # sample std
+    assert t["mean_cost_ratio_to_match_best_fixed"] == 0.5
+    assert t["std_cost_ratio_to_match_best_fixed"] is None and t["n_cost_ratio_to_match_best_fixed"] == 1
+
+
+# --- the trial loop on a planted signal ---------------------------------------------------------
+
+
+def _planted_matrix(n: int = 160, seed: int = 0) -> QualityMatrix:
+    """'cat' prompts are drawn well by the cheap candidate, 'ship' prompts only by the dear one."""
+    rng = np.random.default_rng(seed)
+    prompts, mean = [], []
+    for i in range(n):
+        if i % 2:
+            prompts.append(f"a cat sleeping on a sofa, photo {i}")
+            mean.append([0.9, 0.5])
+        else:
+            prompts.append(f"a sailing ship in a storm at sea, painting {i}")
+            mean.append([0.2, 0.8])
+    mean = np.array(mean) + rng.normal(0, 0.05, (n, 2))
+    count = np.full((n, 2), 3)
+    mean[5, 1] = np.nan  # a missing label: wherever prompt 5 lands, it must not break anything
+    count[5, 1] = 0
+    return QualityMatrix(
+        [f"p{i}" for i in range(n)], prompts, ["cheap", "dear"], "quality", mean, count, np.zeros((n, 2)), np.full(2, np.nan)
+    )
+
+
+@pytest.fixture(scope="module")
+def planted_report():
+    matrix = _planted_matrix()
+    return evaluate_table(
+        matrix, np.array([1.0, 3.0]), "knn", {"k": 5}, make_embedder("tfidf", dim=None),
+        test_frac=0.25, val_frac=0.1, seed=0, trials=3, cost_unit="s", notes=["Costs are ASSUMED."],
+    )
+
+
+def test_evaluate_table_finds_the_planted_signal(planted_report):
+    rep = planted_report
+    assert REQUIRED <= set(rep) and SUMMARY_KEYS <= set(rep["summary"]) and META_KEYS <= set(rep["meta"])
+    s = rep["summary"]
+    assert s["best_fixed"] == "dear"
+    # routing each kind to its good candidate gives ~.85 at cost ~2 vs .65 for always-dear at cost 3
+    assert s["quality_at_best_fixed_cost"] > 0.8
+    assert s["cost_ratio_to_match_best_fixed"] < 0.75
+    assert s["area_over_hull"] > 0.1
+    assert s["oracle_gain_fraction"] > 0.8
+    assert s["trials"]["n"] == 3 and s["trials"]["win_rate"] == 1.0
+    assert len(rep["per_trial"]) == 3 and len({t["seed"] for t in rep["per_trial"]}) == 3
+    assert rep["meta"]["notes"][0] == "Costs are ASSUMED."
+    assert rep["meta"]["cost_unit"] == "s" and rep["meta"]["embedder"]["name"] == "tfidf"
+    assert rep["meta"]["n_test"] + rep["meta"]["n_test_dropped"] == 40
+    assert rep["router"][0]["lambda"] == 0.0
+    assert [p["candidate"] for p in rep["fixed"]] == ["cheap", "dear"]
+
+
+def test_evaluate_table_rejects_wrong_costs():
+    with pytest.raises(CatimageError, match="one per candidate"):
+        evaluate_table(_planted_matrix(20), np.array([1.0]), "knn", {}, "tfidf")
+
+
+# --- report files -------------------------------------------------------------------------------
+
+
+def test_write_report_files(planted_report, tmp_path):
+    paths = write_report(planted_report, tmp_path / "out")
+    assert set(paths) == {"json", "markdown", "plot"}
+    data = _strict_json(paths["json"].read_text())
+    assert REQUIRED <= set(data)
+    md = paths["markdown"].read_text()
+    head = md.split("## Summary")[0]
+    assert "Costs are ASSUMED." in head  # notes come before any figure
+    for title in ("Table 1", "Table 2", "Table 3", "Fixed candidates"):
+        assert title in md
+    with Image.open(paths["plot"]) as img:
+        assert img.size[0] > 500 and img.size[1] > 300
+
+
+def test_plot_several_routers_and_log_axis(planted_report, tmp_path):
+    other = dict(planted_report)
+    other["router"] = [{**p, "quality": p["quality"] - 0.05} for p in planted_report["router"]]
+    path = plot_deferral({"knn": planted_report, "worse": other}, tmp_path / "two.png", log_x=True)
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+    multi = dict(planted_report, routers={"knn": planted_report, "worse": other})
+    assert "Routers compared" in render_markdown(multi)
+
+
+# --- the real rated set -------------------------------------------------------------------------
+
+
+def test_genai_bench_end_to_end(shared_data, tmp_path):
+    path = shared_data / "genai-bench-527" / "genai_image.json"
+    if not path.is_file():
+        pytest.skip("genai_image.json is not in ../shared/data")
+    matrix = aggregate(read_quality_table(path), "quality")
+    costs = np.array([GENAI_COSTS[c] for c in matrix.candidates])
+    rep = evaluate_table(
+        matrix, costs, "knn", {}, make_embedder("tfidf", dim=None),
+        test_frac=0.2, val_frac=0.1, seed=0, trials=2, cost_unit="relative",
+    )
+    assert REQUIRED <= set(rep) and SUMMARY_KEYS <= set(rep["summary"]) and META_KEYS <= set(rep["meta"])
+    s = rep["summary"]
+    assert rep["meta"]["n_test"] == 105  # complete matrix: nothing dropped
+    fixed = {p["candidate"]: p["quality"] for p in rep["fixed"]}
+    assert s["best_fixed"] == max(fixed, key=fixed.get)
+    assert set(s["gain_at_fixed_cost"]) == set(GENAI_COSTS)
+    assert 1.0 <= s["quality_at_best_fixed_cost"] <= 5.0  # the rating scale
+    assert s["trials"]["n"] == 2
+    paths = write_report(rep, tmp_path)
+    _strict_json(paths["json"].read_text())
