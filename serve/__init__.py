@@ -1,0 +1,6 @@
+"""Ray Serve application of catimage: a FastAPI router in front of one generator deployment per candidate.
+
+`serve/app.py` holds the deployments and the application builder (`build_app`), `serve/schemas.py`
+the request/response models, `serve/config.yaml` the config that `serve run` / `serve deploy` take.
+Kept out of `catimage/` because the core must not import Ray.
+"""

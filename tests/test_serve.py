@@ -1,0 +1,294 @@
+"""The Serve app for real: a local Ray, Serve on a free port, HTTP requests with httpx.
+
+One module-scoped deployment serves two applications:
+
+* `catimage` (route /): the tiny pool, except that `tiny-sd-2`'s generator is a hosted endpoint
+  that is down (a closed local port), so any request routed there must fall back;
+* `broken` (route /broken): every generator fails (two closed ports, one endpoint that accepts the
+  connection and never answers, cut off by the candidate's request_timeout_s) -> 503.
+
+The router model is a knn over TF-IDF fitted on the planted quality table (tests/train_serve_fixtures.py):
+animal prompts are predicted good and cheap on tiny-sd-2, text prompts need tiny-sd-8/tiny-sdxl-4.
+`test_serve_run_config` runs `serve run` on a generated config in a subprocess (its own Ray) first,
+before the shared Ray starts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_serve_fixtures import REPO, free_port, tiny_pool_dict, write_planted_table, write_pool  # noqa: E402
+
+CAT = "a photo of a cat in the snow"
+SIGN = 'a neon sign that reads "SALE"'
+
+
+def _down_url() -> str:
+    """A local URL nothing listens on: connecting fails at once (a hosted API that is down)."""
+    return f"http://127.0.0.1:{free_port()}/v1/images/generations"
+
+
+def _http_generator(url: str) -> dict:
+    return {"kind": "http", "url": url, "model": "unreachable", "max_retries": 0, "timeout_s": 5}
+
+
+@pytest.fixture(scope="module")
+def silent_server():
+    """Accepts TCP connections (the kernel backlog does) but never answers: a hung generator."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1/images/generations"
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, silent_server):
+    """Quality table, the two pools and the router model (knn + tfidf, fitted in-process)."""
+    from jobs.train_estimator import run_train
+
+    root = tmp_path_factory.mktemp("serve")
+    table = write_planted_table(root / "table.parquet")
+    main = tiny_pool_dict()
+    for cand in main["candidates"]:
+        cand["serve"] = {"num_cpus": 0.1, "request_timeout_s": 60}
+    main["candidates"][0]["generator"] = _http_generator(_down_url())
+    broken = tiny_pool_dict()
+    for cand in broken["candidates"]:
+        cand["generator"] = _http_generator(_down_url())
+        cand["serve"] = {"num_cpus": 0.05, "request_timeout_s": 60}
+    broken["candidates"][1]["generator"] = _http_generator(silent_server)
+    broken["candidates"][1]["serve"]["request_timeout_s"] = 1.0
+    main_pool = write_pool(root / "main_pool.yaml", main)
+    broken_pool = write_pool(root / "broken_pool.yaml", broken)
+    model = run_train(table, main_pool, root / "model", estimator="knn", embedder="tfidf").model_dir
+    return {"root": root, "model": model, "main_pool": main_pool, "broken_pool": broken_pool}
+
+
+# --- `serve run` (first: it starts its own Ray before the shared one exists) ----------------------
+
+
+@pytest.mark.slow
+def test_serve_run_config(files):
+    """`serve run serve/config.yaml` (with model, pool and port overridden) gets healthy and stops on SIGINT."""
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["model_dir"], args["pool"] = str(files["model"]), str(files["broken_pool"])
+    path = files["root"] / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    serve_bin = Path(sys.executable).with_name("serve")
+    log_path = files["root"] / "serve_run.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [str(serve_bin), "run", str(path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline, health = time.monotonic() + 150, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert health is not None and health.status_code == 200, log_path.read_text()[-3000:]
+        assert health.json()["candidates"] == ["tiny-sd-2", "tiny-sd-8", "tiny-sdxl-4"]
+        proc.send_signal(signal.SIGINT)  # only after readiness (NOTES.md: earlier SIGINTs may be lost)
+        assert proc.wait(timeout=60) is not None
+    finally:
+        if proc.poll() is None:  # the kill fallback: the whole session `serve run` started
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    # Ray's worker processes of that session may outlive `serve run` by a moment; not our business.
+
+
+# --- the shared deployment ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(files):
+    import ray
+    from ray import serve
+
+    from serve.app import AppArgs, build_app
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(AppArgs(model_dir=files["model"], pool=str(files["main_pool"]))), name="catimage", route_prefix="/")
+        serve.run(
+            build_app(AppArgs(model_dir=files["model"], pool=str(files["broken_pool"]), router_num_cpus=0.1)),
+            name="broken", route_prefix="/broken",
+        )
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _png(answer: dict) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(answer["image"])))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def test_generate_returns_png(served):
+    r = served.post("/v1/generate", json={"prompt": CAT, "candidate": "tiny-sd-8", "seed": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["candidate"] == "tiny-sd-8" and body["fallback"] is None
+    assert body["cost"] == 8.0 and body["cost_unit"] == "relative" and body["seed"] == 7
+    assert set(body["predicted_quality"]) == {"tiny-sd-2", "tiny-sd-8", "tiny-sdxl-4"}
+    image = _png(body)
+    assert image.size == (64, 64)
+    # Same seed -> same image; another seed -> another image (the generator is deterministic per seed).
+    again = served.post("/v1/generate", json={"prompt": CAT, "candidate": "tiny-sd-8", "seed": 7}).json()
+    other = served.post("/v1/generate", json={"prompt": CAT, "candidate": "tiny-sd-8", "seed": 8}).json()
+    assert again["image"] == body["image"]
+    assert other["image"] != body["image"]
+
+
+def test_generate_without_image_and_default_seed(served):
+    r = served.post("/v1/generate", json={"prompt": SIGN, "lambda": 0.0, "return": "none"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image"] is None
+    # lambda 0: the best predicted candidate; the planted table makes tiny-sd-8 best on text.
+    assert body["candidate"] == "tiny-sd-8" and body["lambda"] == 0.0
+    from catimage.generators import generation_seed
+    from catimage.table import stable_prompt_id
+
+    assert body["seed"] == generation_seed(stable_prompt_id(SIGN), 0)
+
+
+def test_tight_budget_routes_to_cheap_candidate_and_falls_back(served):
+    """At a budget near the cheapest cost the cat prompt goes to tiny-sd-2, whose endpoint is down."""
+    r = served.post("/v1/generate", json={"prompt": CAT, "budget": 2.5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["predicted_quality"]["tiny-sd-2"] > body["predicted_quality"]["tiny-sdxl-4"]
+    assert body["fallback"] is not None, body
+    assert body["fallback"]["from"] == "tiny-sd-2"
+    assert "cannot reach" in body["fallback"]["reason"]
+    assert body["candidate"] in ("tiny-sd-8", "tiny-sdxl-4")
+    assert body["cost"] == {"tiny-sd-8": 8.0, "tiny-sdxl-4": 6.0}[body["candidate"]]
+    _png(body)
+
+
+def test_override_to_failing_candidate_falls_back(served):
+    r = served.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sd-2", "return": "none"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fallback"]["from"] == "tiny-sd-2" and body["candidate"] != "tiny-sd-2"
+    assert [t["candidate"] for t in body["fallback"]["tried"]] == ["tiny-sd-2"]
+
+
+def test_route_batch(served):
+    prompts = [CAT, "a photo of a dog on a beach", SIGN, 'a poster that reads "HELLO"']
+    r = served.post("/v1/route", json={"prompts": prompts, "budget": 4.0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    decisions = body["decisions"]
+    assert [d["prompt"] for d in decisions] == prompts
+    assert len({d["lambda"] for d in decisions}) == 1 and decisions[0]["lambda"] > 0
+    assert decisions[0]["candidate"] == "tiny-sd-2" and decisions[1]["candidate"] == "tiny-sd-2"
+    assert decisions[2]["candidate"] != "tiny-sd-2" and decisions[3]["candidate"] != "tiny-sd-2"
+    for d in decisions:
+        assert sorted(d["ranking"]) == ["tiny-sd-2", "tiny-sd-8", "tiny-sdxl-4"] and d["ranking"][0] == d["candidate"]
+    assert body["mean_cost"] == pytest.approx(sum(d["cost"] for d in decisions) / 4)
+    # A bigger lambda never picks a more expensive candidate.
+    cheap = served.post("/v1/route", json={"prompts": prompts, "lambda": 1.0}).json()["decisions"]
+    assert all(c["cost"] <= d["cost"] for c, d in zip(cheap, decisions))
+
+
+def test_pool_reports_replicas_and_costs(served):
+    r = served.get("/v1/pool")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cost_unit"] == "relative" and body["application_status"] == "RUNNING"
+    rows = {c["name"]: c for c in body["candidates"]}
+    assert {n: rows[n]["cost"] for n in rows} == {"tiny-sd-2": 2.0, "tiny-sd-8": 8.0, "tiny-sdxl-4": 6.0}
+    for row in rows.values():
+        assert row["running_replicas"] == 1 and row["replicas"].get("RUNNING") == 1
+        assert row["deployment"] == f"Generator-{row['name']}" and row["in_flight"] == 0
+
+
+def test_health_and_openapi(served):
+    assert served.get("/healthz").json()["status"] == "ok"
+    spec = served.get("/openapi.json").json()
+    assert {"/v1/generate", "/v1/route", "/v1/pool", "/healthz"} <= set(spec["paths"])
+    assert served.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v1/generate", {"prompt": ""}, 422, "prompt is empty"),
+        ("/v1/generate", {"prompt": "   "}, 422, "prompt is empty"),
+        ("/v1/generate", {"prompt": "x" * 2001}, 422, "limit is 2000"),
+        ("/v1/generate", {"prompt": CAT, "budget": -1}, 422, "budget"),
+        ("/v1/generate", {"prompt": CAT, "budget": 1.0}, 422, "below the cheapest"),
+        ("/v1/generate", {"prompt": CAT, "budget": 3.0, "lambda": 0.1}, 422, "not both"),
+        ("/v1/generate", {"prompt": CAT, "lambda": -0.5}, 422, "lambda"),
+        ("/v1/generate", {"prompt": CAT, "candidate": "dall-e-9"}, 422, "unknown candidate"),
+        ("/v1/generate", {"prompt": CAT, "seed": -1}, 422, "seed"),
+        ("/v1/generate", {"prompt": CAT, "return": "jpeg"}, 422, "return"),
+        ("/v1/generate", {"prompt": CAT, "budjet": 3}, 422, "unknown field"),
+        ("/v1/generate", {}, 422, "prompt"),
+        ("/v1/generate", ["not", "an", "object"], 422, "body"),
+        ("/v1/route", {"prompts": []}, 422, "prompts"),
+        ("/v1/route", {"prompts": [CAT] * 257}, 422, "prompts"),
+        ("/v1/route", {"prompts": [CAT, ""]}, 422, "prompts[1]"),
+        ("/v1/route", {"prompts": [CAT], "budget": 0.5}, 422, "below the cheapest"),
+    ],
+)
+def test_bad_requests_get_4xx_with_message(served, path, body, status, needle):
+    r = served.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["detail"], r.json()
+
+
+def test_malformed_json_is_400(served):
+    r = served.post("/v1/generate", content=b'{"prompt": "a cat",', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["detail"]
+
+
+def test_all_candidates_failing_is_503(served):
+    start = time.monotonic()
+    r = served.post("/broken/v1/generate", json={"prompt": CAT, "return": "none"})
+    assert r.status_code == 503, r.text
+    detail = r.json()["detail"]
+    assert "every candidate failed" in detail
+    assert "tiny-sd-8: timed out after 1 s" in detail  # the hung endpoint, cut off by request_timeout_s
+    assert detail.count("cannot reach") == 2
+    assert time.monotonic() - start < 30
+    # The broken app still routes: decisions need no generator.
+    assert served.post("/broken/v1/route", json={"prompts": [CAT]}).status_code == 200

@@ -1,0 +1,73 @@
+"""Shared fixtures of the Train and Serve tests: a small quality table with a planted signal, pools.
+
+The table is synthesised directly in the long schema (no images): 40 prompts x 3 tiny candidates x
+2 seeds. Prompts about animals are drawn well by `tiny-sd-2` (cheap) and badly by `tiny-sdxl-4`;
+prompts about text/signs the other way round; `tiny-sd-8` (expensive) is good at both. A router
+that learned anything sends animal prompts to tiny-sd-2 at a tight budget.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import yaml
+
+from catimage.table import stable_prompt_id, write_quality_table
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_POOL = REPO / "configs" / "tiny_pool.yaml"
+CANDIDATES = ("tiny-sd-2", "tiny-sd-8", "tiny-sdxl-4")
+
+ANIMALS = ["cat", "dog", "horse", "owl", "fox", "rabbit", "tiger", "bear", "wolf", "deer"]
+PLACES = ["in a garden", "on a beach", "in the snow", "at night"]
+SIGNS = ["a street sign", "a shop banner", "a neon sign", "a book cover", "a poster"]
+WORDS = ["OPEN", "SALE", "HELLO", "EXIT"]
+
+# Planted mean quality per (kind, candidate).
+QUALITY = {
+    "animal": {"tiny-sd-2": 0.85, "tiny-sd-8": 0.9, "tiny-sdxl-4": 0.2},
+    "text": {"tiny-sd-2": 0.15, "tiny-sd-8": 0.9, "tiny-sdxl-4": 0.8},
+}
+
+
+def planted_prompts() -> list[tuple[str, str]]:
+    """(prompt, kind): 20 animal prompts and 20 text prompts."""
+    animals = [(f"a photo of a {a} {p}", "animal") for a in ANIMALS for p in PLACES[:2]]
+    texts = [(f'{s} that reads "{w}"', "text") for s in SIGNS for w in WORDS]
+    return animals + texts
+
+
+def planted_table(seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {k: [] for k in ("prompt_id", "prompt", "candidate", "seed", "quality")}
+    for prompt, kind in planted_prompts():
+        for cand in CANDIDATES:
+            for s in range(2):
+                rows["prompt_id"].append(stable_prompt_id(prompt))
+                rows["prompt"].append(prompt)
+                rows["candidate"].append(cand)
+                rows["seed"].append(s)
+                rows["quality"].append(QUALITY[kind][cand] + float(rng.normal(0, 0.03)))
+    return pa.table(rows)
+
+
+def write_planted_table(path: Path) -> Path:
+    return write_quality_table(planted_table(), path)
+
+
+def tiny_pool_dict() -> dict:
+    return yaml.safe_load(TINY_POOL.read_text())
+
+
+def write_pool(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
