@@ -1,0 +1,82 @@
+"""Quality estimators: prompt embedding -> expected [0, 1]-scaled quality of each candidate.
+
+``make_estimator(name, **params)`` builds one of ``knn`` / ``linear`` (pooled embeddings) or
+``transformer`` (per-token embeddings; check ``est.input_kind``); ``load_estimator(dir)`` reads one
+written by ``est.save(dir)``. The transformer module (and torch) is imported only when asked for, so
+commands that use the cheap estimators start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from catimage.estimators.base import (
+    ESTIMATOR_JSON,
+    ESTIMATOR_TENSORS,
+    FORMAT_VERSION,
+    EstimatorError,
+    QualityEstimator,
+    masked_mse,
+)
+
+_KINDS: dict[str, tuple[str, str]] = {
+    "knn": ("catimage.estimators.knn", "KNNEstimator"),
+    "linear": ("catimage.estimators.linear", "LinearEstimator"),
+    "transformer": ("catimage.estimators.transformer", "TransformerEstimator"),
+}
+
+ESTIMATOR_KINDS = tuple(_KINDS)
+
+__all__ = [
+    "ESTIMATOR_KINDS",
+    "EstimatorError",
+    "QualityEstimator",
+    "estimator_class",
+    "load_estimator",
+    "make_estimator",
+    "masked_mse",
+]
+
+
+def estimator_class(name: str) -> type[QualityEstimator]:
+    try:
+        module_name, cls_name = _KINDS[name]
+    except KeyError:
+        raise EstimatorError(f"unknown estimator {name!r}; choose one of {list(_KINDS)}") from None
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def make_estimator(name: str, **params: Any) -> QualityEstimator:
+    """An unfitted estimator of kind `name` with hyperparameters `params`."""
+    cls = estimator_class(name)
+    try:
+        return cls(**params)
+    except TypeError as err:
+        valid = sorted(cls().get_params())
+        raise EstimatorError(f"bad parameters for the {name} estimator ({err}); valid ones: {valid}") from None
+
+
+def load_estimator(directory: str | Path) -> QualityEstimator:
+    """Read an estimator written by ``est.save(directory)`` (JSON + safetensors; no pickle)."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    meta_path, tensor_path = directory / ESTIMATOR_JSON, directory / ESTIMATOR_TENSORS
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise EstimatorError(
+            f"{directory} lacks {ESTIMATOR_JSON} / {ESTIMATOR_TENSORS}; pass a directory written by estimator.save"
+        )
+    try:
+        doc = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise EstimatorError(f"{meta_path} is not valid JSON: {err}") from None
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise EstimatorError(
+            f"{meta_path} has format_version {version!r}; this catimage reads {FORMAT_VERSION}: refit the estimator"
+        )
+    cls = estimator_class(doc.get("kind", "?"))
+    return cls._from_saved(doc, load_file(str(tensor_path)))
