@@ -160,10 +160,8 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
             report = evaluate_table(
                 matrix, costs, est.value, params, make_embedder(embedder.value),
                 test_frac=test_frac, val_frac=val_frac, seed=seed, trials=trials,
+                cost_unit=pool.cost_unit, notes=_notes_for(pool),
             )
-        report.setdefault("meta", {})
-        report["meta"]["cost_unit"] = pool.cost_unit
-        report["meta"]["notes"] = list(dict.fromkeys(report["meta"].get("notes", []) + _notes_for(pool)))
         reports[est.value] = report
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(reports.values()))
@@ -304,17 +302,33 @@ def build(
     prompts: Annotated[Path, typer.Option("--prompts", help="txt / csv / tsv / parquet / jsonl of prompts")],
     out: Annotated[Path, typer.Option("--out", help="Output directory of the quality table (resumable)")],
     seeds: Annotated[int, typer.Option(min=1, help="Samples S per (prompt, candidate)")] = 2,
-    limit: Annotated[int | None, typer.Option(help="Only the first N prompts")] = None,
-    save_images: Annotated[bool, typer.Option(help="Also store the images (PNG) under OUT/images")] = False,
-    num_cpus: Annotated[int | None, typer.Option(help="CPUs for a local Ray (ignored with RAY_ADDRESS)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts")] = None,
+    candidates: Annotated[list[str] | None, typer.Option("--candidate", help="Build only these (repeat)")] = None,
+    save_images: Annotated[str, typer.Option(help="none, png or webp (stored under OUT/images)")] = "none",
+    measure_cost: Annotated[bool | None, typer.Option(help="Record seconds per image in the `cost` column")] = None,
+    num_cpus: Annotated[float | None, typer.Option(help="CPUs for a local Ray (ignored with RAY_ADDRESS)")] = None,
 ) -> None:
-    """Build the quality table on Ray Data: prompts x candidates x seeds -> images -> metrics -> Parquet."""
+    """Build the quality table on Ray Data: prompts x candidates x seeds -> images -> metrics -> Parquet.
+
+    Re-running with the same --out resumes: rows already written are skipped, none is written twice.
+    """
     _offline_defaults()
 
     def _build() -> None:
-        from jobs.build_dataset import build_from_cli
+        from pydantic import ValidationError
 
-        build_from_cli(pool=pool, prompts=prompts, out=out, seeds=seeds, limit=limit, save_images=save_images, num_cpus=num_cpus)
+        from jobs.build_dataset import print_summary, run_build
+
+        from catimage.build import BuildConfig
+
+        try:
+            config = BuildConfig(
+                pool=pool, prompts=prompts, output=out, seeds=seeds, limit=limit, candidates=candidates or None,
+                save_images=save_images, measure_cost=measure_cost, num_cpus=num_cpus,
+            )
+        except ValidationError as err:
+            raise CatimageError(f"bad build options: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None
+        print_summary(run_build(config), console)
 
     _run(_build)
 
@@ -344,6 +358,31 @@ def train(
         console.print(f"wrote model to {out}")
 
     _run(_train)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the table, model and report go")] = Path("runs/demo"),
+    pool: Annotated[Path | None, typer.Option("--pool", help="Default: the embedded tiny pool")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Default: the embedded demo prompts")] = None,
+    seeds: Annotated[int, typer.Option(min=1)] = 2,
+    metric: Annotated[str, typer.Option()] = "clip_score",
+    estimator: Annotated[EstimatorOpt, typer.Option()] = EstimatorOpt.transformer,
+    embedder: Annotated[EmbedderOpt, typer.Option()] = EmbedderOpt.minilm,
+    port: Annotated[int | None, typer.Option(help="HTTP port of the Serve app (default: a free one)")] = None,
+    num_cpus: Annotated[int, typer.Option(min=1, help="CPUs of the local Ray")] = 2,
+) -> None:
+    """The whole loop on one machine: build (Ray Data), train (Ray Train), evaluate, serve (Ray Serve)."""
+    _setup_logging(False)
+    _offline_defaults()
+
+    def _demo() -> None:
+        from jobs.demo import run_demo
+
+        run_demo(out, pool, prompts, seeds=seeds, metric=metric, estimator=estimator.value,
+                 embedder=embedder.value, port=port, num_cpus=num_cpus, console=console)
+
+    _run(_demo)
 
 
 def main() -> None:  # pragma: no cover - console-script shim

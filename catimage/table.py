@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("prompt_id", "prompt", "candidate")
 OPTIONAL_COLUMNS = ("seed", "cost", "image_path")
 NON_METRIC_COLUMNS = frozenset(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+GENAI_RATING_RANGE = (1.0, 5.0)
 TableFormat = Literal["auto", "table", "genai-bench", "agiqa-3k"]
 
 _COLUMN_TYPES: dict[str, pa.DataType] = {
@@ -155,6 +156,7 @@ def load_genai_bench(path: str | Path) -> pa.Table:
     except (OSError, json.JSONDecodeError) as err:
         raise TableError(f"cannot read {path} as GenAI-Bench JSON: {err}") from None
     rows: dict[str, list[Any]] = {k: [] for k in ("prompt_id", "prompt", "candidate", "seed", "quality")}
+    dropped: list[str] = []
     for key, item in data.items():
         try:
             prompt, models = item["prompt"], item["models"]
@@ -162,11 +164,18 @@ def load_genai_bench(path: str | Path) -> pa.Table:
             raise TableError(f"{path}: entry {key!r} lacks 'prompt' or 'models'; is this genai_image.json?") from None
         for model, ratings in models.items():
             for rater, score in enumerate(ratings):
+                if not GENAI_RATING_RANGE[0] <= float(score) <= GENAI_RATING_RANGE[1]:
+                    # The published file holds a few typos (41, 33 on a 1-5 scale). One such value
+                    # would stretch the [0, 1] scaling of every label, so it is left out, loudly.
+                    dropped.append(f"{key}/{model}/rater{rater}={score}")
+                    continue
                 rows["prompt_id"].append(str(item.get("id", key)))
                 rows["prompt"].append(prompt)
                 rows["candidate"].append(model)
                 rows["seed"].append(rater)  # the sample index: here a rater, not an image seed
                 rows["quality"].append(float(score))
+    if dropped:
+        log.warning("%s: dropped %d rating(s) outside %s: %s", path, len(dropped), GENAI_RATING_RANGE, ", ".join(dropped))
     return pa.table(rows, schema=pa.schema([(k, _COLUMN_TYPES.get(k, pa.float64())) for k in rows]))
 
 

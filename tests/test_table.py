@@ -130,13 +130,23 @@ def test_split_is_disjoint_covering_and_seeded():
 
 def test_genai_bench_loads_one_row_per_rating(shared_data):
     t = read_quality_table(shared_data / "genai-bench-527" / "genai_image.json")
-    assert t.num_rows == 527 * 6 * 3
+    # Two published ratings lie outside the 1-5 scale (41 and 33): they are dropped.
+    assert t.num_rows == 527 * 6 * 3 - 2
+    q = t.column("quality").to_numpy()
+    assert q.min() >= 1 and q.max() <= 5
     m = aggregate(t)
-    assert m.mean.shape == (527, 6) and (m.count == 3).all()
-    # The data README's mean ratings.
+    assert m.mean.shape == (527, 6) and (m.count == 3).sum() == 527 * 6 - 2
     means = dict(zip(m.candidates, m.mean.mean(axis=0)))
-    assert means["DALLE_3"] == pytest.approx(3.72, abs=0.005)
+    assert means["DALLE_3"] == pytest.approx(3.70, abs=0.01)
     assert means["SDXL_2_1"] == pytest.approx(2.85, abs=0.005)
+
+
+def test_genai_bench_out_of_scale_ratings_are_dropped(tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text('{"1": {"id": "1", "prompt": "a cat", "models": {"A": [5, 41, 4], "B": [2, 3, 3]}}}')
+    m = aggregate(read_quality_table(path))
+    np.testing.assert_array_equal(m.count, [[2, 3]])
+    assert m.mean[0, 0] == pytest.approx(4.5)
 
 
 def test_agiqa3k_loads_configs_from_file_names(shared_data):
