@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import Ridge, RidgeCV
+from sklearn.linear_model import RidgeCV
 
 from catimage.estimators.base import EstimatorError, QualityEstimator, label_weights
 
@@ -43,19 +43,20 @@ class LinearEstimator(QualityEstimator):
             Xj, yj, sw = X[rows], Y[rows, j], w[rows, j]
             vrows = w_val[:, j] > 0 if w_val is not None else None
             if vrows is not None and vrows.any():
+                # One SVD serves every alpha (the same closed form Ridge solves), so the validation
+                # sweep costs one factorisation per candidate instead of one fit per alpha.
                 best = None
-                for alpha in alphas:
-                    model = Ridge(alpha=alpha).fit(Xj, yj, sample_weight=sw)
-                    pred = np.clip(model.predict(X_val[vrows]), 0.0, 1.0)
+                for alpha, coef, intercept in _ridge_path(Xj, yj, sw, alphas):
+                    pred = np.clip(X_val[vrows] @ coef + intercept, 0.0, 1.0)
                     mse = float(np.average((pred - Y_val[vrows, j]) ** 2, weights=w_val[vrows, j]))
                     if best is None or mse < best[0]:
-                        best = (mse, alpha, model)
-                _, alpha, model = best
+                        best = (mse, alpha, coef, intercept)
+                _, alpha, coef, intercept = best
             else:
                 model = RidgeCV(alphas=alphas).fit(Xj, yj, sample_weight=sw)
-                alpha = float(model.alpha_)
-            self.coef_[j] = model.coef_
-            self.intercept_[j] = model.intercept_
+                alpha, coef, intercept = float(model.alpha_), model.coef_, model.intercept_
+            self.coef_[j] = coef
+            self.intercept_[j] = intercept
             self.alpha_[j] = alpha
 
     def _predict(self, X: np.ndarray) -> np.ndarray:
@@ -68,3 +69,19 @@ class LinearEstimator(QualityEstimator):
         self.coef_ = tensors["coef"].astype(np.float64)
         self.intercept_ = tensors["intercept"].astype(np.float64)
         self.alpha_ = tensors["alpha"].astype(np.float64)
+
+
+def _ridge_path(X: np.ndarray, y: np.ndarray, w: np.ndarray, alphas: list[float]):
+    """Weighted ridge with intercept for each alpha, from one thin SVD of the centred, weighted X.
+
+    Matches sklearn's Ridge(alpha).fit(X, y, sample_weight=w) (tested), which centres with the
+    weighted means and penalises only the coefficients.
+    """
+    wn = w / w.sum()
+    x_mean, y_mean = wn @ X, float(wn @ y)
+    sq = np.sqrt(w)[:, None]
+    U, S, Vt = np.linalg.svd((X - x_mean) * sq, full_matrices=False)
+    uty = U.T @ ((y - y_mean) * sq[:, 0])
+    for alpha in alphas:
+        coef = Vt.T @ (S / (S**2 + alpha) * uty)
+        yield alpha, coef, y_mean - float(x_mean @ coef)
