@@ -81,6 +81,38 @@ def files(tmp_path_factory, silent_server):
     return {"root": root, "model": model, "main_pool": main_pool, "broken_pool": broken_pool}
 
 
+# --- shipped configs ----------------------------------------------------------------------------
+
+
+def test_shipped_serve_configs_validate():
+    """serve/config.yaml and the RayService's inline config are valid Serve configs with valid AppArgs."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from catimage.pool import load_pool
+    from serve.schemas import AppArgs
+
+    local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    service = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    inline = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for config in (local, inline):
+        ServeDeploySchema.model_validate(config)
+        (app,) = config["applications"]
+        assert app["import_path"] == "serve.app:build_app"
+        args = AppArgs.model_validate(app["args"])
+        pool = load_pool(REPO / args.pool.removeprefix("/app/"))  # the image has the repo at /app
+        assert all(c.generator is not None for c in pool.candidates)
+
+
+def test_rayjob_entrypoint_parses():
+    from jobs.build_dataset import _parser
+
+    job = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayjob.yaml").read_text())
+    words = job["spec"]["entrypoint"].split()
+    assert words[:2] == ["python", "jobs/build_dataset.py"]
+    args = _parser().parse_args(words[2:])
+    assert (REPO / args.pool).is_file()
+
+
 # --- `serve run` (first: it starts its own Ray before the shared one exists) ----------------------
 
 
@@ -136,6 +168,9 @@ def served(files):
 
     if ray.is_initialized():
         ray.shutdown()
+    # Export custom metrics every 0.5 s instead of 10 s, so test_prometheus_metrics need not wait.
+    saved_interval = os.environ.get("RAY_metrics_report_interval_ms")
+    os.environ["RAY_metrics_report_interval_ms"] = "500"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -150,6 +185,10 @@ def served(files):
     finally:
         serve.shutdown()
         ray.shutdown()
+        if saved_interval is None:
+            os.environ.pop("RAY_metrics_report_interval_ms", None)
+        else:
+            os.environ["RAY_metrics_report_interval_ms"] = saved_interval
 
 
 def _png(answer: dict) -> Image.Image:
@@ -292,3 +331,31 @@ def test_all_candidates_failing_is_503(served):
     assert time.monotonic() - start < 30
     # The broken app still routes: decisions need no generator.
     assert served.post("/broken/v1/route", json={"prompts": [CAT]}).status_code == 200
+
+
+def test_prometheus_metrics(served):
+    """Requests, cost, fallbacks and router latency reach Ray's Prometheus endpoint, per candidate."""
+    import ray
+
+    assert served.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sdxl-4", "return": "none"}).status_code == 200
+    port = ray.nodes()[0]["MetricsExportPort"]
+
+    def sample(name: str, candidate: str) -> float:
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and f'candidate="{candidate}"' in line and 'application="catimage"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if sample("ray_catimage_requests_total", "tiny-sdxl-4") >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert sample("ray_catimage_requests_total", "tiny-sdxl-4") >= 1
+    assert sample("ray_catimage_cost_total", "tiny-sdxl-4") >= 6.0
+    assert sample("ray_catimage_requests_total", "tiny-sd-8") >= 3  # test_generate_returns_png
+    assert sample("ray_catimage_fallbacks_total", "tiny-sd-2") >= 2  # the two fallback tests
+    assert sample("ray_catimage_predicted_quality_scaled_count", "tiny-sdxl-4") >= 1
+    assert "ray_catimage_router_latency_ms_bucket" in text

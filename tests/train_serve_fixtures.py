@@ -58,8 +58,16 @@ def write_planted_table(path: Path) -> Path:
     return write_quality_table(planted_table(), path)
 
 
+COSTS = {"tiny-sd-2": 2.0, "tiny-sd-8": 8.0, "tiny-sdxl-4": 6.0}
+
+
 def tiny_pool_dict() -> dict:
-    return yaml.safe_load(TINY_POOL.read_text())
+    """configs/tiny_pool.yaml (its generator blocks), with the costs these tests assert on pinned."""
+    data = yaml.safe_load(TINY_POOL.read_text())
+    assert [c["name"] for c in data["candidates"]] == list(CANDIDATES), "tiny pool candidates changed"
+    for cand in data["candidates"]:
+        cand["cost"] = COSTS[cand["name"]]
+    return data
 
 
 def write_pool(path: Path, data: dict) -> Path:

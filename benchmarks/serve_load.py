@@ -1,0 +1,280 @@
+"""Bounded loopback load test of the Serve app: autoscaling up and down, latency, the router's cost.
+
+    .venv/bin/python benchmarks/serve_load.py [--requests 200] [--concurrency 16] [--embedder minilm]
+
+What it does, all on 127.0.0.1 with a local Ray (2 CPUs) and the tiny pool:
+
+1. fits a knn router (planted quality table of tests/train_serve_fixtures.py) and deploys the app
+   with the cheapest candidate's generator autoscaling 1..--max-replicas (target 2 ongoing requests,
+   upscale delay 1 s, downscale delay 3 s, 2 s look-back) and Serve's metric push intervals cut to
+   0.5 s (the defaults, 10 s, are for production);
+2. latency, one request at a time: the generator called through its DeploymentHandle from this
+   process, through a minimal HTTP passthrough app (proxy -> ingress -> generator, no routing),
+   and through the router (proxy -> router: embed + predict + rule -> generator). The router hop's
+   added latency is router p50 - passthrough p50 (same number of hops; the difference is routing);
+3. load: a fixed number of requests at a fixed concurrency, all at a budget equal to the cheapest
+   cost (so all go to that candidate), while a poller samples the deployment's replica count from
+   serve.status(); then it waits for the count to come back down.
+
+It prints figures; it asserts nothing (tests live in tests/test_serve.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# Serve's autoscaling metrics are pushed every 10 s by default; the demo needs sub-second reactions.
+# Set before Ray starts so the controller, proxy and replicas inherit them.
+FAST_AUTOSCALING_ENV = {
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+}
+for _k, _v in FAST_AUTOSCALING_ENV.items():
+    os.environ.setdefault(_k, _v)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import httpx  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+from ray import serve  # noqa: E402
+
+passthrough_api = FastAPI(title="direct generator passthrough (benchmark only)")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.ingress(passthrough_api)
+class Passthrough:
+    """HTTP straight to one generator deployment: the same hops as the router, minus the routing."""
+
+    def __init__(self, app_name: str, deployment: str) -> None:
+        self.handle = serve.get_deployment_handle(deployment, app_name=app_name)
+
+    @passthrough_api.post("/generate")
+    async def generate(self, body: dict) -> dict:
+        png = await self.handle.remote(body["prompt"], int(body["seed"]), body.get("return", "png_base64") != "none")
+        return {"image": base64.b64encode(png).decode("ascii") if png else None}
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _replicas(app: str, deployment: str) -> tuple[int, int]:
+    """(running, all states) replica counts of one deployment, from the public serve.status()."""
+    status = serve.status()
+    app_status = status.applications.get(app)
+    dep = app_status.deployments.get(deployment) if app_status else None
+    if dep is None:
+        return 0, 0
+    states = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+    return states.get("RUNNING", 0), sum(states.values())
+
+
+class ReplicaPoller(threading.Thread):
+    def __init__(self, app: str, deployment: str, every_s: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.app, self.deployment, self.every_s = app, deployment, every_s
+        self.samples: list[tuple[float, int, int]] = []
+        self.t0 = time.monotonic()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            running, total = _replicas(self.app, self.deployment)
+            self.samples.append((time.monotonic() - self.t0, running, total))
+            self._halt.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+def _prepare(workdir: Path, embedder: str, max_replicas: int) -> tuple[Path, Path, str, float]:
+    from jobs.train_estimator import run_train
+    from train_serve_fixtures import tiny_pool_dict, write_planted_table, write_pool
+
+    table = write_planted_table(workdir / "table.parquet")
+    pool = tiny_pool_dict()
+    cheapest = min(pool["candidates"], key=lambda c: c["cost"])
+    for cand in pool["candidates"]:
+        cand["serve"] = {"num_cpus": 0.1, "max_ongoing_requests": 4, "request_timeout_s": 60}
+    cheapest["serve"]["autoscaling"] = {
+        "min_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": 2,
+        "upscale_delay_s": 1.0, "downscale_delay_s": 3.0,
+    }
+    pool_path = write_pool(workdir / "pool.yaml", pool)
+    model = Path(run_train(table, pool_path, workdir / "model", estimator="knn", embedder=embedder).model_dir)
+    return model, pool_path, cheapest["name"], float(cheapest["cost"])
+
+
+def _sequential(fn, n: int) -> list[float]:
+    out = []
+    for i in range(n):
+        start = time.perf_counter()
+        fn(i)
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+async def _load(url: str, prompts: list[str], n: int, concurrency: int, budget: float) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    errors: list[str] = []
+    chosen: dict[str, int] = {}
+    fallbacks = 0
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one(i: int) -> None:
+            nonlocal fallbacks
+            async with sem:
+                start = time.perf_counter()
+                try:
+                    r = await client.post("/v1/generate", json={"prompt": prompts[i % len(prompts)], "seed": i, "budget": budget})
+                except httpx.HTTPError as err:
+                    errors.append(f"{type(err).__name__}: {err}")
+                    return
+                latencies.append((time.perf_counter() - start) * 1000)
+                if r.status_code != 200:
+                    errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                    return
+                body = r.json()
+                chosen[body["candidate"]] = chosen.get(body["candidate"], 0) + 1
+                fallbacks += body["fallback"] is not None
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        wall = time.perf_counter() - start
+    return {"latencies": latencies, "errors": errors, "chosen": chosen, "fallbacks": fallbacks, "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--embedder", default="minilm", choices=("minilm", "tfidf"))
+    parser.add_argument("--max-replicas", type=int, default=3)
+    parser.add_argument("--latency-samples", type=int, default=40)
+    parser.add_argument("--settle-timeout-s", type=float, default=90.0)
+    args = parser.parse_args(argv)
+    if not (1 <= args.requests <= 2000 and 1 <= args.concurrency <= 64):
+        parser.error("keep it bounded: --requests 1..2000, --concurrency 1..64")
+
+    import ray
+
+    from serve.app import AppArgs, build_app, deployment_name
+    from train_serve_fixtures import ANIMALS, PLACES, free_port
+
+    with tempfile.TemporaryDirectory(prefix="catimage-serve-load-") as tmp:
+        t = time.perf_counter()
+        model, pool_path, target, budget = _prepare(Path(tmp), args.embedder, args.max_replicas)
+        print(f"router model: knn over {args.embedder} (planted table), fitted in {time.perf_counter() - t:.1f} s")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": FAST_AUTOSCALING_ENV})
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            t = time.perf_counter()
+            serve.run(
+                build_app(AppArgs(model_dir=str(model), pool=str(pool_path), autoscaling_overrides={"look_back_period_s": 2.0})),
+                name="catimage", route_prefix="/",
+            )
+            dep = deployment_name(target)
+            serve.run(Passthrough.bind("catimage", dep), name="direct", route_prefix="/direct")
+            print(f"deployed in {time.perf_counter() - t:.1f} s; traffic goes to {dep} (budget {budget:g} = its cost)")
+
+            prompts = [f"a photo of a {a} {p}" for a in ANIMALS for p in PLACES]
+            handle = serve.get_deployment_handle(dep, app_name="catimage")
+            http = httpx.Client(base_url=url, timeout=120)
+            router_ms: list[float] = []
+            generate_ms: list[float] = []
+
+            def via_handle(i: int) -> None:
+                handle.remote(prompts[i % len(prompts)], i, True).result()
+
+            def via_passthrough(i: int) -> None:
+                r = http.post("/direct/generate", json={"prompt": prompts[i % len(prompts)], "seed": i})
+                r.raise_for_status()
+
+            def via_router(i: int) -> None:
+                r = http.post("/v1/generate", json={"prompt": prompts[i % len(prompts)], "seed": i, "budget": budget})
+                r.raise_for_status()
+                router_ms.append(r.json()["router_ms"])
+                generate_ms.append(r.json()["generate_ms"])
+
+            for fn in (via_handle, via_passthrough, via_router):  # warm-up: connections, first-call paths
+                _sequential(fn, 5)
+            router_ms.clear()
+            generate_ms.clear()
+            n = args.latency_samples
+            lat = {name: _sequential(fn, n) for name, fn in
+                   (("handle", via_handle), ("passthrough", via_passthrough), ("router", via_router))}
+            http.close()
+            print(f"\nlatency, one request at a time ({n} each), ms:          p50     p99")
+            for name, label in (("handle", "generator via DeploymentHandle (no HTTP)"),
+                                ("passthrough", "HTTP -> passthrough -> generator"),
+                                ("router", "HTTP -> router -> generator")):
+                print(f"  {label:<44} {_pct(lat[name], 50):7.1f} {_pct(lat[name], 99):7.1f}")
+            added = _pct(lat["router"], 50) - _pct(lat["passthrough"], 50)
+            print(f"  router hop added p50 (router - passthrough):  {added:7.1f}   (target <= 10 ms)")
+            print(f"  router's own choosing time (router_ms) p50:   {statistics.median(router_ms):7.1f}")
+            print(f"  router's generator call (generate_ms) p50:    {statistics.median(generate_ms):7.1f}")
+            print(f"  HTTP+proxy+ingress overhead p50 (passthrough - handle): {_pct(lat['passthrough'], 50) - _pct(lat['handle'], 50):.1f}")
+
+            print(f"\nload: {args.requests} requests, concurrency {args.concurrency}, budget {budget:g}")
+            poller = ReplicaPoller("catimage", dep)
+            poller.start()
+            result = asyncio.run(_load(url, prompts, args.requests, args.concurrency, budget))
+            load_end = time.monotonic() - poller.t0
+            deadline = time.monotonic() + args.settle_timeout_s
+            while time.monotonic() < deadline:
+                if poller.samples and poller.samples[-1][1] <= 1 and poller.samples[-1][2] <= 1:
+                    break
+                time.sleep(0.5)
+            poller.stop()
+
+            lats = result["latencies"]
+            print(f"  wall {result['wall_s']:.1f} s, throughput {len(lats) / result['wall_s']:.1f} req/s, "
+                  f"errors {len(result['errors'])}, fallbacks {result['fallbacks']}, answered by {result['chosen']}")
+            print(f"  latency p50 {_pct(lats, 50):.0f} ms, p99 {_pct(lats, 99):.0f} ms")
+            for err in result["errors"][:5]:
+                print(f"    error: {err}")
+            peak = max(s[1] for s in poller.samples)
+            first_up = next((s[0] for s in poller.samples if s[1] > 1), None)
+            back = next((s[0] for s in poller.samples if s[0] > load_end and s[1] <= 1 and s[2] <= 1), None)
+            print(f"  replicas of {dep} (serve.status(), every 0.5 s): start 1, peak {peak} running"
+                  + (f", first >1 at +{first_up:.1f} s" if first_up is not None else ", never scaled up")
+                  + f", load ended at +{load_end:.1f} s"
+                  + (f", back to 1 at +{back:.1f} s" if back is not None else ", not back to 1 before the timeout"))
+            changes, last = [], None
+            for ts, running, total in poller.samples:
+                if (running, total) != last:
+                    changes.append(f"+{ts:.1f}s {running}/{total}")
+                    last = (running, total)
+            print("  timeline (running/all replicas): " + ", ".join(changes))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
