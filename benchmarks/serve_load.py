@@ -134,6 +134,18 @@ def _sequential(fn, n: int) -> list[float]:
     return out
 
 
+def _interleaved(fns: dict, n: int) -> dict[str, list[float]]:
+    """n timings of each path, one request at a time, alternating paths so that background load
+    drifts (other processes on the machine) hit every path alike."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(n):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(i)
+            out[name].append((time.perf_counter() - start) * 1000)
+    return out
+
+
 async def _load(url: str, prompts: list[str], n: int, concurrency: int, budget: float) -> dict:
     sem = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
@@ -178,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (1 <= args.requests <= 2000 and 1 <= args.concurrency <= 64):
         parser.error("keep it bounded: --requests 1..2000, --concurrency 1..64")
 
+    import warnings
+
     import ray
 
+    # Serve warns that a 2 s look-back is below the deprecated 10 s metrics_interval_s; the push
+    # intervals above are what actually apply.
+    warnings.filterwarnings("ignore", message=".*look_back_period_s.*")
     from serve.app import AppArgs, build_app, deployment_name
     from train_serve_fixtures import ANIMALS, PLACES, free_port
 
@@ -187,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         model, pool_path, target, budget = _prepare(Path(tmp), args.embedder, args.max_replicas)
         print(f"router model: knn over {args.embedder} (planted table), fitted in {time.perf_counter() - t:.1f} s")
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes skew every figure)")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": FAST_AUTOSCALING_ENV})
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -225,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             router_ms.clear()
             generate_ms.clear()
             n = args.latency_samples
-            lat = {name: _sequential(fn, n) for name, fn in
-                   (("handle", via_handle), ("passthrough", via_passthrough), ("router", via_router))}
+            lat = _interleaved({"handle": via_handle, "passthrough": via_passthrough, "router": via_router}, n)
             http.close()
             print(f"\nlatency, one request at a time ({n} each), ms:          p50     p99")
             for name, label in (("handle", "generator via DeploymentHandle (no HTTP)"),

@@ -101,6 +101,7 @@ class Generator:
         self.candidate = candidate
         self._generator = make_generator(parse_generator_spec(spec), device=device)
         self._lock = asyncio.Lock()
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0}
         self._batched = max_batch_size > 1
         if self._batched:
             self._draw_batch.set_max_batch_size(max_batch_size)
@@ -108,6 +109,8 @@ class Generator:
         log.info("generator %s ready (max_batch_size=%d)", candidate, max_batch_size)
 
     def _draw(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+        self._stats["batches"] += 1
+        self._stats["largest_batch"] = max(self._stats["largest_batch"], len(prompts))
         images = self._generator.generate(prompts, seeds)
         if len(images) != len(prompts):
             raise RuntimeError(f"generator {self.candidate} returned {len(images)} images for {len(prompts)} prompts")
@@ -119,7 +122,12 @@ class Generator:
         seeds = [s for _, s in items]
         return await asyncio.to_thread(self._draw, prompts, seeds)
 
+    def stats(self) -> dict[str, int]:
+        """Requests and generate() calls this replica served (through a handle: `.stats.remote()`)."""
+        return dict(self._stats)
+
     async def __call__(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
+        self._stats["requests"] += 1
         if self._batched:
             image = await self._draw_batch((prompt, seed))
         else:

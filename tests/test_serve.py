@@ -68,6 +68,7 @@ def files(tmp_path_factory, silent_server):
     main = tiny_pool_dict()
     for cand in main["candidates"]:
         cand["serve"] = {"num_cpus": 0.1, "request_timeout_s": 60}
+    main["candidates"][2]["serve"].update(max_batch_size=4, batch_wait_timeout_s=0.2)  # @serve.batch path
     main["candidates"][0]["generator"] = _http_generator(_down_url())
     broken = tiny_pool_dict()
     for cand in broken["candidates"]:
@@ -318,6 +319,47 @@ def test_malformed_json_is_400(served):
     r = served.post("/v1/generate", content=b'{"prompt": "a cat",', headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert "not valid JSON" in r.json()["detail"]
+
+
+def test_batched_generator_draws_concurrent_requests(served):
+    """tiny-sdxl-4 batches up to 4 concurrent requests (max_batch_size 4): all get their own image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(seed: int) -> httpx.Response:
+        return served.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sdxl-4", "seed": seed})
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    bodies = [a.json() for a in answers]
+    assert [b["seed"] for b in bodies] == [0, 1, 2, 3]
+    assert all(b["candidate"] == "tiny-sdxl-4" and b["fallback"] is None for b in bodies)
+    assert len({b["image"] for b in bodies}) == 4
+    assert all(_png(b).size == (64, 64) for b in bodies)
+    from ray import serve
+
+    stats = serve.get_deployment_handle("Generator-tiny-sdxl-4", app_name="catimage").stats.remote().result()
+    assert stats["largest_batch"] > 1 and stats["batches"] < stats["requests"], stats
+
+
+def test_in_flight_counts_outstanding_calls(served):
+    """While a call hangs at the silent endpoint, /v1/pool counts it; afterwards it is back to 0."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(
+            served.post, "/broken/v1/generate", json={"prompt": CAT, "candidate": "tiny-sd-8", "return": "none"}
+        )
+        seen = 0
+        deadline = time.monotonic() + 0.9
+        while time.monotonic() < deadline and not pending.done():
+            rows = {c["name"]: c for c in served.get("/broken/v1/pool").json()["candidates"]}
+            seen = max(seen, rows["tiny-sd-8"]["in_flight"])
+            time.sleep(0.05)
+        assert pending.result().status_code == 503
+    assert seen == 1
+    rows = {c["name"]: c for c in served.get("/broken/v1/pool").json()["candidates"]}
+    assert all(row["in_flight"] == 0 for row in rows.values())
 
 
 def test_all_candidates_failing_is_503(served):
