@@ -31,9 +31,16 @@ SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory):
     """Tiny pipelines build into the session's temp dir (shared with test_generators.py)."""
     root = tmp_path_factory.getbasetemp() / "catimage-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CATIMAGE_CACHE", str(root))
-        yield root
+    threads = torch.get_num_threads()
+    # One torch thread: these models are tiny, and on a busy 2-core machine two OpenMP threads
+    # that wait on each other made a 64x64 image 20-50x slower than one thread.
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CATIMAGE_CACHE", str(root))
+            yield root
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +159,6 @@ def test_sdxl_pool_file_loads_with_counted_costs(counter):
     assert costs.argmin() == pool.names.index("sdxl-turbo") and costs.argmax() == pool.names.index("sdxl-euler-100")
 
 
-@pytest.mark.slow
 def test_sdxl_pool_costs_are_all_the_counters(counter):
     pool = load_pool(REPO / "configs" / "sdxl_pool.yaml")
     counted = count_pool_costs(pool, counter=counter)
