@@ -1,0 +1,173 @@
+"""Images/s of the Ray Data build job vs a plain Python loop over the same generator and metric.
+
+    python benchmarks/build_throughput.py [--candidate tiny-sd-8] [--metric sharpness] [--prompts 64] [--seeds 2]
+
+Modes (one candidate, one metric, the same prompts and seeds):
+
+  plain   a fresh process: load the generator and scorer, loop over batches (torch on 1 thread)
+  ray1    `run_build` with one generator actor (Ray gives an actor of num_cpus <= 1 one torch thread)
+  ray2    the same with two generator actors
+
+Two figures per mode:
+
+  end to end   wall seconds including imports, model load, and for Ray its start, actor start-up
+               and shutdown: what a user waits for on a build this small
+  steady       images/s once running: for `plain` the loop alone; for Ray the rows written between
+               the first and the last part file divided by the time between them (file mtimes),
+               which excludes start-up the same way
+
+overhead ratio = steady s/image of ray1 / steady s/image of plain (target <= 1.3). Note that ray1
+also overlaps scoring (its own actor) with generation, which a plain loop cannot. The script
+prints figures and asserts nothing; it prints the load average beside each run, since on a shared
+machine the figures move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from catimage.build import BuildConfig, part_files, read_prompts  # noqa: E402
+from catimage.pool import load_pool  # noqa: E402
+
+COLORS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange", "pink", "gray"]
+THINGS = ["cat", "dog", "car", "house", "tree", "boat", "bird", "chair", "lamp", "cup"]
+
+
+def write_prompts(path: Path, n: int) -> Path:
+    prompts = [f"a {c} {t}" for t in THINGS for c in COLORS]
+    prompts = [f"{p} number {i // len(prompts)}" if i >= len(prompts) else p for i, p in enumerate(prompts * (n // len(prompts) + 1))][:n]
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def sub_pool(pool_path: Path, candidate: str, metric: str, workers: int, out: Path) -> Path:
+    """The pool with one candidate (at `workers` actors of 0.5 CPU each) and one metric."""
+    pool = load_pool(pool_path).select([candidate])
+    metrics = [m for m in pool.metrics if m.name == metric]
+    if not metrics:
+        raise SystemExit(f"metric {metric!r} is not in {pool_path}")
+    cand = pool.get(candidate)
+    cand = cand.model_copy(update={"build": cand.build.model_copy(update={"concurrency": workers, "num_cpus": 0.5})})
+    pool.model_copy(update={"candidates": [cand], "metrics": metrics}).save(out)
+    return out
+
+
+def plain_loop(pool_path: Path, prompts_path: Path, seeds: int) -> dict[str, float]:
+    """Generate and score every (prompt, seed) in this process; seconds for load and for the loop."""
+    import torch
+
+    from catimage.build import decode_image, encode_image
+    from catimage.generators import generation_seed, make_generator
+    from catimage.metrics import make_scorer
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    pool = load_pool(pool_path)
+    cand = pool.candidates[0]
+    gen = make_generator(cand.generator, device="cpu")
+    scorer = make_scorer(pool.metrics[0], device="cpu")
+    prompts = read_prompts(prompts_path)
+    items = [
+        (pid, p, s)
+        for pid, p in zip(prompts["prompt_id"].to_pylist(), prompts["prompt"].to_pylist())
+        for s in range(seeds)
+    ]
+    loaded = time.perf_counter()
+    bs = cand.build.batch_size
+    for i in range(0, len(items), bs):
+        chunk = items[i : i + bs]
+        images = gen.generate([p for _, p, _ in chunk], [generation_seed(pid, s) for pid, _, s in chunk])
+        images = [decode_image(encode_image(im)) for im in images]  # the job's PNG round trip
+        scorer.score([p for _, p, _ in chunk], images)
+    return {"load": loaded - start, "loop": time.perf_counter() - loaded, "images": len(items)}
+
+
+def run_plain(pool_path: Path, prompts_path: Path, seeds: int) -> tuple[float, float]:
+    """(end-to-end wall of a fresh process, steady images/s of its loop)."""
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, __file__, "--plain-run", str(pool_path), str(prompts_path), str(seeds)],
+        capture_output=True, text=True, check=True,
+    )
+    wall = time.perf_counter() - start
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    return wall, stats["images"] / stats["loop"]
+
+
+def run_ray(pool_path: Path, prompts_path: Path, seeds: int, out: Path) -> tuple[float, float]:
+    """(end-to-end wall of `run_build` incl. local Ray start/stop, steady images/s from part files)."""
+    from jobs.build_dataset import run_build
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = BuildConfig(pool=pool_path, prompts=prompts_path, output=out, seeds=seeds, num_cpus=2, measure_cost=False)
+    start = time.perf_counter()
+    result = run_build(cfg, progress=False)
+    wall = time.perf_counter() - start
+    if result.table_rows != result.total_keys:
+        print(f"  warning: {result.total_keys - result.table_rows} rows missing ({result.errors} errors)")
+    files = sorted(part_files(out), key=lambda p: p.stat().st_mtime_ns)
+    if len(files) < 2:
+        return wall, float("nan")
+    rows_after_first = sum(pq.read_metadata(p).num_rows for p in files[1:])
+    span = (files[-1].stat().st_mtime_ns - files[0].stat().st_mtime_ns) / 1e9
+    return wall, rows_after_first / max(span, 1e-9)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool", type=Path, default=ROOT / "configs" / "tiny_pool.yaml")
+    ap.add_argument("--candidate", default="tiny-sd-8")
+    ap.add_argument("--metric", default="sharpness")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=["plain", "ray1", "ray2"], choices=["plain", "ray1", "ray2"])
+    ap.add_argument("--plain-run", nargs=3, metavar=("POOL", "PROMPTS", "SEEDS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.plain_run:
+        print(json.dumps(plain_loop(Path(args.plain_run[0]), Path(args.plain_run[1]), int(args.plain_run[2]))))
+        return
+    work = Path(tempfile.mkdtemp(prefix="catimage-bench-"))
+    images = args.prompts * args.seeds
+    try:
+        prompts = write_prompts(work / "prompts.txt", args.prompts)
+        results: dict[str, tuple[float, float]] = {}
+        for mode in args.modes:
+            pool = sub_pool(args.pool, args.candidate, args.metric, 2 if mode == "ray2" else 1, work / f"{mode}.yaml")
+            load = os.getloadavg()[0]
+            if mode == "plain":
+                results[mode] = run_plain(pool, prompts, args.seeds)
+            else:
+                results[mode] = run_ray(pool, prompts, args.seeds, work / f"out-{mode}")
+            wall, steady = results[mode]
+            print(f"{mode:6s} {images} images: end to end {wall:7.2f} s, steady {steady:6.2f} img/s  (load avg {load:.1f})", flush=True)
+        print(f"\n{args.candidate} + {args.metric}, {images} images")
+        print(f"{'mode':6s} {'end-to-end s':>13s} {'end-to-end img/s':>17s} {'steady img/s':>13s}")
+        for mode, (wall, steady) in results.items():
+            print(f"{mode:6s} {wall:13.2f} {images / wall:17.2f} {steady:13.2f}")
+        if "plain" in results and "ray1" in results:
+            print(f"overhead ray x1 / plain, steady s per image: {results['plain'][1] / results['ray1'][1]:.2f}")
+            print(f"overhead ray x1 / plain, end to end:          {results['ray1'][0] / results['plain'][0]:.2f}")
+        if "ray1" in results and "ray2" in results:
+            print(f"speed-up 2 workers / 1, steady img/s:         {results['ray2'][1] / results['ray1'][1]:.2f}")
+            print(f"speed-up 2 workers / 1, end to end:           {results['ray1'][0] / results['ray2'][0]:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
