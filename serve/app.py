@@ -216,7 +216,11 @@ class Router:
 
     # --- routing ----------------------------------------------------------------------------
     def _lambda_for(self, budget: float) -> float:
+        """lambda for a budget, cached (calibration sorts the whole calibration set); bounded so that
+        clients sending many distinct budgets cannot grow it without limit."""
         if budget not in self._lambda_cache:
+            if len(self._lambda_cache) >= 1024:
+                self._lambda_cache.pop(next(iter(self._lambda_cache)))
             self._lambda_cache[budget] = float(self.model.lambda_for_budget(budget))
         return self._lambda_cache[budget]
 
