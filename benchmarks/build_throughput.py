@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metric", default="sharpness")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over all modes; the median is reported")
     ap.add_argument("--modes", nargs="+", default=["plain", "ray1", "ray2"], choices=["plain", "ray1", "ray2"])
     ap.add_argument("--plain-run", nargs=3, metavar=("POOL", "PROMPTS", "SEEDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -145,17 +147,24 @@ def main(argv: list[str] | None = None) -> None:
     images = args.prompts * args.seeds
     try:
         prompts = write_prompts(work / "prompts.txt", args.prompts)
-        results: dict[str, tuple[float, float]] = {}
-        for mode in args.modes:
-            pool = sub_pool(args.pool, args.candidate, args.metric, 2 if mode == "ray2" else 1, work / f"{mode}.yaml")
-            load = os.getloadavg()[0]
-            if mode == "plain":
-                results[mode] = run_plain(pool, prompts, args.seeds)
-            else:
-                results[mode] = run_ray(pool, prompts, args.seeds, work / f"out-{mode}")
-            wall, steady = results[mode]
-            print(f"{mode:6s} {images} images: end to end {wall:7.2f} s, steady {steady:6.2f} img/s  (load avg {load:.1f})", flush=True)
-        print(f"\n{args.candidate} + {args.metric}, {images} images")
+        runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in args.modes}
+        for rnd in range(args.repeat):  # modes interleaved, so a burst of load on the box hits all of them
+            for mode in args.modes:
+                workers = 2 if mode == "ray2" else 1
+                pool = sub_pool(args.pool, args.candidate, args.metric, workers, work / f"{mode}.yaml")
+                load = os.getloadavg()[0]
+                if mode == "plain":
+                    wall, steady = run_plain(pool, prompts, args.seeds)
+                else:
+                    wall, steady = run_ray(pool, prompts, args.seeds, work / f"out-{mode}")
+                runs[mode].append((wall, steady))
+                print(f"round {rnd + 1} {mode:6s} {images} images: end to end {wall:7.2f} s, "
+                      f"steady {steady:6.2f} img/s  (load avg {load:.1f})", flush=True)
+        results = {
+            mode: (statistics.median(w for w, _ in vals), statistics.median(s for _, s in vals))
+            for mode, vals in runs.items()
+        }
+        print(f"\n{args.candidate} + {args.metric}, {images} images, median of {args.repeat} round(s)")
         print(f"{'mode':6s} {'end-to-end s':>13s} {'end-to-end img/s':>17s} {'steady img/s':>13s}")
         for mode, (wall, steady) in results.items():
             print(f"{mode:6s} {wall:13.2f} {images / wall:17.2f} {steady:13.2f}")

@@ -450,9 +450,16 @@ def test_failing_prompt_lands_in_errors_table(tmp_path: Path) -> None:
     bad = f"a {MARKER} prompt"
     prompts = _write_prompts(tmp_path / "p.txt", make_prompts(4) + [bad])
     pool = small_pool(tmp_path / "pool.yaml", ["tiny-sd-2"], batch_size=8)
-    cfg = BuildConfig(pool=pool, prompts=prompts, output=tmp_path / "out", num_cpus=2, max_retries=1)
+    cfg = BuildConfig(
+        pool=pool, prompts=prompts, output=tmp_path / "out", num_cpus=2, max_retries=1, save_images="webp", measure_cost=True
+    )
     result = run_build(cfg, generator_factory=FailOnMarker, progress=False)
     assert result.errors == 1 and result.table_rows == 4
+    table = read_quality_table(result.table_path)
+    for path in table.column("image_path").to_pylist():  # saved by the actors, path in the table
+        with Image.open(path) as img:
+            assert img.format == "WEBP" and img.size == (64, 64)
+    assert (table.column("cost").to_numpy() > 0).all()  # measured seconds per image
     errors = read_errors(tmp_path / "out").to_pylist()
     assert errors[0]["prompt_id"] == stable_prompt_id(bad) and errors[0]["candidate"] == "tiny-sd-2"
     assert errors[0]["error"].startswith("generate: RuntimeError: planted failure")
