@@ -108,6 +108,9 @@ def read_quality_table(path: str | Path, fmt: TableFormat = "auto") -> pa.Table:
     path = Path(path)
     if not path.exists():
         raise TableError(f"{path} does not exist; pass the path of a quality table (Parquet or CSV)")
+    if path.is_dir() and (path / "quality.parquet").is_file():
+        # A build output folder: its quality table, not the errors table or per-run parts beside it.
+        path = path / "quality.parquet"
     if fmt == "auto":
         fmt = _guess_format(path)
     if fmt == "genai-bench":

@@ -156,3 +156,9 @@ def test_agiqa3k_loads_configs_from_file_names(shared_data):
     assert m.mean.shape == (300, 10)
     assert "sd1.5_lowstep" in m.candidates and "midjourney_normal" in m.candidates
     assert np.isnan(m.mean[:, m.candidates.index("DALLE2_normal")]).sum() == 10
+
+
+def test_build_output_folder_reads_its_quality_table(tmp_path):
+    write_quality_table(_table(), tmp_path / "quality.parquet")
+    pq.write_table(pa.table({"prompt_id": ["p9"], "error": ["boom"]}), tmp_path / "errors.parquet")
+    assert read_quality_table(tmp_path).num_rows == 6
