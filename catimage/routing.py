@@ -397,7 +397,9 @@ def interpolate_curve(
         out = ys[np.clip(idx, 0, xs.size - 1)]
     else:
         raise CatimageError(f"unknown interpolation {kind!r}; use 'linear' or 'step'")
-    out = np.where(c < xs[0], np.nan, out)
+    # A mean of n equal costs can land an ulp above that cost: summation rounding is not "cheaper".
+    tol = 1e-9 * max(1.0, abs(float(xs[0])))
+    out = np.where(c < xs[0] - tol, np.nan, out)
     return float(out) if out.ndim == 0 else out
 
 

@@ -256,3 +256,15 @@ def test_cost_to_reach():
     assert cost_to_reach(curve, 0.85) == pytest.approx(4.0)
     assert cost_to_reach(curve, 0.1) == pytest.approx(1.0)
     assert cost_to_reach(curve, 0.9) is None
+
+
+def test_interpolation_at_the_cheapest_cost_ignores_summation_rounding():
+    """The all-cheapest end of a curve is a mean of n equal costs, which may round an ulp upward."""
+    from catimage.routing import CurvePoint
+
+    c = 0.0026
+    mean_of_equal = float(np.mean(np.full(53, c)))
+    points = [CurvePoint(lam=1.0, cost=max(mean_of_equal, np.nextafter(c, 1.0)), quality=2.0),
+              CurvePoint(lam=0.0, cost=3.0, quality=4.0)]
+    assert interpolate_curve(points, c) == pytest.approx(2.0)
+    assert np.isnan(interpolate_curve(points, c * 0.5))
