@@ -89,6 +89,9 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     if ray.is_initialized():
         raise CatimageError("a Ray session is already running in this process; the demo starts its own")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The demo prints its own stage lines; Ray's INFO chatter would drown them.
+    for name in ("ray", "ray.data", "ray.serve", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
@@ -103,7 +106,8 @@ def local_ray(num_cpus: int) -> Iterator[None]:
         from ray import serve
 
         with contextlib.suppress(Exception):
-            serve.shutdown()
+            if serve.status().applications:
+                serve.shutdown()
         ray.shutdown()
 
 
@@ -201,13 +205,14 @@ def _serve_and_ask(console, timings, model_dir, pool_path, pool, port) -> list[d
                                       ("candidate", "cost", "lambda", "predicted_quality", "fallback")},
                                       "image_bytes": len(body.get("image") or "") * 3 // 4})
             pool_status = client.get("/v1/pool").json()
-    table = Table(title="routed requests (POST /v1/generate)")
-    for col in ("budget", "lambda", "prompt", "chosen", "cost", "predicted quality (all candidates)", "PNG bytes"):
-        table.add_column(col, overflow="fold")
+    names = list(decisions[0]["predicted_quality"] or {}) if decisions else []
+    table = Table(title=f"routed requests (POST /v1/generate); q̂ = predicted {metric_name(model_dir)}")
+    for col in ("budget", "λ", "prompt", "chosen", "cost", *[f"q̂ {n}" for n in names], "PNG bytes"):
+        table.add_column(col, overflow="ellipsis", no_wrap=col == "prompt", max_width=34 if col == "prompt" else None)
     for d in decisions:
-        pq = ", ".join(f"{k}={v:.3g}" for k, v in (d["predicted_quality"] or {}).items())
-        table.add_row(f"{d['budget']:.3g}", f"{d['lambda']:.3g}", d["prompt"], d["candidate"], f"{d['cost']:.3g}", pq, str(d["image_bytes"]))
-    console.print(table)
+        q = d["predicted_quality"] or {}
+        table.add_row(f"{d['budget']:.3g}", f"{d['lambda']:.3g}", d["prompt"], d["candidate"], f"{d['cost']:.3g}",
+                      *[f"{q.get(n, float('nan')):.3f}" for n in names], str(d["image_bytes"]))
     console.print("why: each prompt goes to argmax_m q̂_m(x) − λ·c_m; λ is the smallest value whose average cost on "
                   "held-out prompts meets the budget, so the tighter budget pushes prompts to cheaper candidates.")
     replicas = {c["name"]: c.get("replicas") for c in pool_status.get("candidates", [])}
@@ -215,6 +220,12 @@ def _serve_and_ask(console, timings, model_dir, pool_path, pool, port) -> list[d
     with _stage(console, "shut down Serve and Ray", timings):
         serve.shutdown()
     return decisions
+
+
+def metric_name(model_dir: Path) -> str:
+    import json
+
+    return json.loads((Path(model_dir) / "router.json").read_text()).get("metric", "quality")
 
 
 def _wait_healthy(url: str, timeout_s: float = 120.0) -> None:
