@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     prompts, Y, costs = _prompts_and_labels(args.data)
     batch = prompts[: args.batch]
-    console = Console()
+    console = Console(width=160)
     console.print(f"torch threads: {torch.get_num_threads()}, batch {len(batch)} prompts, best of {args.repeats}")
 
     table = Table(title="router latency per prompt (ms), batched")

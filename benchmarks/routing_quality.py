@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--embedders", nargs="+", default=list(EMBEDDERS))
     parser.add_argument("--sets", nargs="+", default=list(SETS))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=220)
     for set_name in args.sets:
         rel, pool_file, metric = SETS[set_name]
         pool = load_pool(ROOT / pool_file)
@@ -59,10 +59,11 @@ def main() -> None:
             # The clip embedder needs CLIP weights; without a local checkpoint it is randomly
             # initialised, which measures nothing: say so rather than print a meaningless row.
             if emb_name == "clip" and not os.environ.get("CATIMAGE_CLIP_PRETRAINED"):
-                table.add_row("*", "clip", "(skipped: set CATIMAGE_CLIP_PRETRAINED to a local open_clip checkpoint)",
-                              *[""] * 8)
+                console.print("[yellow]clip embedder skipped:[/] no CLIP weights can be downloaded here; set "
+                              "CATIMAGE_CLIP_PRETRAINED to a local open_clip checkpoint (ViT-B-32) to include it")
                 continue
-            params = {"pretrained": os.environ["CATIMAGE_CLIP_PRETRAINED"]} if emb_name == "clip" else {}
+            params = ({"model": os.environ.get("CATIMAGE_CLIP_MODEL", "ViT-B-32"),
+                       "pretrained": os.environ["CATIMAGE_CLIP_PRETRAINED"]} if emb_name == "clip" else {})
             embedder = make_embedder(emb_name, **params)
             for est in args.estimators:
                 start = time.perf_counter()

@@ -103,20 +103,6 @@ def _table_candidates_in_pool_order(table, pool) -> list[str]:
     return [n for n in pool.names if n in present]
 
 
-def _notes_for(pool) -> list[str]:
-    from catimage.generators.spec import DiffusersSpec
-
-    notes = []
-    if pool.costs_assumed:
-        notes.append("Costs are ASSUMED (illustrative), not measured.")
-    if any(isinstance(c.generator, DiffusersSpec) and c.generator.model.startswith("tiny:") for c in pool.candidates):
-        notes.append(
-            "Images were drawn by tiny random-weight models (the test/demo pool): they are noise, and the "
-            "quality figures say nothing about real generators."
-        )
-    return notes
-
-
 def _run(fn, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
@@ -160,7 +146,7 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
             report = evaluate_table(
                 matrix, costs, est.value, params, make_embedder(embedder.value),
                 test_frac=test_frac, val_frac=val_frac, seed=seed, trials=trials,
-                cost_unit=pool.cost_unit, notes=_notes_for(pool),
+                cost_unit=pool.cost_unit, notes=pool.report_notes(),
             )
         reports[est.value] = report
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +211,7 @@ def fit(
             model = RouterModel.fit(
                 matrix, costs, pool_obj.cost_unit, embedder.value, {}, estimator.value,
                 _parse_params(estimator_params, "--estimator-params"), val_frac=val_frac, seed=seed,
-                notes=_notes_for(pool_obj),
+                notes=pool_obj.report_notes(),
             )
         model.save(out)
         console.print(f"wrote model to {out} ({len(model.candidates)} candidates, metric {model.metric})")

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from catimage.errors import PoolError
-from catimage.generators.spec import GeneratorSpec, parse_generator_spec
+from catimage.generators.spec import DiffusersSpec, GeneratorSpec, parse_generator_spec
 from catimage.metrics.spec import MetricSpec
 
 
@@ -162,6 +162,18 @@ class Pool(BaseModel):
                 "table with measured costs (a `cost` column), or run `catimage cost POOL.yaml`"
             )
         return out
+
+    def report_notes(self) -> list[str]:
+        """What every report made with this pool must say about where its numbers come from."""
+        notes = []
+        if self.costs_assumed:
+            notes.append("Costs are ASSUMED (illustrative), not measured.")
+        if any(isinstance(c.generator, DiffusersSpec) and c.generator.model.startswith("tiny:") for c in self.candidates):
+            notes.append(
+                "Images were drawn by tiny random-weight models (the test/demo pool): they are noise, and the "
+                "quality figures say nothing about real generators."
+            )
+        return notes
 
     def with_costs(self, costs: Mapping[str, float]) -> Pool:
         """A copy with `costs` written in (what `catimage cost` saves)."""

@@ -167,7 +167,7 @@ def run_demo(
             report = evaluate_table(
                 matrix, costs, estimator, {"max_epochs": max_epochs} if estimator == "transformer" else {},
                 make_embedder(embedder), test_frac=0.25, val_frac=0.15, seed=0, trials=3,
-                cost_unit=pool.cost_unit, notes=[TINY_NOTE],
+                cost_unit=pool.cost_unit, notes=pool.report_notes() or [TINY_NOTE],
             )
             paths = write_report(report, report_dir)
 

@@ -95,20 +95,6 @@ def load_training_matrix(table_path: str | Path, pool_path: str | Path, metric: 
     return pool, matrix, costs
 
 
-def _notes(pool: Any) -> list[str]:
-    from catimage.generators.spec import DiffusersSpec
-
-    notes = []
-    if getattr(pool, "costs_assumed", False):
-        notes.append("Costs are ASSUMED (illustrative), not measured.")
-    if any(isinstance(c.generator, DiffusersSpec) and c.generator.model.startswith("tiny:") for c in pool.candidates):
-        notes.append(
-            "Images were drawn by tiny random-weight models (the test/demo pool): they are noise, and the "
-            "quality figures say nothing about real generators."
-        )
-    return notes
-
-
 def _to_dataset(X: np.ndarray, Y: np.ndarray, weights: np.ndarray) -> Any:
     """A Ray dataset with tensor columns x (T, d), y (M,) (NaN -> 0) and w (M,) loss weights."""
     import pyarrow as pa
@@ -339,7 +325,7 @@ def run_train(
         raise CatimageError(f"num_workers must be >= 0, got {num_workers}")
     out_dir = Path(out_dir)
     pool, matrix, costs = load_training_matrix(table_path, pool_path, metric)
-    notes = _notes(pool)
+    notes = pool.report_notes()
 
     if estimator in IN_PROCESS:
         params = dict(estimator_params or {})

@@ -94,3 +94,9 @@ def test_missing_and_malformed_files(tmp_path):
 def test_shipped_pool_files_load(name):
     pool = load_pool(CONFIGS / name)
     assert pool.names
+
+
+def test_report_notes_flag_assumed_costs_and_tiny_models():
+    assert pool_from_dict(_pool()).report_notes() == []
+    notes = pool_from_dict(_pool(costs_assumed=True, candidates=[{"name": "t", "cost": 1, "generator": {"model": "tiny:sd"}}])).report_notes()
+    assert any("ASSUMED" in n for n in notes) and any("tiny random-weight" in n for n in notes)
