@@ -213,6 +213,7 @@ def _serve_and_ask(console, timings, model_dir, pool_path, pool, port) -> list[d
         q = d["predicted_quality"] or {}
         table.add_row(f"{d['budget']:.3g}", f"{d['lambda']:.3g}", d["prompt"], d["candidate"], f"{d['cost']:.3g}",
                       *[f"{q.get(n, float('nan')):.3f}" for n in names], str(d["image_bytes"]))
+    console.print(table)
     console.print("why: each prompt goes to argmax_m q̂_m(x) − λ·c_m; λ is the smallest value whose average cost on "
                   "held-out prompts meets the budget, so the tighter budget pushes prompts to cheaper candidates.")
     replicas = {c["name"]: c.get("replicas") for c in pool_status.get("candidates", [])}
