@@ -125,16 +125,19 @@ def evaluate(
     val_frac: Annotated[float, typer.Option()] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
     trials: Annotated[int, typer.Option(min=1, help="Re-drawn splits for win rate / mean / std")] = 5,
+    embed_cache: Annotated[bool, typer.Option(help="Reuse prompt embeddings from $CATIMAGE_CACHE/embeddings")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Fit on the train split, evaluate on the test split: deferral curves, fixed points, oracle, hull."""
     _setup_logging(verbose)
     _offline_defaults()
-    _run(_evaluate, table, pool, out, fmt, metric, estimator, embedder, estimator_params, test_frac, val_frac, seed, trials)
+    _run(_evaluate, table, pool, out, fmt, metric, estimator, embedder, estimator_params, test_frac, val_frac, seed,
+         trials, embed_cache)
 
 
-def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimator_params, test_frac, val_frac, seed, trials):
-    from catimage.embed import make_embedder
+def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimator_params, test_frac, val_frac, seed,
+              trials, embed_cache):
+    from catimage.embed import CachedEmbedder, make_embedder
     from catimage.evaluation import evaluate_table
     from catimage.report import plot_deferral, write_report
 
@@ -144,7 +147,8 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
     for est in estimators:
         with console.status(f"[bold]{est.value}[/] + {embedder.value}: {trials} trial(s) on {matrix.n_prompts} prompts"):
             report = evaluate_table(
-                matrix, costs, est.value, params, make_embedder(embedder.value),
+                matrix, costs, est.value, params,
+                CachedEmbedder(make_embedder(embedder.value)) if embed_cache else make_embedder(embedder.value),
                 test_frac=test_frac, val_frac=val_frac, seed=seed, trials=trials,
                 cost_unit=pool.cost_unit, notes=pool.report_notes(),
             )
