@@ -30,6 +30,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+if not console.is_terminal:  # logs and CI: rich's 80-column default would squeeze the tables unreadable
+    console = Console(width=140)
 err_console = Console(stderr=True)
 
 

@@ -208,7 +208,10 @@ def _serve_and_ask(console, timings, model_dir, pool_path, pool, port) -> list[d
     names = list(decisions[0]["predicted_quality"] or {}) if decisions else []
     table = Table(title=f"routed requests (POST /v1/generate); q̂ = predicted {metric_name(model_dir)}")
     for col in ("budget", "λ", "prompt", "chosen", "cost", *[f"q̂ {n}" for n in names], "PNG bytes"):
-        table.add_column(col, overflow="ellipsis", no_wrap=col == "prompt", max_width=34 if col == "prompt" else None)
+        if col == "prompt":
+            table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=40)
+        else:
+            table.add_column(col, no_wrap=True, justify="left" if col == "chosen" else "right")
     for d in decisions:
         q = d["predicted_quality"] or {}
         table.add_row(f"{d['budget']:.3g}", f"{d['lambda']:.3g}", d["prompt"], d["candidate"], f"{d['cost']:.3g}",
