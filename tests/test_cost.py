@@ -27,20 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Tiny pipelines build into the session's temp dir (shared with test_generators.py)."""
-    root = tmp_path_factory.getbasetemp() / "catimage-cache"
-    threads = torch.get_num_threads()
-    # One torch thread: these models are tiny, and on a busy 2-core machine two OpenMP threads
-    # that wait on each other made a 64x64 image 20-50x slower than one thread.
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CATIMAGE_CACHE", str(root))
-            yield root
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tiny_cache")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -32,20 +32,7 @@ from catimage.generators.spec import SCHEDULERS, parse_generator_spec
 from catimage.generators.tiny import VOCAB_SIZE, build_clip_tokenizer, cache_root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def tiny_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Tiny pipelines build into the session's temp dir (shared with test_cost.py), never ~/.cache."""
-    root = tmp_path_factory.getbasetemp() / "catimage-cache"
-    threads = torch.get_num_threads()
-    # One torch thread: these models are tiny, and on a busy 2-core machine two OpenMP threads
-    # that wait on each other made a 64x64 image 20-50x slower than one thread.
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CATIMAGE_CACHE", str(root))
-            yield root
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tiny_cache")  # tests/conftest.py
 
 
 def pixels(image: Image.Image) -> np.ndarray:
