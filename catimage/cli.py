@@ -82,27 +82,9 @@ def _parse_params(text: str | None, flag: str) -> dict[str, Any]:
 
 
 def _load_matrix(table_path: Path, pool_path: Path, fmt: TableFormatOpt, metric: str | None):
-    """Read table + pool and return (pool restricted to the table's candidates, matrix, costs)."""
-    from catimage.pool import load_pool
-    from catimage.table import aggregate, read_quality_table
+    from catimage.table import load_pool_matrix
 
-    pool = load_pool(pool_path)
-    table = read_quality_table(table_path, fmt.value)
-    matrix = aggregate(table, metric=metric, candidates=_table_candidates_in_pool_order(table, pool))
-    pool = pool.select(matrix.candidates)
-    costs = pool.cost_vector(matrix.candidates, measured=matrix.measured_costs())
-    return pool, matrix, costs
-
-
-def _table_candidates_in_pool_order(table, pool) -> list[str]:
-    present = set(table.column("candidate").to_pylist())
-    unknown = sorted(present - set(pool.names))
-    if unknown:
-        raise CatimageError(
-            f"the table has candidate(s) {unknown} that the pool file does not declare {pool.names}; "
-            "add them to the pool"
-        )
-    return [n for n in pool.names if n in present]
+    return load_pool_matrix(table_path, pool_path, fmt.value, metric)
 
 
 def _run(fn, *args: Any, **kwargs: Any) -> Any:

@@ -257,7 +257,7 @@ def evaluate_table(
             cache.clear()  # a refitted tfidf makes old embeddings useless
             cache[key] = embed_for(embedder, matrix.prompts, estimator.input_kind)
         X = cache[key]
-        Y = np.where(np.isnan(matrix.mean), np.nan, scaler.transform(np.nan_to_num(matrix.mean)))
+        Y = scaler.transform(matrix.mean)  # NaN (missing) stays NaN
         counts = matrix.count.astype(np.float64)
         tr, va, te = split.train, split.val, split.test
         has_val = va.size > 0

@@ -74,7 +74,7 @@ def prepare_training_data(
 ) -> dict[str, TrainingData]:
     """Embed every prompt once and slice it into train / val / test arrays with scaled labels."""
     X = embed_for(embedder, matrix.prompts, input_kind)
-    Y = np.where(np.isnan(matrix.mean), np.nan, scaler.transform(np.nan_to_num(matrix.mean)))
+    Y = scaler.transform(matrix.mean)  # NaN (missing) stays NaN
     out = {}
     for name in ("train", "val", "test"):
         idx = getattr(split, name)

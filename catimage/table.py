@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from catimage.errors import TableError
+
+if TYPE_CHECKING:
+    from catimage.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -385,3 +388,22 @@ def split_prompts(n: int, test_frac: float = 0.1, val_frac: float = 0.1, seed: i
         val=np.sort(perm[n_test : n_test + n_val]),
         test=np.sort(perm[:n_test]),
     )
+
+
+def load_pool_matrix(
+    table_path: str | Path, pool_path: str | Path, fmt: TableFormat = "auto", metric: str | None = None
+) -> tuple[Pool, QualityMatrix, np.ndarray]:
+    """Read a table and its pool file: (pool restricted to the table's candidates, matrix in pool
+    order, cost vector). What `fit`, `evaluate`, `train` and the demo all start from.
+
+    A candidate in the table but not in the pool is an error (aggregate says so); pool candidates
+    without rows are left out, so one pool file serves tables that cover part of it.
+    """
+    from catimage.pool import load_pool
+
+    pool = load_pool(pool_path)
+    table = read_quality_table(table_path, fmt)
+    present = set(table.column("candidate").to_pylist())
+    matrix = aggregate(table, metric=metric, candidates=[n for n in pool.names if n in present])
+    pool = pool.select(matrix.candidates)
+    return pool, matrix, pool.cost_vector(matrix.candidates, measured=matrix.measured_costs())

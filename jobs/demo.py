@@ -130,7 +130,7 @@ def run_demo(
     from catimage.evaluation import evaluate_table
     from catimage.pool import load_pool
     from catimage.report import write_report
-    from catimage.table import aggregate, read_quality_table
+    from catimage.table import load_pool_matrix
     from jobs.build_dataset import print_summary, run_build
     from jobs.train_estimator import run_train
 
@@ -161,9 +161,7 @@ def run_demo(
                       num_workers=1, max_epochs=max_epochs)
 
         with _stage(console, "3/5 evaluate (deferral curves, oracle, hull)", timings):
-            table = read_quality_table(build.table_path)
-            matrix = aggregate(table, metric=metric, candidates=[n for n in pool.names])
-            costs = pool.cost_vector(matrix.candidates, measured=matrix.measured_costs())
+            pool, matrix, costs = load_pool_matrix(build.table_path, pool_path, metric=metric)
             report = evaluate_table(
                 matrix, costs, estimator, {"max_epochs": max_epochs} if estimator == "transformer" else {},
                 make_embedder(embedder), test_frac=0.25, val_frac=0.15, seed=0, trials=3,

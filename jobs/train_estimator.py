@@ -76,25 +76,6 @@ class TrainOutcome:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_training_matrix(table_path: str | Path, pool_path: str | Path, metric: str | None = None):
-    """(pool restricted to the table's candidates, QualityMatrix in pool order, cost vector)."""
-    from catimage.pool import load_pool
-    from catimage.table import aggregate, read_quality_table
-
-    pool = load_pool(pool_path)
-    table = read_quality_table(table_path)
-    present = set(table.column("candidate").to_pylist())
-    unknown = sorted(present - set(pool.names))
-    if unknown:
-        raise CatimageError(
-            f"the table has candidate(s) {unknown} that the pool file does not declare {pool.names}; add them to the pool"
-        )
-    matrix = aggregate(table, metric=metric, candidates=[n for n in pool.names if n in present])
-    pool = pool.select(matrix.candidates)
-    costs = pool.cost_vector(matrix.candidates, measured=matrix.measured_costs())
-    return pool, matrix, costs
-
-
 def _to_dataset(X: np.ndarray, Y: np.ndarray, weights: np.ndarray) -> Any:
     """A Ray dataset with tensor columns x (T, d), y (M,) (NaN -> 0) and w (M,) loss weights."""
     import pyarrow as pa
@@ -315,7 +296,7 @@ def run_train(
     once at that epoch so the retry path can be checked.
     """
     from catimage.router_model import RouterModel, prepare_training_data
-    from catimage.table import MetricScaler, split_prompts
+    from catimage.table import MetricScaler, load_pool_matrix, split_prompts
 
     start = time.perf_counter()
     estimator = estimator.lower()
@@ -324,7 +305,7 @@ def run_train(
     if num_workers < 0:
         raise CatimageError(f"num_workers must be >= 0, got {num_workers}")
     out_dir = Path(out_dir)
-    pool, matrix, costs = load_training_matrix(table_path, pool_path, metric)
+    pool, matrix, costs = load_pool_matrix(table_path, pool_path, metric=metric)
     notes = pool.report_notes()
 
     if estimator in IN_PROCESS:

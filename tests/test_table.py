@@ -162,3 +162,23 @@ def test_build_output_folder_reads_its_quality_table(tmp_path):
     write_quality_table(_table(), tmp_path / "quality.parquet")
     pq.write_table(pa.table({"prompt_id": ["p9"], "error": ["boom"]}), tmp_path / "errors.parquet")
     assert read_quality_table(tmp_path).num_rows == 6
+
+
+def test_scaler_keeps_missing_labels_missing():
+    s = MetricScaler(0.0, 10.0)
+    out = s.transform(np.array([[5.0, np.nan]]))
+    assert out[0, 0] == 0.5 and np.isnan(out[0, 1])
+
+
+def test_load_pool_matrix_restricts_pool_to_the_table_and_rejects_strangers(tmp_path):
+    from catimage.table import load_pool_matrix
+
+    path = write_quality_table(_table(), tmp_path / "t.parquet")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("cost_unit: s\ncandidates:\n  - {name: slow, cost: 4}\n  - {name: api, cost: 9}\n  - {name: fast, cost: 1}\n")
+    p, m, costs = load_pool_matrix(path, pool)
+    assert p.names == m.candidates == ["slow", "fast"]
+    np.testing.assert_array_equal(costs, [4.0, 1.0])
+    pool.write_text("cost_unit: s\ncandidates:\n  - {name: slow, cost: 4}\n")
+    with pytest.raises(TableError, match=r"\['fast'\] that the pool does not declare"):
+        load_pool_matrix(path, pool)
