@@ -80,13 +80,13 @@ def sample_spec(rng: np.random.Generator, n_groups: int | None = None) -> SceneS
 
 
 def _draw_spec(rng: np.random.Generator, n_groups: int | None) -> SceneSpec:
-    k = n_groups if n_groups is not None else int(rng.choice([1, 2, 3], p=[0.38, 0.36, 0.26]))
+    k = n_groups if n_groups is not None else int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
     pairs = list(itertools.product(COLOURS, SHAPES))
     chosen = [pairs[i] for i in rng.choice(len(pairs), size=k, replace=False)]
     counts = []
     for _ in range(k):
         room = MAX_OBJECTS - sum(counts) - (k - len(counts) - 1)
-        c = 1 if rng.random() < 0.65 else int(rng.integers(2, MAX_COUNT + 1))
+        c = 1 if rng.random() < 0.72 else int(rng.integers(2, MAX_COUNT + 1))
         counts.append(max(1, min(c, room)))
     relations = []
     for i in range(k - 1):
@@ -175,7 +175,7 @@ def describe(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
 # --- realising specs ------------------------------------------------------------------------------
 
 CELLS = [(r, c) for r in range(3) for c in range(3)]
-JITTER = 0.02  # centre jitter within a cell, canvas units
+JITTER = 0.015  # centre jitter within a cell, canvas units
 
 
 def _fits_position(cell: tuple[int, int], position: str | None) -> bool:
@@ -198,16 +198,19 @@ def _fits_relation(a: tuple[int, int], rel: str, b: tuple[int, int]) -> bool:
 def _assign_cells(spec: SceneSpec, rng: np.random.Generator) -> list[list[tuple[int, int]]] | None:
     """Distinct grid cells for every object of every group satisfying all constraints, or None.
 
-    Randomised backtracking: each object tries the free cells in random order, keeping those that
-    fit its position and its relations to the objects placed so far; complete, so None means the
-    spec is unsatisfiable.
+    No two objects share an edge-adjacent cell, so drawn shapes never touch (the verifier separates
+    them by connected components). Randomised backtracking: each object tries the cells in random
+    order, keeping those that fit its position and its relations to the objects placed so far;
+    complete, so None means the spec is unsatisfiable.
     """
     owner = [g for g, obj in enumerate(spec.objects) for _ in range(obj.count)]
     cells: list[tuple[int, int]] = []
 
     def ok(cell: tuple[int, int], g: int) -> bool:
-        if cell in cells or not _fits_position(cell, spec.objects[g].position):
+        if not _fits_position(cell, spec.objects[g].position):
             return False
+        if any(abs(cell[0] - c[0]) + abs(cell[1] - c[1]) <= 1 for c in cells):
+            return False  # same or edge-adjacent cell: shapes would touch and merge
         for r in spec.relations:
             for k, other in enumerate(cells):
                 if r.subject == g and r.target == owner[k] and not _fits_relation(cell, r.relation, other):

@@ -28,7 +28,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (125, 125, 125),
 }
 DEFAULT_BACKGROUND = "black"
-SIZES: dict[str, float] = {"small": 0.22, "large": 0.34}  # object extent / canvas side
+SIZES: dict[str, float] = {"small": 0.2, "large": 0.3}  # object extent / canvas side
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 MAX_COUNT = 3
 MAX_OBJECTS = 4
