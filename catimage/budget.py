@@ -1,0 +1,153 @@
+"""Online budget control: hold a target average cost B over live traffic by adjusting lambda.
+
+Offline, a budget becomes a lambda once (`RouterModel.lambda_for_budget`, calibrated on held-out
+prompts). When the live prompt mix drifts from the calibration mix, the same lambda routes a
+different share of prompts to expensive candidates and the average cost drifts with it. The
+controller closes the loop on the *realised* cost of every routed request:
+
+    e_t      = (c_t - B) / B                                  (relative error of one request)
+    lam_I   <- clip(lam_I + k_i * s * e_t,  lam_min, lam_max)   (dual ascent on the budget constraint)
+    lam      = clip(lam_I + k_p * s * (mean_W(c) / B - 1), lam_min, lam_max)
+    |lam - lam_previous| <= max_step * s                        (bounded step)
+
+`s` is the natural scale of lambda for the pool (quality range / cost range, `lambda_scale`), so
+the gains are unit-free. The integral term is dual (sub)gradient ascent on the Lagrangian of
+"maximise mean quality subject to mean cost <= B": its fixed point is a lambda at which the
+long-run mean routed cost equals B; a stream that alternates between two neighbouring lambdas is
+the randomised router between them, which the deferral curve says is optimal at that cost. The
+proportional term on the sliding window's mean reacts to a sudden shift faster than the integral
+alone. The window (the last `window` realised costs) is also what the controller reports.
+
+Pure Python + numpy (no Ray): the Serve app keeps one controller per key in a small coordinator
+deployment shared by every router replica (serve/app.py); benchmarks/budget_drift.py drives it in a
+simulation against the offline optimum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from catimage.errors import BudgetError
+
+__all__ = ["ControllerConfig", "BudgetController", "lambda_scale"]
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Gains and bounds of the controller (unit-free: lambda is measured in units of `scale`)."""
+
+    target: float
+    """B: the average cost per request to hold, in the pool's cost unit."""
+    window: int = 200
+    """Sliding window (requests) whose mean cost is reported and drives the proportional term."""
+    ki: float = 0.02
+    """Integral (dual-ascent) gain per request."""
+    kp: float = 1.0
+    """Proportional gain on the window's relative error."""
+    max_step: float = 0.1
+    """Largest change of lambda per observed request, in units of `scale`."""
+    lam_max_scales: float = 50.0
+    """Upper bound of lambda, in units of `scale` (beyond the pool's edge slopes nothing changes)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.target) and self.target > 0):
+            raise BudgetError(f"the controller's target average cost must be a positive number, got {self.target}")
+        if self.window < 1:
+            raise BudgetError(f"the controller's window must be at least 1 request, got {self.window}")
+        for name in ("ki", "kp", "max_step", "lam_max_scales"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise BudgetError(f"controller {name} must be a non-negative number, got {value}")
+
+
+def lambda_scale(pred: Any, costs: Any) -> float:
+    """The natural size of lambda for a pool: spread of predicted quality / spread of costs.
+
+    Lambdas far below it change few decisions, lambdas far above it route nearly everything to the
+    cheapest candidate; so the controller's gains are expressed in units of this scale.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    costs = np.asarray(costs, dtype=np.float64)
+    finite = pred[np.isfinite(pred)]
+    q_spread = float(np.percentile(finite, 95) - np.percentile(finite, 5)) if finite.size else 0.0
+    c_spread = float(costs.max() - costs.min()) if costs.size else 0.0
+    if q_spread <= 0 or c_spread <= 0:
+        return 1.0
+    return q_spread / c_spread
+
+
+@dataclass
+class BudgetController:
+    """One controlled budget (the whole deployment, or one API key)."""
+
+    config: ControllerConfig
+    lam0: float
+    """Starting lambda: the offline calibration's lambda for the target (feed-forward)."""
+    scale: float
+    """`lambda_scale` of the pool."""
+    lam: float = field(init=False)
+    _lam_i: float = field(init=False)
+    _window: deque = field(init=False)
+    _window_sum: float = field(init=False, default=0.0)
+    observed: int = field(init=False, default=0)
+    total_cost: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise BudgetError(f"lambda scale must be a positive number, got {self.scale}")
+        if not (math.isfinite(self.lam0) and self.lam0 >= 0):
+            raise BudgetError(f"starting lambda must be a non-negative number, got {self.lam0}")
+        self.lam = min(float(self.lam0), self.lam_max)
+        self._lam_i = self.lam
+        self._window = deque(maxlen=self.config.window)
+
+    @property
+    def lam_max(self) -> float:
+        return max(self.config.lam_max_scales * self.scale, float(self.lam0))
+
+    def observe(self, costs: Iterable[float]) -> float:
+        """Feed realised costs (in arrival order); returns the lambda to route the next request with."""
+        cfg, s, target = self.config, self.scale, self.config.target
+        for c in costs:
+            c = float(c)
+            if not math.isfinite(c) or c < 0:
+                continue  # a cost the caller could not measure says nothing about the budget
+            if len(self._window) == self._window.maxlen:
+                self._window_sum -= self._window[0]
+            self._window.append(c)
+            self._window_sum += c
+            self.observed += 1
+            self.total_cost += c
+            err = (c - target) / target
+            self._lam_i = min(max(self._lam_i + cfg.ki * s * err, 0.0), self.lam_max)
+            window_err = self.window_mean / target - 1.0
+            wanted = min(max(self._lam_i + cfg.kp * s * window_err, 0.0), self.lam_max)
+            step = cfg.max_step * s
+            self.lam = min(max(wanted, self.lam - step), self.lam + step)
+        return self.lam
+
+    @property
+    def window_mean(self) -> float:
+        """Mean realised cost of the last `window` requests (NaN before the first)."""
+        return self._window_sum / len(self._window) if self._window else float("nan")
+
+    def state(self) -> dict[str, Any]:
+        """What /v1/pool and the Prometheus gauges show."""
+        mean = self.window_mean
+        return {
+            "target": self.config.target,
+            "lambda": self.lam,
+            "lambda_offline": self.lam0,
+            "window": self.config.window,
+            "window_requests": len(self._window),
+            "window_mean_cost": None if math.isnan(mean) else mean,
+            "window_error": None if math.isnan(mean) else mean / self.config.target - 1.0,
+            "observed": self.observed,
+            "mean_cost_all": self.total_cost / self.observed if self.observed else None,
+        }

@@ -1,0 +1,91 @@
+"""The online budget controller (catimage.budget) on planted streams, against hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from catimage.budget import BudgetController, ControllerConfig, lambda_scale
+from catimage.errors import BudgetError
+from catimage.routing import calibrate_lambda, route
+
+
+def _planted(n: int, rng: np.random.Generator, hard_share: float) -> np.ndarray:
+    """Two candidates, costs 1 and 3. Easy prompts gain little from the dear one (gain ~U(0, 0.2)),
+    hard prompts a lot (~U(0.3, 0.7)): at lambda, a prompt goes dear iff its gain > 2 * lambda."""
+    hard = rng.random(n) < hard_share
+    gain = np.where(hard, rng.uniform(0.3, 0.7, n), rng.uniform(0.0, 0.2, n))
+    return np.stack([np.full(n, 0.5), 0.5 + gain], axis=1)
+
+
+COSTS = np.array([1.0, 3.0])
+
+
+def _run(ctrl: BudgetController, pred: np.ndarray) -> np.ndarray:
+    chosen = np.empty(pred.shape[0], dtype=np.int64)
+    for i in range(pred.shape[0]):
+        chosen[i] = route(pred[i : i + 1], COSTS, ctrl.lam)[0]
+        ctrl.observe([COSTS[chosen[i]]])
+    return chosen
+
+
+def test_controller_holds_the_budget_after_a_shift_where_fixed_lambda_overshoots():
+    rng = np.random.default_rng(0)
+    target = 1.6  # 30 % of requests on the dear candidate
+    calib = _planted(4000, rng, hard_share=0.2)
+    lam0 = calibrate_lambda(calib, COSTS, target)
+    stream = np.concatenate([_planted(2000, rng, 0.2), _planted(3000, rng, 0.6)])
+    fixed_cost = COSTS[route(stream[2000:], COSTS, lam0)].mean()
+    # Hand computation: at lam0 (between the easy gains' 2*lam range and the hard ones), 60 % hard
+    # prompts all go dear -> mean cost >= 1 + 2 * 0.6 = 2.2, far above 1.6.
+    assert fixed_cost > 2.1
+    ctrl = BudgetController(ControllerConfig(target=target, window=200), lam0=lam0, scale=lambda_scale(calib, COSTS))
+    chosen = _run(ctrl, stream)
+    costs = COSTS[chosen]
+    late = costs[2400:]  # two windows after the shift
+    assert abs(late.mean() / target - 1) < 0.03
+    # The fixed point by hand: 30 % of all requests dear with 60 % hard ones means half the hard
+    # prompts (gain ~U(0.3, 0.7)) go dear: 2 * lam = 0.5 -> lam = 0.25 (easy gains never exceed 0.4).
+    assert ctrl.lam == pytest.approx(0.25, abs=0.04)
+    state = ctrl.state()
+    assert state["window_requests"] == 200 and state["observed"] == 5000
+    assert state["window_mean_cost"] == pytest.approx(costs[-200:].mean())
+
+
+def test_step_is_bounded_and_lambda_stays_in_range():
+    cfg = ControllerConfig(target=1.0, window=10, ki=5.0, kp=5.0, max_step=0.01, lam_max_scales=3.0)
+    ctrl = BudgetController(cfg, lam0=0.5, scale=2.0)
+    previous = ctrl.lam
+    for c in [100.0] * 50 + [0.0] * 500:
+        lam = ctrl.observe([c])
+        assert abs(lam - previous) <= 0.01 * 2.0 + 1e-12
+        assert 0.0 <= lam <= 3.0 * 2.0
+        previous = lam
+    assert ctrl.lam == 0.0  # a long run of free requests walks lambda down to 0, never below
+
+
+def test_unmeasurable_costs_are_ignored():
+    ctrl = BudgetController(ControllerConfig(target=2.0, window=5), lam0=0.1, scale=1.0)
+    ctrl.observe([float("nan"), -1.0, float("inf")])
+    assert ctrl.observed == 0 and ctrl.lam == 0.1 and ctrl.state()["window_mean_cost"] is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"target": 0.0}, "positive"),
+        ({"target": float("nan")}, "positive"),
+        ({"target": 1.0, "window": 0}, "window"),
+        ({"target": 1.0, "ki": -1.0}, "ki"),
+    ],
+)
+def test_bad_config_is_a_budget_error(kwargs, needle):
+    with pytest.raises(BudgetError, match=needle):
+        ControllerConfig(**kwargs)
+
+
+def test_lambda_scale_is_quality_spread_over_cost_spread():
+    pred = np.array([[0.0, 1.0]] * 50 + [[0.0, 0.0]] * 50)
+    # 5th..95th percentile of all predictions: 0 .. 1; costs 1 .. 3 -> 0.5.
+    assert lambda_scale(pred, COSTS) == pytest.approx(0.5)
+    assert lambda_scale(np.zeros((3, 2)), COSTS) == 1.0  # no spread: a neutral scale, not 0
