@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         model, pool_path, target, budget = _prepare(Path(tmp), args.embedder, args.max_replicas)
         print(f"router model: knn over {args.embedder} (planted table), fitted in {time.perf_counter() - t:.1f} s")
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes skew every figure)")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": FAST_AUTOSCALING_ENV})
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": FAST_AUTOSCALING_ENV})
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"

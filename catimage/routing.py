@@ -42,6 +42,9 @@ __all__ = [
     "interpolate_curve",
     "cost_to_reach",
     "curve_arrays",
+    "expected_wait_s",
+    "utility_ranking",
+    "max_precise_lambda",
 ]
 
 # Relative slack when comparing average costs with a budget: an average of n equal costs can differ
@@ -147,6 +150,57 @@ def route(pred: Any, costs: Any, lam: float) -> np.ndarray:
     else:
         util = pred - lam * costs
     return order[np.argmax(util[:, order], axis=1)].astype(np.int64)
+
+
+def max_precise_lambda(costs: Any, quality_resolution: float) -> float:
+    """The largest lambda at which `pred - lam * cost` still tells apart predictions that differ by
+    `quality_resolution`: float64 rounds lam * cost (and the subtraction) to within a few ulps of
+    lam * max(cost), so beyond this the rule's choice among candidates is decided by rounding.
+    """
+    costs = _check_costs(costs)
+    top = float(costs.max())
+    if top <= 0:
+        return float("inf")
+    return float(quality_resolution) / (4.0 * np.finfo(np.float64).eps * top)
+
+
+def expected_wait_s(in_flight: Any, slots: Any, service_s: Any, cold_start_s: float = 60.0) -> np.ndarray:
+    """Expected queueing delay (seconds) of one more request at each candidate.
+
+    A candidate with `slots` requests drawn at once (replicas x per-replica concurrency) and
+    `in_flight` outstanding serves the newcomer right away while a slot is free; otherwise it waits
+    for (in_flight + 1 - slots) / slots services of `service_s` each. No slot at all (scaled to
+    zero, or replicas still starting) costs a cold start on top.
+    """
+    in_flight = np.asarray(in_flight, dtype=np.float64)
+    slots = np.asarray(slots, dtype=np.float64)
+    service_s = np.asarray(service_s, dtype=np.float64)
+    ahead = np.maximum(in_flight + 1.0 - slots, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        queued = np.where(slots > 0, ahead / np.where(slots > 0, slots, 1.0) * service_s, cold_start_s + in_flight * service_s)
+    return queued
+
+
+def utility_ranking(pred: Any, costs: Any, lam: float, penalty: Any = None) -> np.ndarray:
+    """Candidates per prompt, best first, by utility = pred - lam * cost - penalty.
+
+    `penalty` (M,) or (n, M), in quality units, is what load-aware routing subtracts
+    (mu * expected wait). Ties go to the cheaper candidate, then the lower index, as `route` breaks
+    them; so with no penalty column 0 of the result equals `route(pred, costs, lam)`.
+    """
+    pred, costs = _check_inputs(pred, costs)
+    lam = _check_lambda(lam)
+    if np.isinf(lam):
+        util = np.where(costs == costs.min(), pred, -np.inf)
+    else:
+        util = pred - lam * costs
+    if penalty is not None:
+        util = util - np.broadcast_to(np.asarray(penalty, dtype=np.float64), util.shape)
+    m = costs.size
+    # lexsort: last key is primary -> (-utility, cost, index).
+    idx = np.broadcast_to(np.arange(m), util.shape)
+    cost_b = np.broadcast_to(costs, util.shape)
+    return np.stack([np.lexsort((idx[i], cost_b[i], -util[i])) for i in range(util.shape[0])]).astype(np.int64) if util.shape[0] else np.zeros((0, m), np.int64)
 
 
 def _mean_cost(choice: np.ndarray, costs: np.ndarray) -> float:

@@ -1,16 +1,18 @@
 """The Serve application: a FastAPI router deployment in front of one generator deployment per candidate.
 
-    client --HTTP--> Router (embeds, predicts, applies argmax_m q_m - lambda c_m)
+    client --HTTP--> Router (embeds, predicts, applies argmax_m q_m - lambda c_m [- mu wait_m])
                         |--DeploymentHandle--> Generator-<candidate A>  (autoscaled, own resources)
                         |--DeploymentHandle--> Generator-<candidate B>
+                        |--DeploymentHandle--> BudgetCoordinator        (only with budget_controller)
                         ...
 
 Choosing the candidate happens in the Router, not in Serve's request router (which only picks a
 replica inside one deployment). Each generator deployment takes its resources, batching and
 autoscaling from its candidate's `serve:` block in the pool file, so a cheap model scales on cheap
-hardware and an expensive one on GPUs. When a generator fails or runs past its
-`request_timeout_s`, the router falls back to the next candidate of the decision's ranking and says
-so in the answer; only when every candidate fails does it answer 503.
+hardware and an expensive one on GPUs. When a generator fails, its replica dies, its queue is full
+or it runs past its `request_timeout_s`, the router retries (a dead replica) or falls back to the
+next candidate of the decision's ranking and says so in the answer; only when every candidate fails
+does it answer 503 (with Retry-After).
 
 Run it with `serve run serve/config.yaml` (see docs/serving.md) or `build_app(AppArgs(...))`.
 """
@@ -20,29 +22,38 @@ Run it with `serve run serve/config.yaml` (see docs/serving.md) or `build_app(Ap
 # leave FastAPI unable to resolve the request models (it then expects them as query parameters).
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
+import re
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from catimage.errors import CatimageError, PoolError
 from catimage.pool import Candidate, load_pool
+from serve.auth import ApiKeys
 from serve.schemas import (
+    MAX_BODY_BYTES,
     AppArgs,
     CandidateStatus,
     Fallback,
     GenerateRequest,
     GenerateResponse,
+    ImagesRequest,
     PoolResponse,
     RouteDecision,
     RouteRequest,
@@ -51,7 +62,12 @@ from serve.schemas import (
 
 log = logging.getLogger("catimage.serve")
 
-__all__ = ["AppArgs", "Generator", "Router", "build_app", "deployment_name", "fastapi_app"]
+__all__ = ["AppArgs", "BudgetCoordinator", "Generator", "Router", "build_app", "deployment_name", "fastapi_app"]
+
+GLOBAL_KEY = "*"
+"""The budget controller's key for the whole deployment (keys without a target of their own)."""
+
+WARMUP_PROMPTS = ["a photo of a cat", 'a neon sign that reads "OPEN" above a rainy street at night, photo']
 
 
 def deployment_name(candidate: str) -> str:
@@ -65,11 +81,52 @@ def _png_bytes(image: Any) -> bytes:
     return buf.getvalue()
 
 
-def _short_error(err: BaseException) -> str:
-    """One line for the client: Ray wraps replica errors in a long traceback; keep its last line."""
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_HOST_PORT = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\blocalhost(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
+
+
+def _clean(text: str) -> str:
+    """Text safe to send: no lone surrogates (they cannot be encoded as UTF-8 JSON)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _public_reason(err: BaseException) -> str:
+    """One line for the client about a failed generator call, without internal addresses.
+
+    Ray wraps replica errors in a long traceback: keep its last line, then replace every URL and
+    host:port by a placeholder (the full error goes to the router's log, not to the client).
+    """
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(err, BackPressureError):
+        return "overloaded: its request queue is full (max_queued_requests)"
+    if isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError):
+        return "its replica died or became unreachable (Serve replaces it)"
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     text = lines[-1] if lines else ""
-    return f"{type(err).__name__}: {text}"[:300]
+    text = _HOST_PORT.sub("<host>", _URL.sub("<endpoint>", text))
+    name = type(err).__name__
+    if name == "RayTaskError" or name.startswith("RayTaskError("):
+        name = "GeneratorError"
+    return _clean(f"{name}: {text}")[:300]
+
+
+def _replica_died(err: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError)
+
+
+def _native_size(cand: Candidate) -> str | None:
+    """WIDTHxHEIGHT a candidate draws at, when its generator block says (for the OpenAI `size`)."""
+    gen = cand.generator
+    if gen is None:
+        return None
+    if getattr(gen, "kind", None) == "http":
+        return gen.size
+    width, height = getattr(gen, "width", None), getattr(gen, "height", None)
+    return f"{width}x{height}" if width and height else None
 
 
 async def _resolve(response: Any) -> Any:
@@ -86,9 +143,15 @@ async def _resolve(response: Any) -> Any:
 class Generator:
     """One candidate's text-to-image model. Returns PNG bytes, or None when the caller wants none.
 
-    Calls are serialised per replica (a diffusers pipeline keeps per-call scheduler state), so
-    concurrency comes from replicas; with `max_batch_size > 1` concurrent requests are drawn as one
-    batch through `@serve.batch`.
+    In-process pipelines are drawn one call at a time per replica (a diffusers pipeline keeps
+    per-call scheduler state), so concurrency comes from replicas; with `max_batch_size > 1`
+    concurrent requests are drawn as one batch through `@serve.batch`. Hosted (http) generators
+    are I/O-bound and thread-safe, so their calls run concurrently.
+
+    When the caller gives up (the router's `request_timeout_s`), Serve cancels the request here:
+    the pipeline is told to stop after its current denoising step (diffusers' `_interrupt`) and
+    the replica takes the next request as soon as that step ends, instead of finishing a drawing
+    nobody waits for.
     """
 
     def __init__(
@@ -100,8 +163,9 @@ class Generator:
 
         self.candidate = candidate
         self._generator = make_generator(parse_generator_spec(spec), device=device)
+        self._exclusive = getattr(self._generator, "pipe", None) is not None
         self._lock = asyncio.Lock()
-        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "interrupted": 0, "busy": 0}
         self._batched = max_batch_size > 1
         if self._batched:
             self._draw_batch.set_max_batch_size(max_batch_size)
@@ -111,10 +175,33 @@ class Generator:
     def _draw(self, prompts: list[str], seeds: list[int]) -> list[Any]:
         self._stats["batches"] += 1
         self._stats["largest_batch"] = max(self._stats["largest_batch"], len(prompts))
-        images = self._generator.generate(prompts, seeds)
+        self._stats["busy"] += 1
+        try:
+            images = self._generator.generate(prompts, seeds)
+        finally:
+            self._stats["busy"] -= 1
         if len(images) != len(prompts):
             raise RuntimeError(f"generator {self.candidate} returned {len(images)} images for {len(prompts)} prompts")
         return images
+
+    def _interrupt(self) -> None:
+        pipe = getattr(self._generator, "pipe", None)
+        if pipe is not None:
+            pipe._interrupt = True  # diffusers checks it before every denoising step
+
+    async def _draw_cancellable(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+        """Draw in a thread; if this request is cancelled, stop the pipeline and wait for the thread
+        (so the pipeline is never used by two threads), then let the cancellation through."""
+        task = asyncio.ensure_future(asyncio.to_thread(self._draw, prompts, seeds))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._stats["interrupted"] += 1
+            while not task.done():
+                # Re-assert: a pipeline call that had not started yet resets the flag when it does.
+                self._interrupt()
+                await asyncio.wait({task}, timeout=0.05)
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _draw_batch(self, items: list[tuple[str, int]]) -> list[Any]:
@@ -130,12 +217,69 @@ class Generator:
         self._stats["requests"] += 1
         if self._batched:
             image = await self._draw_batch((prompt, seed))
-        else:
+        elif self._exclusive:
             async with self._lock:
-                image = (await asyncio.to_thread(self._draw, [prompt], [seed]))[0]
+                image = (await self._draw_cancellable([prompt], [seed]))[0]
+        else:
+            image = (await asyncio.to_thread(self._draw, [prompt], [seed]))[0]
         if not want_image:
             return None
         return await asyncio.to_thread(_png_bytes, image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Budget coordinator: one controller per key, shared by every router replica
+# ---------------------------------------------------------------------------------------------
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+class BudgetCoordinator:
+    """Holds the online budget controllers (catimage.budget) for the whole application.
+
+    Router replicas call `sync` every `sync_interval_s` with the realised costs they routed since the
+    last call and get every key's current lambda back, so the deployment-wide average is held however
+    many router replicas share the traffic. If this replica restarts, controllers start again from
+    the offline lambda (their state is a few numbers, rebuilt within one window).
+    """
+
+    def __init__(self, model_dir: str, targets: dict[str, float], config: dict[str, Any]) -> None:
+        from ray.serve.metrics import Gauge
+
+        from catimage.budget import BudgetController, ControllerConfig, lambda_scale
+        from catimage.router_model import RouterModel
+
+        model = RouterModel.load(model_dir)
+        scale = lambda_scale(model.calibration_pred, model.costs)
+        self.controllers = {
+            key: BudgetController(
+                ControllerConfig(target=float(t), **config), lam0=float(model.lambda_for_budget(t)), scale=scale
+            )
+            for key, t in targets.items()
+        }
+        tags = ("key",)
+        self.g_lambda = Gauge("catimage_budget_lambda", "Current lambda of the online budget controller.", tags)
+        self.g_window = Gauge("catimage_budget_window_cost", "Mean realised cost over the controller's window.", tags)
+        self.g_target = Gauge("catimage_budget_target", "Target average cost of the controller.", tags)
+        self._export()
+
+    def _export(self) -> None:
+        for key, ctrl in self.controllers.items():
+            state = ctrl.state()
+            self.g_lambda.set(state["lambda"], tags={"key": key})
+            self.g_target.set(state["target"], tags={"key": key})
+            if state["window_mean_cost"] is not None:
+                self.g_window.set(state["window_mean_cost"], tags={"key": key})
+
+    def sync(self, observed: dict[str, list[float]]) -> dict[str, float]:
+        for key, costs in observed.items():
+            ctrl = self.controllers.get(key)
+            if ctrl is not None and costs:
+                ctrl.observe(costs)
+        self._export()
+        return {key: ctrl.lam for key, ctrl in self.controllers.items()}
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        return {key: ctrl.state() for key, ctrl in self.controllers.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,9 +291,26 @@ fastapi_app = FastAPI(
     version="1",
     description=(
         "Routes each prompt to the cheapest text-to-image candidate that is predicted to draw it well: "
-        "argmax_m predicted_quality_m(prompt) - lambda * cost_m, with lambda set from a cost budget."
+        "argmax_m predicted_quality_m(prompt) - lambda * cost_m, with lambda set from a cost budget. "
+        "POST /v1/images/generations speaks the OpenAI Images API (model 'auto' routes)."
     ),
 )
+
+
+def _is_openai_path(request: Request) -> bool:
+    return request.url.path.endswith("/v1/images/generations")
+
+
+def _error(request: Request, status: int, message: str, headers: Mapping[str, str] | None = None,
+           extra: dict[str, Any] | None = None) -> JSONResponse:
+    """Our error body, `{"detail": ...}`; on the OpenAI path also OpenAI's `{"error": {...}}`, which
+    OpenAI clients turn into their exception message."""
+    message = _clean(message)
+    content: dict[str, Any] = {"detail": message, **(extra or {})}
+    if _is_openai_path(request):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        content["error"] = {"message": message, "type": kind, "param": None, "code": str(status)}
+    return JSONResponse(status_code=status, content=content, headers=dict(headers or {}))
 
 
 @fastapi_app.exception_handler(RequestValidationError)
@@ -157,7 +318,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     """One readable sentence per problem; malformed JSON is a 400, a well-formed but invalid body a 422."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return JSONResponse(status_code=400, content={"detail": "the request body is not valid JSON", "errors": _jsonable(errors)})
+        return _error(request, 400, "the request body is not valid JSON", extra={"errors": _jsonable(errors)})
     parts = []
     for e in errors:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
@@ -165,12 +326,95 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         if e.get("type") == "extra_forbidden":
             msg = "unknown field (see /docs for the fields this endpoint takes)"
         parts.append(f"{where}: {msg}")
-    return JSONResponse(status_code=422, content={"detail": "; ".join(parts), "errors": _jsonable(errors)})
+    return _error(request, 422, "; ".join(parts), extra={"errors": _jsonable(errors)})
+
+
+@fastapi_app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return _error(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 def _jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Pydantic's errors without the echoed input (a 2000-character prompt does not need to come back)."""
-    return [{"type": str(e.get("type")), "loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg"))} for e in errors]
+    return [
+        {"type": str(e.get("type")), "loc": [_clean(str(p)) for p in e.get("loc", ())], "msg": _clean(str(e.get("msg")))}
+        for e in errors
+    ]
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 before it is read (Content-Length) or as
+    soon as it streams past the limit (chunked)."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than {self.max_bytes} bytes; send fewer or shorter prompts"
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _send_json(send, 413, {"detail": message})
+                return
+        seen = 0
+        too_big = False
+
+        async def limited_receive() -> dict:
+            nonlocal seen, too_big
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    too_big = True
+                    raise _BodyTooLarge(message)
+            return msg
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _send_json(send, 413, {"detail": message})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
+    body = json.dumps(content).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+fastapi_app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+
+@dataclass
+class Drawn:
+    """One successful draw and how it came about."""
+
+    candidate: str
+    png: bytes | None
+    tried: list[dict[str, str]] = field(default_factory=list)
+    generate_ms: float = 0.0
+
+    def fallback(self) -> Fallback | None:
+        if not self.tried:
+            return None
+        return Fallback(**{"from": self.tried[0]["candidate"], "reason": self.tried[0]["reason"], "tried": self.tried})
+
+
+@dataclass
+class Choice:
+    """A routing decision for one prompt: predictions, lambda, ranking (best first)."""
+
+    predicted: dict[str, float]
+    lam: float
+    ranking: list[str]
+    controlled_key: str | None = None
 
 
 @serve.deployment
@@ -178,23 +422,56 @@ def _jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class Router:
     """Loads the router bundle once; per request: embed, predict, choose, call the generator."""
 
-    def __init__(self, args: dict[str, Any], generators: Mapping[str, DeploymentHandle]) -> None:
+    def __init__(
+        self, args: dict[str, Any], generators: Mapping[str, DeploymentHandle], coordinator: DeploymentHandle | None = None,
+    ) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
+        from catimage.embed import make_embedder
         from catimage.router_model import RouterModel
+        from catimage.routing import max_precise_lambda
+        from serve.embedding_cache import LruEmbeddingCache
 
         self.args = AppArgs.model_validate(args)
         self.model = RouterModel.load(self.args.model_dir)
+        if self.args.embedder_overrides:
+            spec = {**self.model.embedder.spec, **self.args.embedder_overrides}
+            if spec.get("name") == "tfidf":
+                raise CatimageError("embedder_overrides cannot change a fitted tfidf embedder; drop them")
+            self.model.embedder = make_embedder(**spec)
+        if self.args.embedding_cache_size:
+            self.model.embedder = LruEmbeddingCache(self.model.embedder, self.args.embedding_cache_size)
+        self.keys = ApiKeys.from_env(self.args.auth_token_env)
         pool = load_pool(self.args.pool)
-        self.timeouts = {name: pool.get(name).serve.request_timeout_s for name in self.model.candidates}
+        cands = {name: pool.get(name) for name in self.model.candidates}
+        self.timeouts = {name: c.serve.request_timeout_s for name, c in cands.items()}
+        self.slots_per_replica = {name: max(c.serve.max_batch_size, 1) for name, c in cands.items()}
+        self.sizes = {name: _native_size(c) for name, c in cands.items()}
         self.generators = dict(generators)
+        self.coordinator = coordinator
         self.costs = {c: float(v) for c, v in zip(self.model.candidates, self.model.costs)}
         self.in_flight = {c: 0 for c in self.model.candidates}
+        self.service_s = {c: self.args.load_aware.service_s_prior for c in self.model.candidates}
+        # Lambda beyond which the rule cannot resolve a millionth of the metric's training range in
+        # float64, and the lambda that already routes every calibration prompt to the cheapest.
+        spread = float(self.model.scaler.high - self.model.scaler.low)
+        self.lam_max = max_precise_lambda(self.model.costs, 1e-6 * spread)
+        self.lam_saturated = float(self.model.lambda_for_budget(float(self.model.costs.min())))
         # One thread for the model: embedding + prediction run off the event loop (so requests keep
         # flowing to the generators) but never concurrently with each other (no CPU oversubscription).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-model")
+        self._decide_batch.set_max_batch_size(self.args.decision_batch_size)
         self._lambda_cache: dict[float, float] = {}
         self._status: tuple[float, Any] | None = None
+        self._ctrl_lam: dict[str, float] = {}
+        self._ctrl_pending: dict[str, list[float]] = {}
+        self._ctrl_state: dict[str, dict[str, Any]] = {}
+        self._background: asyncio.Task | None = None
+        target = self.args.controller_target()
+        if target is not None:
+            per_key = self.args.budget_controller.per_key_targets
+            self._ctrl_lam = {GLOBAL_KEY: self._lambda_for(target)}
+            self._ctrl_lam.update({k: self._lambda_for(t) for k, t in per_key.items()})
         if self.args.budget is not None:
             self._lambda_for(self.args.budget)  # fail at start-up, not on the first request
         tags = ("candidate",)
@@ -212,9 +489,36 @@ class Router:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tag_keys=("endpoint",),
         )
         self.m_in_flight = Gauge("catimage_in_flight", "Requests outstanding at each candidate (this router replica).", tags)
+        if self.args.warmup:
+            self._warm_up()
         log.info("router ready: candidates %s, generators %s", self.model.candidates, sorted(self.generators))
 
-    # --- routing ----------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """Load the embedder and run every model once before Serve counts this replica as ready: the
+        first request after start-up would otherwise pay for lazy loading (10 s with MiniLM)."""
+        start = time.perf_counter()
+        self._executor.submit(self._predict, WARMUP_PROMPTS).result()
+        self._executor.submit(self._predict, WARMUP_PROMPTS[:1]).result()
+        cache = getattr(self.model.embedder, "_store", None)
+        if cache is not None:  # warm-up prompts must not count as cached real traffic
+            cache.clear()
+        log.info("router warm-up took %.2f s", time.perf_counter() - start)
+
+    # --- auth -------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> str | None:
+        """The caller's key name (None when auth is off); 401 for a missing or unknown token."""
+        if self.keys is None:
+            return None
+        name = self.keys.name_for(request.headers.get("authorization"))
+        if name is None:
+            raise HTTPException(
+                status_code=401,
+                detail="missing or unknown API key: send `Authorization: Bearer <token>` with a key this server was given",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return name
+
+    # --- lambda -----------------------------------------------------------------------------
     def _lambda_for(self, budget: float) -> float:
         """lambda for a budget, cached (calibration sorts the whole calibration set); bounded so that
         clients sending many distinct budgets cannot grow it without limit."""
@@ -224,29 +528,106 @@ class Router:
             self._lambda_cache[budget] = float(self.model.lambda_for_budget(budget))
         return self._lambda_cache[budget]
 
-    def _resolve_lambda(self, budget: float | None, lam: float | None) -> float:
+    def _check_lambda(self, lam: float) -> float:
+        if lam > self.lam_max:
+            raise HTTPException(
+                status_code=422,
+                detail=(
+                    f"lambda {lam:g} is too large: above {self.lam_max:.3g} the rule cannot tell candidates' "
+                    f"predicted quality apart in floating point; any lambda above {self.lam_saturated:.3g} already "
+                    "routes every prompt to the cheapest candidate"
+                ),
+            )
+        return lam
+
+    def _resolve_lambda(self, budget: float | None, lam: float | None, key: str | None) -> tuple[float, str | None]:
+        """(lambda, controller key or None): request lambda > request budget > controller > defaults."""
         if lam is not None:
-            return float(lam)
+            return self._check_lambda(float(lam)), None
         if budget is not None:
-            return self._lambda_for(budget)
+            return self._lambda_for(budget), None
+        if self._ctrl_lam:
+            ctrl_key = key if key in self._ctrl_lam else GLOBAL_KEY
+            return self._ctrl_lam[ctrl_key], ctrl_key
         if self.args.lambda_ is not None:
-            return float(self.args.lambda_)
+            return self._check_lambda(float(self.args.lambda_)), None
         if self.args.budget is not None:
-            return self._lambda_for(self.args.budget)
-        return 0.0
+            return self._lambda_for(self.args.budget), None
+        return 0.0, None
 
-    async def _decide(self, prompts: list[str], budget: float | None, lam: float | None, endpoint: str) -> list[Any]:
-        start = time.perf_counter()
+    # --- the model thread -------------------------------------------------------------------
+    def _predict(self, prompts: list[str]) -> np.ndarray:
+        return self.model.predict(prompts)
 
-        def work() -> list[Any]:
-            return self.model.decide(prompts, lam=self._resolve_lambda(budget, lam))
+    async def _in_model_thread(self, prompts: list[str]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._predict, prompts)
 
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def _decide_batch(self, prompts: list[str]) -> list[np.ndarray]:
+        """Concurrent single-prompt decisions share one model call (one forward pass for all)."""
+        return list(await self._in_model_thread(prompts))
+
+    async def _predict_many(self, prompts: list[str]) -> np.ndarray:
+        """A batch in chunks of `route_chunk_size`, each its own turn on the model thread, so one
+        large /v1/route call cannot hold every /v1/generate behind it."""
+        chunk = self.args.route_chunk_size
+        parts = [await self._in_model_thread(prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)]
+        return np.concatenate(parts, axis=0)
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Client mistakes -> 422; anything else -> 500 with an error id and no internals (the log has them)."""
         try:
-            decisions = await asyncio.get_running_loop().run_in_executor(self._executor, work)
+            yield
+        except HTTPException:
+            raise
         except CatimageError as err:  # BudgetError: below the cheapest candidate, not a number, ...
             raise HTTPException(status_code=422, detail=str(err)) from None
-        self.m_latency.observe((time.perf_counter() - start) * 1000, tags={"endpoint": endpoint})
-        return decisions
+        except Exception:
+            error_id = secrets.token_hex(6)
+            log.exception("internal error in %s (error id %s)", what, error_id)
+            raise HTTPException(
+                status_code=500,
+                detail=f"internal error while {what} (error id {error_id}); the router's log has the details",
+            ) from None
+
+    def _penalty(self) -> np.ndarray | None:
+        """mu * expected wait per candidate, in quality units (None when load-aware routing is off)."""
+        from catimage.routing import expected_wait_s
+
+        mu = self.args.load_aware.mu
+        if mu <= 0:
+            return None
+        names = self.model.candidates
+        routers = max(self._running_replicas(None), 1)
+        slots = [
+            self._running_replicas(deployment_name(n)) * self.slots_per_replica[n] / routers if n in self.generators else 0
+            for n in names
+        ]
+        wait = expected_wait_s([self.in_flight[n] for n in names], slots, [self.service_s[n] for n in names],
+                               self.args.load_aware.cold_start_s)
+        return mu * wait
+
+    def _choices(self, pred: np.ndarray, lam: float, penalty: np.ndarray | None, ctrl_key: str | None) -> list[Choice]:
+        from catimage.routing import utility_ranking
+
+        order = utility_ranking(pred, self.model.costs, lam, penalty)
+        names = self.model.candidates
+        return [
+            Choice({c: float(pred[i, k]) for k, c in enumerate(names)}, lam, [names[k] for k in order[i]], ctrl_key)
+            for i in range(pred.shape[0])
+        ]
+
+    async def _choose_one(self, prompt: str, budget: float | None, lam: float | None, key: str | None,
+                          load_aware: bool) -> tuple[Choice, float]:
+        start = time.perf_counter()
+        with self._guard("choosing a candidate"):
+            lam_used, ctrl_key = self._resolve_lambda(budget, lam, key)
+            pred = await self._decide_batch(prompt)
+            choice = self._choices(pred[None, :], lam_used, self._penalty() if load_aware else None, ctrl_key)[0]
+        router_ms = (time.perf_counter() - start) * 1000
+        self.m_latency.observe(router_ms, tags={"endpoint": "generate"})
+        return choice, router_ms
 
     # --- generation -------------------------------------------------------------------------
     async def _call_generator(self, candidate: str, prompt: str, seed: int, want_image: bool) -> bytes | None:
@@ -254,92 +635,221 @@ class Router:
         response = handle.remote(prompt, seed, want_image)
         self.in_flight[candidate] += 1
         self.m_in_flight.set(self.in_flight[candidate], tags={"candidate": candidate})
+        start = time.perf_counter()
         try:
-            return await asyncio.wait_for(_resolve(response), timeout=self.timeouts[candidate])
+            png = await asyncio.wait_for(_resolve(response), timeout=self.timeouts[candidate])
         except asyncio.TimeoutError:
             response.cancel()
             raise
         finally:
             self.in_flight[candidate] -= 1
             self.m_in_flight.set(self.in_flight[candidate], tags={"candidate": candidate})
+        took = time.perf_counter() - start
+        self.service_s[candidate] = 0.8 * self.service_s[candidate] + 0.2 * took
+        return png
 
-    @fastapi_app.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=False)
-    async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        """Route one prompt, draw it with the chosen candidate (falling back down the ranking on failure)."""
-        from catimage.generators import generation_seed
-        from catimage.table import stable_prompt_id
-
-        if req.candidate is not None and req.candidate not in self.costs:
-            raise HTTPException(
-                status_code=422, detail=f"unknown candidate {req.candidate!r}; choose one of {self.model.candidates}"
-            )
-        start = time.perf_counter()
-        decision = (await self._decide([req.prompt], req.budget, req.lambda_, "generate"))[0]
-        router_ms = (time.perf_counter() - start) * 1000
-        order = list(decision.ranking)
-        if req.candidate is not None:
-            order = [req.candidate] + [c for c in order if c != req.candidate]
-        seed = req.seed if req.seed is not None else int(generation_seed(stable_prompt_id(req.prompt), 0))
-        want_image = req.return_ == "png_base64"
+    async def _draw(self, prompt: str, order: list[str], seed: int, want_image: bool) -> Drawn:
+        """Try candidates in `order` (a dead replica is retried first); 503 when all fail."""
         tried: list[dict[str, str]] = []
-        gen_start = time.perf_counter()
+        start = time.perf_counter()
         for candidate in order:
             if candidate not in self.generators:
                 tried.append({"candidate": candidate, "reason": "no generator configured for it in the pool"})
                 continue
-            try:
-                png = await self._call_generator(candidate, req.prompt, seed, want_image)
-            except asyncio.TimeoutError:
-                reason = f"timed out after {self.timeouts[candidate]:g} s (request_timeout_s)"
-            except Exception as err:  # noqa: BLE001 - any generator failure is a reason to fall back
-                reason = _short_error(err)
-            else:
-                self.m_requests.inc(1, tags={"candidate": candidate})
-                self.m_cost.inc(self.costs[candidate], tags={"candidate": candidate})
-                scaled = float(self.model.scaler.transform([decision.predicted[candidate]])[0])
-                self.m_quality.observe(scaled, tags={"candidate": candidate})
-                fallback = None
-                if tried:
-                    fallback = Fallback(**{"from": tried[0]["candidate"], "reason": tried[0]["reason"], "tried": tried})
-                return GenerateResponse(
-                    candidate=candidate,
-                    predicted_quality=decision.predicted,
-                    metric=self.model.metric,
-                    cost=self.costs[candidate],
-                    cost_unit=self.model.cost_unit,
-                    **{"lambda": decision.lam},
-                    seed=seed,
-                    image=base64.b64encode(png).decode("ascii") if png is not None else None,
-                    fallback=fallback,
-                    router_ms=router_ms,
-                    generate_ms=(time.perf_counter() - gen_start) * 1000,
-                )
-            log.warning("generator %s failed (%s); falling back", candidate, reason)
+            for attempt in range(self.args.replica_death_retries + 1):
+                try:
+                    png = await self._call_generator(candidate, prompt, seed, want_image)
+                except asyncio.TimeoutError:
+                    reason = f"timed out after {self.timeouts[candidate]:g} s (request_timeout_s)"
+                except Exception as err:  # noqa: BLE001 - any generator failure is a reason to fall back
+                    reason = _public_reason(err)
+                    log.warning("generator %s failed: %s", candidate, err)
+                    if _replica_died(err) and attempt < self.args.replica_death_retries:
+                        tried.append({"candidate": candidate, "reason": reason + "; retried"})
+                        continue
+                else:
+                    self.m_requests.inc(1, tags={"candidate": candidate})
+                    self.m_cost.inc(self.costs[candidate], tags={"candidate": candidate})
+                    return Drawn(candidate, png, tried, (time.perf_counter() - start) * 1000)
+                break
             self.m_fallbacks.inc(1, tags={"candidate": candidate})
             tried.append({"candidate": candidate, "reason": reason})
         summary = "; ".join(f"{t['candidate']}: {t['reason']}" for t in tried)
         raise HTTPException(
             status_code=503,
             detail=f"every candidate failed, no image was drawn ({summary}); retry later or check the generator deployments",
+            headers={"Retry-After": str(int(np.ceil(self.args.retry_after_s)))},
+        )
+
+    def _record(self, choice: Choice, drawn: Drawn) -> None:
+        """Metrics, and the realised cost for the budget controller."""
+        scaled = float(self.model.scaler.transform([choice.predicted[drawn.candidate]])[0])
+        self.m_quality.observe(scaled, tags={"candidate": drawn.candidate})
+        if choice.controlled_key is not None:
+            self._ctrl_pending.setdefault(choice.controlled_key, []).append(self.costs[drawn.candidate])
+
+    def _check_candidate(self, candidate: str | None) -> None:
+        if candidate is not None and candidate not in self.costs:
+            raise HTTPException(
+                status_code=422, detail=f"unknown candidate {candidate!r}; choose one of {self.model.candidates}"
+            )
+
+    @fastapi_app.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=False)
+    async def generate(self, req: GenerateRequest, request: Request) -> GenerateResponse:
+        """Route one prompt, draw it with the chosen candidate (falling back down the ranking on failure)."""
+        from catimage.generators import generation_seed
+        from catimage.table import stable_prompt_id
+
+        key = self._authorize(request)
+        self._ensure_background()
+        self._check_candidate(req.candidate)
+        choice, router_ms = await self._choose_one(req.prompt, req.budget, req.lambda_, key, req.candidate is None)
+        order = list(choice.ranking)
+        if req.candidate is not None:
+            order = [req.candidate] + [c for c in order if c != req.candidate]
+        seed = req.seed if req.seed is not None else int(generation_seed(stable_prompt_id(req.prompt), 0))
+        drawn = await self._draw(req.prompt, order, seed, req.return_ == "png_base64")
+        self._record(choice, drawn)
+        return GenerateResponse(
+            candidate=drawn.candidate,
+            predicted_quality=choice.predicted,
+            metric=self.model.metric,
+            cost=self.costs[drawn.candidate],
+            cost_unit=self.model.cost_unit,
+            **{"lambda": choice.lam},
+            seed=seed,
+            image=base64.b64encode(drawn.png).decode("ascii") if drawn.png is not None else None,
+            fallback=drawn.fallback(),
+            router_ms=router_ms,
+            generate_ms=drawn.generate_ms,
         )
 
     @fastapi_app.post("/v1/route", response_model=RouteResponse)
-    async def route(self, req: RouteRequest) -> RouteResponse:
-        """Decisions only, for a batch of prompts (one batched prediction)."""
-        decisions = await self._decide(req.prompts, req.budget, req.lambda_, "route")
+    async def route(self, req: RouteRequest, request: Request) -> RouteResponse:
+        """Decisions only, for a batch of prompts (predicted in chunks; no generation, no load term)."""
+        key = self._authorize(request)
+        start = time.perf_counter()
+        with self._guard("routing"):
+            lam, ctrl_key = self._resolve_lambda(req.budget, req.lambda_, key)
+            pred = await self._predict_many(req.prompts)
+            choices = self._choices(pred, lam, None, ctrl_key)
+        self.m_latency.observe((time.perf_counter() - start) * 1000, tags={"endpoint": "route"})
         out = [
             RouteDecision(
-                prompt=d.prompt, candidate=d.candidate, cost=d.cost, predicted_quality=d.predicted,
-                ranking=d.ranking, **{"lambda": d.lam},
+                prompt=p, candidate=c.ranking[0], cost=self.costs[c.ranking[0]], predicted_quality=c.predicted,
+                ranking=c.ranking, **{"lambda": c.lam},
             )
-            for d in decisions
+            for p, c in zip(req.prompts, choices)
         ]
         return RouteResponse(
             decisions=out,
-            mean_cost=sum(d.cost for d in decisions) / len(decisions),
+            mean_cost=sum(d.cost for d in out) / len(out),
             cost_unit=self.model.cost_unit,
             metric=self.model.metric,
         )
+
+    # --- the OpenAI Images API --------------------------------------------------------------
+    def _parse_model(self, model: str, header_budget: str | None) -> tuple[str | None, float | None, float | None]:
+        """(pinned candidate or None, budget, lambda) from `model` and the X-Catimage-Budget header."""
+        from serve.schemas import _BudgetOrLambda
+
+        budget = lam = None
+        name, _, suffix = model.partition(":")
+        if name != "auto":
+            if model not in self.costs:
+                raise HTTPException(
+                    status_code=404,
+                    detail=f"model {model!r} does not exist here; use 'auto' (route), 'auto:budget=B', "
+                    f"'auto:lambda=L' or one of {self.model.candidates}",
+                )
+            return model, None, None
+        if suffix:
+            what, eq, value = suffix.partition("=")
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if not eq or what not in ("budget", "lambda") or number is None:
+                raise HTTPException(status_code=422, detail=f"model {model!r}: write auto, auto:budget=B or auto:lambda=L")
+            budget, lam = (number, None) if what == "budget" else (None, number)
+        if header_budget is not None:
+            try:
+                number = float(header_budget)
+            except ValueError:
+                raise HTTPException(status_code=422, detail="X-Catimage-Budget must be a number") from None
+            if budget is not None or lam is not None:
+                raise HTTPException(status_code=422, detail="give the budget once: in the model suffix or in X-Catimage-Budget")
+            budget = number
+        try:  # the same checks as /v1/generate's budget and lambda (finite, >= 0)
+            checked = _BudgetOrLambda.model_validate({"budget": budget, "lambda": lam})
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=f"model {model!r}: {err}") from None
+        return None, checked.budget, checked.lambda_
+
+    @fastapi_app.post("/v1/images/generations")
+    async def images_generations(self, req: ImagesRequest, request: Request) -> JSONResponse:
+        """OpenAI-compatible: `model` 'auto' routes (budget from 'auto:budget=B' or X-Catimage-Budget)."""
+        key = self._authorize(request)
+        self._ensure_background()
+        if req.response_format == "url":
+            raise HTTPException(status_code=400, detail="response_format 'url' is not offered (no image store); use b64_json")
+        pinned, budget, lam = self._parse_model(req.model, request.headers.get("x-catimage-budget"))
+        choice, router_ms = await self._choose_one(req.prompt, budget, lam, key, pinned is None)
+        order = list(choice.ranking)
+        if pinned is not None:
+            order = [pinned] + [c for c in order if c != pinned]
+        if req.size not in (None, "auto"):
+            fits = [c for c in order if self.sizes.get(c) == req.size]
+            if not fits:
+                sizes = sorted({s for s in self.sizes.values() if s})
+                raise HTTPException(status_code=400, detail=f"size {req.size!r} is not offered; this pool draws {sizes}")
+            order = fits
+        from catimage.generators import generation_seed
+        from catimage.table import stable_prompt_id
+
+        base = int(generation_seed(stable_prompt_id(req.prompt), 0))
+        # The first image decides the candidate (and its fallbacks); the others follow it.
+        first = await self._draw(req.prompt, order, base, True)
+        rest = await asyncio.gather(
+            *(self._draw(req.prompt, [first.candidate] + [c for c in order if c != first.candidate], base + i, True)
+              for i in range(1, req.n))
+        )
+        for drawn in (first, *rest):
+            self._record(choice, drawn)
+        body = {
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(d.png).decode("ascii"), "revised_prompt": None} for d in (first, *rest)],
+            "catimage": {
+                "candidate": first.candidate,
+                "candidates": [d.candidate for d in (first, *rest)],
+                "cost": sum(self.costs[d.candidate] for d in (first, *rest)),
+                "cost_unit": self.model.cost_unit,
+                "lambda": choice.lam,
+                "predicted_quality": choice.predicted,
+                "fallback": first.fallback().model_dump(by_alias=True) if first.tried else None,
+                "router_ms": router_ms,
+            },
+        }
+        return JSONResponse(body, headers={"X-Catimage-Candidate": first.candidate})
+
+    # --- background: budget controller sync, replica counts ----------------------------------
+    def _ensure_background(self) -> None:
+        if self._background is None or self._background.done():
+            if self._ctrl_lam or self.args.load_aware.mu > 0:
+                self._background = asyncio.get_running_loop().create_task(self._background_loop())
+
+    async def _background_loop(self) -> None:
+        interval = self.args.budget_controller.sync_interval_s if self.args.budget_controller else self.args.status_cache_s
+        while True:
+            try:
+                if self._ctrl_lam and self.coordinator is not None:
+                    pending, self._ctrl_pending = self._ctrl_pending, {}
+                    self._ctrl_lam.update(await self.coordinator.sync.remote(pending))
+                if self.args.load_aware.mu > 0:
+                    await self._serve_status()
+            except Exception as err:  # noqa: BLE001 - keep routing with the last lambda
+                log.warning("background sync failed (%s); keeping the last lambda", err)
+            await asyncio.sleep(interval)
 
     # --- status -----------------------------------------------------------------------------
     async def _serve_status(self) -> Any:
@@ -348,9 +858,22 @@ class Router:
             self._status = (now, await asyncio.to_thread(serve.status))
         return self._status[1]
 
+    def _running_replicas(self, deployment: str | None) -> int:
+        """RUNNING replicas of a deployment (None: the router's own) from the cached serve.status()."""
+        if self._status is None:
+            return 1
+        app_status = self._status[1].applications.get(serve.get_replica_context().app_name)
+        name = deployment or serve.get_replica_context().deployment
+        overview = app_status.deployments.get(name) if app_status is not None else None
+        if overview is None:
+            return 1
+        states = {str(getattr(k, "value", k)): int(v) for k, v in overview.replica_states.items()}
+        return states.get("RUNNING", 0)
+
     @fastapi_app.get("/v1/pool", response_model=PoolResponse)
-    async def pool(self) -> PoolResponse:
-        """Candidates, costs, live replica counts (serve.status()) and this router's in-flight counts."""
+    async def pool(self, request: Request) -> PoolResponse:
+        """Candidates, costs, live replica counts (serve.status()), in-flight counts, controller state."""
+        self._authorize(request)
         status = await self._serve_status()
         app_name = serve.get_replica_context().app_name
         app_status = status.applications.get(app_name)
@@ -371,6 +894,13 @@ class Router:
                     deployment_status=str(getattr(overview.status, "value", overview.status)) if overview else None,
                 )
             )
+        controller = None
+        if self.coordinator is not None:
+            try:
+                controller = await self.coordinator.state.remote()
+            except Exception as err:  # noqa: BLE001
+                log.warning("budget coordinator unreachable (%s)", err)
+                controller = {k: {"lambda": v, "stale": True} for k, v in self._ctrl_lam.items()}
         return PoolResponse(
             cost_unit=self.model.cost_unit,
             metric=self.model.metric,
@@ -378,6 +908,8 @@ class Router:
             default_budget=self.args.budget,
             default_lambda=self.args.lambda_,
             application_status=str(getattr(app_status.status, "value", app_status.status)) if app_status else None,
+            budget_controller=controller,
+            load_aware_mu=self.args.load_aware.mu,
         )
 
     @fastapi_app.get("/healthz")
@@ -401,7 +933,9 @@ def _model_candidates(model_dir: str) -> list[str]:
     return list(json.loads(meta.read_text())["candidates"])
 
 
-def generator_options(cand: Candidate, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def generator_options(
+    cand: Candidate, overrides: Mapping[str, Any] | None = None, max_queued_requests: int = -1, retry_after_s: float | None = None,
+) -> dict[str, Any]:
     """Serve deployment options for one candidate, from its pool `serve:` block."""
     s = cand.serve
     auto = s.autoscaling.model_dump(exclude_none=True)
@@ -410,12 +944,15 @@ def generator_options(cand: Candidate, overrides: Mapping[str, Any] | None = Non
         "name": deployment_name(cand.name),
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
         "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": max_queued_requests,
+        "backpressure_config": BackpressureConfig(retry_after_s=retry_after_s),
         "autoscaling_config": auto,
     }
 
 
 def build_app(args: AppArgs | Mapping[str, Any]) -> serve.Application:
-    """The application `serve run serve/config.yaml` deploys: one Router + one Generator per candidate.
+    """The application `serve run serve/config.yaml` deploys: one Router + one Generator per candidate
+    (+ a BudgetCoordinator when `budget_controller` is set).
 
     Candidates are the model's; each must be declared in the pool. A candidate without a `generator:`
     block gets no deployment: the router still predicts it but falls back past it.
@@ -436,13 +973,23 @@ def build_app(args: AppArgs | Mapping[str, Any]) -> serve.Application:
         if cand.generator is None:
             log.warning("candidate %s has no generator block: it will be predicted but never drawn", name)
             continue
-        handles[name] = Generator.options(**generator_options(cand, args.autoscaling_overrides)).bind(
+        options = generator_options(cand, args.autoscaling_overrides, args.generator_max_queued_requests, args.retry_after_s)
+        handles[name] = Generator.options(**options).bind(
             name, cand.generator.model_dump(mode="json"), args.device,
             cand.serve.max_batch_size, cand.serve.batch_wait_timeout_s,
         )
+    coordinator = None
+    target = args.controller_target()
+    if target is not None:
+        ctrl = args.budget_controller
+        targets = {GLOBAL_KEY: target, **ctrl.per_key_targets}
+        config = {"window": ctrl.window, "ki": ctrl.ki, "kp": ctrl.kp, "max_step": ctrl.max_step}
+        coordinator = BudgetCoordinator.bind(args.model_dir, targets, config)
     router = Router.options(
         ray_actor_options={"num_cpus": args.router_num_cpus},
         num_replicas=args.router_num_replicas,
         max_ongoing_requests=args.router_max_ongoing_requests,
+        max_queued_requests=args.router_max_queued_requests,
+        backpressure_config=BackpressureConfig(retry_after_s=args.retry_after_s),
     )
-    return router.bind(args.model_dump(by_alias=True), handles)
+    return router.bind(args.model_dump(by_alias=True), handles, coordinator)

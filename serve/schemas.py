@@ -21,13 +21,44 @@ MAX_ROUTE_PROMPTS = 256
 
 MAX_SEED = 2**32 - 1
 
+MAX_CANDIDATE_CHARS = 128
+"""Longest candidate name a request may carry (pool names are short; this only bounds the echo)."""
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body (bytes): 256 prompts x 2000 characters, even written as JSON \\u escapes,
+fit in ~3 MB. Larger bodies get 413 before they are read."""
+
+MAX_IMAGES_N = 4
+"""Most images one `/v1/images/generations` call may ask for."""
+
+
+def _check_text(text: str, what: str) -> str:
+    """Text must be encodable as UTF-8: JSON can carry a lone surrogate (`"\\ud800"`) that no
+    tokenizer, generator or JSON encoder downstream can handle."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{what} is not valid Unicode text: it holds a lone surrogate (U+{ord(text[err.start]):04X}) at "
+            f"character {err.start}; send UTF-8 text (a JSON \\ud83d\\ude00 pair is fine, half of one is not)"
+        ) from None
+    return text
+
 
 def _check_prompt(text: str) -> str:
+    _check_text(text, "prompt")
     if not text.strip():
         raise ValueError("prompt is empty; send the text to draw")
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(f"prompt has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
     return text
+
+
+def _no_bool(value: Any, what: str) -> Any:
+    """JSON true/false are not numbers: pydantic would read `true` as 1.0, a silent wrong budget."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number, not {str(value).lower()}")
+    return value
 
 
 def _check_finite(value: float | None, what: str) -> float | None:
@@ -42,11 +73,21 @@ class _BudgetOrLambda(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     budget: float | None = Field(
-        default=None, ge=0, description="Average cost per prompt to stay within (the pool's cost unit)."
+        default=None, ge=0, strict=True, description="Average cost per prompt to stay within (the pool's cost unit)."
     )
     lambda_: float | None = Field(
-        default=None, alias="lambda", ge=0, description="Price of one cost unit in quality units."
+        default=None, alias="lambda", ge=0, strict=True, description="Price of one cost unit in quality units."
     )
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_not_bool(cls, v: Any) -> Any:
+        return _no_bool(v, "budget")
+
+    @field_validator("lambda_", mode="before")
+    @classmethod
+    def _lambda_not_bool(cls, v: Any) -> Any:
+        return _no_bool(v, "lambda")
 
     @field_validator("budget")
     @classmethod
@@ -73,7 +114,9 @@ class GenerateRequest(_BudgetOrLambda):
         default=None, ge=0, le=MAX_SEED,
         description="Sampling seed; default: the seed the build job used for this prompt's first sample.",
     )
-    candidate: str | None = Field(default=None, description="Skip routing and use this candidate (still falls back).")
+    candidate: str | None = Field(
+        default=None, max_length=MAX_CANDIDATE_CHARS, description="Skip routing and use this candidate (still falls back)."
+    )
     return_: Literal["png_base64", "none"] = Field(
         default="png_base64", alias="return", description="png_base64: the image in the answer; none: only the decision."
     )
@@ -82,6 +125,16 @@ class GenerateRequest(_BudgetOrLambda):
     @classmethod
     def _prompt(cls, v: str) -> str:
         return _check_prompt(v)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_not_bool(cls, v: Any) -> Any:
+        return _no_bool(v, "seed")
+
+    @field_validator("candidate")
+    @classmethod
+    def _candidate(cls, v: str | None) -> str | None:
+        return None if v is None else _check_text(v, "candidate")
 
 
 class RouteRequest(_BudgetOrLambda):
@@ -161,6 +214,81 @@ class PoolResponse(BaseModel):
     default_budget: float | None
     default_lambda: float | None
     application_status: str | None = None
+    budget_controller: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="Per controlled key ('*' = the whole deployment): target, lambda, window mean cost, ..."
+    )
+    load_aware_mu: float = Field(default=0.0, description="Price of one second of expected queueing (0 = off).")
+
+
+class ImagesRequest(BaseModel):
+    """`POST /v1/images/generations`, the OpenAI Images API subset catimage serves.
+
+    `model`: `auto` (route), `auto:budget=B` / `auto:lambda=L` (route at that budget / lambda), or a
+    candidate name (no routing; still falls back). The budget may also come in the
+    `X-Catimage-Budget` header. `quality`, `style` and `user` are accepted and ignored.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str = Field(default="auto", max_length=MAX_CANDIDATE_CHARS + 32)
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES_N, strict=True)
+    size: str | None = Field(default=None, max_length=32, description="WIDTHxHEIGHT, 'auto' or absent.")
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    quality: str | None = Field(default=None, max_length=32)
+    style: str | None = Field(default=None, max_length=32)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        return _check_prompt(v)
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_not_bool(cls, v: Any) -> Any:
+        return _no_bool(v, "n")
+
+    @field_validator("model", "size", "quality", "style", "user")
+    @classmethod
+    def _text(cls, v: str | None) -> str | None:
+        return None if v is None else _check_text(v, "field")
+
+
+class BudgetControllerArgs(BaseModel):
+    """The online budget controller (catimage.budget): holds the app's default budget over live traffic.
+
+    Only requests that give neither `budget` nor `lambda` are controlled. `per_key_targets` gives an
+    API key (by its name, see `auth_token_env`) its own target; other keys share the '*' controller.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: float | None = Field(default=None, gt=0, description="B; default: the app's `budget`.")
+    window: int = Field(default=200, ge=1)
+    ki: float = Field(default=0.02, ge=0)
+    kp: float = Field(default=1.0, ge=0)
+    max_step: float = Field(default=0.1, ge=0)
+    sync_interval_s: float = Field(default=0.25, gt=0, description="How often each router replica syncs with the coordinator.")
+    per_key_targets: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("per_key_targets")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if not (math.isfinite(t) and t > 0)}
+        if bad:
+            raise ValueError(f"per-key targets must be positive numbers, got {bad}")
+        return v
+
+
+class LoadAwareArgs(BaseModel):
+    """Load-aware routing: utility = predicted quality - lambda * cost - mu * expected wait (seconds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mu: float = Field(default=0.0, ge=0, description="Quality units per second of expected queueing; 0 = off.")
+    service_s_prior: float = Field(default=1.0, gt=0, description="Assumed seconds per draw before any was measured.")
+    cold_start_s: float = Field(default=60.0, ge=0, description="Wait charged to a candidate with no running replica.")
 
 
 class AppArgs(BaseModel):
@@ -184,9 +312,40 @@ class AppArgs(BaseModel):
         default_factory=dict,
         description="Merged into every generator's autoscaling_config (e.g. look_back_period_s for fast demos).",
     )
+    auth_token_env: str | None = Field(
+        default=None,
+        description="Environment variable holding the API keys (`name:token,name2:token2` or one bare token); "
+        "set: every /v1/* endpoint needs `Authorization: Bearer <token>`. Unset: no auth.",
+    )
+    budget_controller: BudgetControllerArgs | None = Field(
+        default=None, description="Hold the default budget online (needs `budget` or a controller target)."
+    )
+    load_aware: LoadAwareArgs = Field(default_factory=LoadAwareArgs)
+    router_max_queued_requests: int = Field(
+        default=256, ge=-1, description="Requests queued for the router beyond its ongoing ones; more get 503 + Retry-After (-1: no bound)."
+    )
+    generator_max_queued_requests: int = Field(
+        default=64, ge=-1, description="The same per generator deployment; a full queue makes the router fall back."
+    )
+    retry_after_s: float = Field(default=5.0, ge=0, description="Retry-After of overload 503s.")
+    replica_death_retries: int = Field(default=1, ge=0, description="Retries of the same candidate when its replica died.")
+    warmup: bool = Field(default=True, description="Run the model once per input kind before reporting ready.")
+    embedding_cache_size: int = Field(default=4096, ge=0, description="Prompts whose embeddings the router keeps (LRU).")
+    route_chunk_size: int = Field(default=32, ge=1, description="/v1/route batches run this many prompts at a time.")
+    decision_batch_size: int = Field(default=16, ge=1, description="Concurrent single-prompt decisions batched (@serve.batch).")
+    embedder_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Runtime options for the bundle's embedder, e.g. {quantize: int8} for minilm."
+    )
 
     @model_validator(mode="after")
     def _not_both(self) -> AppArgs:
         if self.budget is not None and self.lambda_ is not None:
             raise ValueError("give the app a default budget or a default lambda, not both")
+        if self.budget_controller is not None and self.budget_controller.target is None and self.budget is None:
+            raise ValueError("budget_controller needs a target: set budget_controller.target or the app's budget")
         return self
+
+    def controller_target(self) -> float | None:
+        if self.budget_controller is None:
+            return None
+        return self.budget_controller.target if self.budget_controller.target is not None else self.budget

@@ -3,7 +3,8 @@
 One module-scoped deployment serves two applications:
 
 * `catimage` (route /): the tiny pool, except that `tiny-sd-2`'s generator is a hosted endpoint
-  that is down (a closed local port), so any request routed there must fall back;
+  that is down (a closed local port), so any request routed there must fall back; bearer-token
+  auth on (the shared client sends the key), the online budget controller on;
 * `broken` (route /broken): every generator fails (two closed ports, one endpoint that accepts the
   connection and never answers, cut off by the candidate's request_timeout_s) -> 503.
 
@@ -37,6 +38,9 @@ from train_serve_fixtures import REPO, free_port, tiny_pool_dict, write_planted_
 
 CAT = "a photo of a cat in the snow"
 SIGN = 'a neon sign that reads "SALE"'
+TOKEN = "test-token-" + "x" * 24
+OTHER_TOKEN = "other-token-" + "y" * 24
+KEYS_ENV = "CATIMAGE_TEST_API_KEYS"
 
 
 def _down_url() -> str:
@@ -149,7 +153,7 @@ def test_serve_run_config(files):
         assert health is not None and health.status_code == 200, log_path.read_text()[-3000:]
         assert health.json()["candidates"] == ["tiny-sd-2", "tiny-sd-8", "tiny-sdxl-4"]
         proc.send_signal(signal.SIGINT)  # only after readiness (NOTES.md: earlier SIGINTs may be lost)
-        assert proc.wait(timeout=60) is not None
+        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]  # a clean shutdown, not a crash
     finally:
         if proc.poll() is None:  # the kill fallback: the whole session `serve run` started
             os.killpg(proc.pid, signal.SIGKILL)
@@ -170,26 +174,34 @@ def served(files):
     if ray.is_initialized():
         ray.shutdown()
     # Export custom metrics every 0.5 s instead of 10 s, so test_prometheus_metrics need not wait.
-    saved_interval = os.environ.get("RAY_metrics_report_interval_ms")
+    # The API keys: replicas inherit the environment Ray starts with.
+    saved = {k: os.environ.get(k) for k in ("RAY_metrics_report_interval_ms", KEYS_ENV)}
     os.environ["RAY_metrics_report_interval_ms"] = "500"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    os.environ[KEYS_ENV] = f"tester:{TOKEN},other:{OTHER_TOKEN}"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(AppArgs(model_dir=files["model"], pool=str(files["main_pool"]))), name="catimage", route_prefix="/")
+        main_args = AppArgs(
+            model_dir=files["model"], pool=str(files["main_pool"]), auth_token_env=KEYS_ENV, budget=4.0,
+            budget_controller={"window": 20, "sync_interval_s": 0.1, "per_key_targets": {"other": 7.0}},
+        )
+        serve.run(build_app(main_args), name="catimage", route_prefix="/")
         serve.run(
             build_app(AppArgs(model_dir=files["model"], pool=str(files["broken_pool"]), router_num_cpus=0.1)),
             name="broken", route_prefix="/broken",
         )
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=headers) as client:
             yield client
     finally:
         serve.shutdown()
         ray.shutdown()
-        if saved_interval is None:
-            os.environ.pop("RAY_metrics_report_interval_ms", None)
-        else:
-            os.environ["RAY_metrics_report_interval_ms"] = saved_interval
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _png(answer: dict) -> Image.Image:
@@ -376,10 +388,15 @@ def test_all_candidates_failing_is_503(served):
 
 
 def test_prometheus_metrics(served):
-    """Requests, cost, fallbacks and router latency reach Ray's Prometheus endpoint, per candidate."""
+    """Requests, cost, fallbacks and router latency reach Ray's Prometheus endpoint, per candidate.
+
+    Every count asserted here comes from this test's own requests (other tests can only add to them)."""
     import ray
 
     assert served.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sdxl-4", "return": "none"}).status_code == 200
+    pinned = served.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sd-2", "return": "none"})
+    assert pinned.status_code == 200 and pinned.json()["fallback"]["from"] == "tiny-sd-2"
+    drew = pinned.json()["candidate"]
     port = ray.nodes()[0]["MetricsExportPort"]
 
     def sample(name: str, candidate: str) -> float:
@@ -389,15 +406,185 @@ def test_prometheus_metrics(served):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def done() -> bool:
+        return (sample("ray_catimage_requests_total", "tiny-sdxl-4") >= 1 + (drew == "tiny-sdxl-4")
+                and sample("ray_catimage_fallbacks_total", "tiny-sd-2") >= 1)
+
     deadline = time.monotonic() + 30
     while True:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if sample("ray_catimage_requests_total", "tiny-sdxl-4") >= 1 or time.monotonic() > deadline:
+        if done() or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert sample("ray_catimage_requests_total", "tiny-sdxl-4") >= 1
+    assert done(), [ln for ln in text.splitlines() if "catimage_" in ln][:20]
     assert sample("ray_catimage_cost_total", "tiny-sdxl-4") >= 6.0
-    assert sample("ray_catimage_requests_total", "tiny-sd-8") >= 3  # test_generate_returns_png
-    assert sample("ray_catimage_fallbacks_total", "tiny-sd-2") >= 2  # the two fallback tests
+    assert sample("ray_catimage_requests_total", drew) >= 1
     assert sample("ray_catimage_predicted_quality_scaled_count", "tiny-sdxl-4") >= 1
     assert "ray_catimage_router_latency_ms_bucket" in text
+    # The budget controller's gauges (the coordinator exports them at start-up).
+    assert 'ray_catimage_budget_target{' in text and 'key="*"' in text
+
+
+# --- safety: bad input, auth, what errors reveal ------------------------------------------------
+
+
+def _raw(served, path: str, body: bytes, **headers) -> httpx.Response:
+    """POST a raw JSON body (httpx's json= cannot encode a lone surrogate; a client can still send one)."""
+    return served.post(path, content=body, headers={"content-type": "application/json", **headers})
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/v1/generate", b'{"prompt": "\\ud800"}', "prompt: Value error"),
+        ("/v1/generate", b'{"prompt": "a cat \\udfff in the snow"}', "lone surrogate (U+DFFF) at character 6"),
+        ("/v1/route", b'{"prompts": ["a cat", "\\ud800"]}', "prompts[1]: prompt is not valid Unicode"),
+        ("/v1/generate", b'{"prompt": "a cat", "candidate": "\\ud800"}', "candidate is not valid Unicode"),
+        ("/v1/images/generations", b'{"prompt": "\\ud800", "model": "auto"}', "lone surrogate"),
+    ],
+)
+def test_lone_surrogates_are_422(served, path, body, needle):
+    r = _raw(served, path, body)
+    assert r.status_code == 422, r.text
+    assert "lone surrogate" in r.json()["detail"]
+    assert needle.replace("prompt: Value error", "prompt: prompt is not valid Unicode") in r.json()["detail"]
+
+
+def test_unknown_field_named_with_a_surrogate_is_422_and_valid_json(served):
+    r = _raw(served, "/v1/generate", b'{"prompt": "a cat", "\\ud800": 1}')
+    assert r.status_code == 422
+    assert "unknown field" in r.json()["detail"]  # the body is UTF-8 JSON although the key was not
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"prompt": CAT, "budget": True}, "budget must be a number, not true"),
+        ({"prompt": CAT, "lambda": False}, "lambda must be a number, not false"),
+        ({"prompt": CAT, "seed": True}, "seed must be a number, not true"),
+        ({"prompt": CAT, "lambda": 1e300}, "lambda 1e+300 is too large"),
+        ({"prompt": CAT, "lambda": 1e12}, "routes every prompt to the cheapest"),
+        ({"prompt": CAT, "candidate": "c" * 129}, "at most 128 characters"),
+        ({"prompt": CAT, "budget": "4"}, "budget: Input should be a valid number"),
+    ],
+)
+def test_booleans_huge_lambdas_and_long_candidates_are_422(served, body, needle):
+    r = served.post("/v1/generate", json={**body, "return": "none"})
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"], r.json()["detail"]
+
+
+def test_huge_lambda_is_422_on_route_too_and_a_large_valid_one_routes_to_the_cheapest(served):
+    r = served.post("/v1/route", json={"prompts": [SIGN], "lambda": 1e300})
+    assert r.status_code == 422 and "too large" in r.json()["detail"]
+    ok = served.post("/v1/route", json={"prompts": [SIGN], "lambda": 1000.0})
+    assert ok.status_code == 200 and ok.json()["decisions"][0]["candidate"] == "tiny-sd-2"  # cost 2: the cheapest
+
+
+def test_oversized_body_is_413(served):
+    big = b'{"prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}'
+    r = _raw(served, "/v1/generate", big)
+    assert r.status_code == 413
+    assert "larger than 4194304 bytes" in r.json()["detail"]
+
+
+def test_auth_rejects_missing_and_unknown_tokens(served):
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer nope-" + "z" * 20}, {"Authorization": f"Basic {TOKEN}"}):
+        r = served.post("/v1/route", json={"prompts": [CAT]}, headers=headers)
+        assert r.status_code == 401, r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert "missing or unknown API key" in r.json()["detail"]
+    assert served.get("/v1/pool", headers={"Authorization": ""}).status_code == 401
+    # Liveness needs no key; the app without auth_token_env needs none either.
+    assert served.get("/healthz", headers={"Authorization": ""}).status_code == 200
+    assert served.post("/broken/v1/route", json={"prompts": [CAT]}, headers={"Authorization": ""}).status_code == 200
+
+
+def test_errors_do_not_leak_generator_urls(served):
+    fell = served.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sd-2", "return": "none"})
+    assert fell.status_code == 200
+    reason = fell.json()["fallback"]["reason"]
+    assert "cannot reach <endpoint>" in reason
+    failed = served.post("/broken/v1/generate", json={"prompt": CAT, "return": "none"})
+    assert failed.status_code == 503
+    for text in (fell.text, failed.text):
+        assert "127.0.0.1" not in text and "http://" not in text and "/v1/images/generations" not in text
+    assert failed.headers["retry-after"] == "5"
+
+
+# --- the online budget controller ------------------------------------------------------------------
+
+
+def test_budget_controller_counts_realised_costs_per_key(served):
+    """Requests without budget/lambda are routed at the controller's lambda and feed it their realised
+    cost; the key 'other' has its own controller. Animal prompts route to tiny-sd-2 at the offline
+    lambda, whose endpoint is down: every draw falls back to a dearer candidate (6 or 8 > target 4), so
+    the controller must raise lambda above the offline one."""
+    before = served.get("/v1/pool").json()["budget_controller"]
+    assert set(before) == {"*", "other"} and before["*"]["target"] == 4.0 and before["other"]["target"] == 7.0
+    lam_offline = before["*"]["lambda_offline"]
+    costs, lams = [], []
+    for i in range(6):
+        body = served.post("/v1/generate", json={"prompt": f"a photo of a fox number {i}", "return": "none", "seed": i}).json()
+        costs.append(body["cost"])
+        lams.append(body["lambda"])
+    other = served.post("/v1/generate", json={"prompt": CAT, "return": "none"}, headers={"Authorization": f"Bearer {OTHER_TOKEN}"})
+    assert other.status_code == 200
+    assert all(c > 4.0 for c in costs)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state = served.get("/v1/pool").json()["budget_controller"]
+        if state["*"]["observed"] - before["*"]["observed"] >= 6 and state["other"]["observed"] - before["other"]["observed"] >= 1:
+            break
+        time.sleep(0.2)
+    assert state["*"]["observed"] - before["*"]["observed"] == 6
+    assert state["other"]["observed"] - before["other"]["observed"] == 1
+    assert state["*"]["lambda"] > lam_offline
+    assert lams[0] >= lam_offline - 1e-12 and max(lams) <= state["*"]["lambda"] + 1e-12
+    assert state["*"]["window_mean_cost"] > 4.0
+    # Requests with their own budget bypass the controller (and do not feed it).
+    served.post("/v1/generate", json={"prompt": CAT, "budget": 8.0, "return": "none"})
+    time.sleep(0.5)
+    assert served.get("/v1/pool").json()["budget_controller"]["*"]["observed"] == state["*"]["observed"]
+
+
+# --- the OpenAI-compatible Images endpoint ---------------------------------------------------------
+
+
+def test_openai_client_generates_through_the_router(served):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=str(served.base_url).rstrip("/") + "/v1", api_key=TOKEN, max_retries=0, timeout=120)
+    resp = client.images.generate(model="auto", prompt=SIGN)
+    image = Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json)))
+    assert image.format == "PNG" and image.size == (64, 64)
+    info = resp.model_extra["catimage"]
+    # The routed candidate is the router's own decision at the lambda it used.
+    decision = served.post("/v1/route", json={"prompts": [SIGN], "lambda": info["lambda"]}).json()["decisions"][0]
+    assert info["fallback"] is None and info["candidate"] == decision["candidate"]
+    # A budget through the documented header, and two images at once.
+    two = client.images.generate(model="auto", prompt=SIGN, n=2, size="64x64", extra_headers={"X-Catimage-Budget": "8"})
+    assert len(two.data) == 2 and two.data[0].b64_json != two.data[1].b64_json
+    at8 = served.post("/v1/route", json={"prompts": [SIGN], "budget": 8.0}).json()["decisions"][0]
+    assert two.model_extra["catimage"]["candidate"] == at8["candidate"]
+    # A candidate by name, and the budget as a model suffix.
+    pinned = client.images.generate(model="tiny-sdxl-4", prompt=CAT)
+    assert pinned.model_extra["catimage"]["candidate"] == "tiny-sdxl-4"
+    assert client.images.generate(model="auto:budget=8", prompt=SIGN).model_extra["catimage"]["candidate"] == at8["candidate"]
+
+
+def test_openai_client_sees_errors_as_openai_errors(served):
+    import openai
+
+    client = openai.OpenAI(base_url=str(served.base_url).rstrip("/") + "/v1", api_key=TOKEN, max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="does not exist here"):
+        client.images.generate(model="dall-e-9", prompt=CAT)
+    with pytest.raises(openai.BadRequestError, match="size '1024x1024' is not offered"):
+        client.images.generate(model="auto", prompt=CAT, size="1024x1024")
+    with pytest.raises(openai.BadRequestError, match="url' is not offered"):
+        client.images.generate(model="auto", prompt=CAT, response_format="url")
+    with pytest.raises(openai.UnprocessableEntityError, match="budget"):
+        client.images.generate(model="auto:budget=-1", prompt=CAT)
+    with pytest.raises(openai.AuthenticationError, match="missing or unknown API key"):
+        openai.OpenAI(base_url=str(served.base_url).rstrip("/") + "/v1", api_key="wrong-" + "k" * 20,
+                      max_retries=0).images.generate(model="auto", prompt=CAT)
