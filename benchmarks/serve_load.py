@@ -1,6 +1,7 @@
 """Bounded loopback load test of the Serve app: autoscaling up and down, latency, the router's cost.
 
     .venv/bin/python benchmarks/serve_load.py [--requests 200] [--concurrency 16] [--embedder minilm]
+        [--phases latency,load,burst] [--burst 48] [--burst-rounds 3] [--mu 0.02]
 
 What it does, all on 127.0.0.1 with a local Ray (2 CPUs) and the tiny pool:
 
@@ -11,10 +12,17 @@ What it does, all on 127.0.0.1 with a local Ray (2 CPUs) and the tiny pool:
 2. latency, one request at a time: the generator called through its DeploymentHandle from this
    process, through a minimal HTTP passthrough app (proxy -> ingress -> generator, no routing),
    and through the router (proxy -> router: embed + predict + rule -> generator). The router hop's
-   added latency is router p50 - passthrough p50 (same number of hops; the difference is routing);
+   added latency is router p50 - passthrough p50 (same number of hops; the difference is routing),
+   for fresh prompts (the embedder runs) and for repeated ones (the router's embedding cache answers);
 3. load: a fixed number of requests at a fixed concurrency, all at a budget equal to the cheapest
    cost (so all go to that candidate), while a poller samples the deployment's replica count from
-   serve.status(); then it waits for the count to come back down.
+   serve.status() (the starting count is sampled too); then it waits for the count to come back
+   down. Failed responses are counted apart: latency and throughput are of answered requests only;
+4. burst: two more apps on a planted quality table in which tiny-sd-8 is the best candidate and
+   tiny-sdxl-4 nearly as good (0.01-0.02 lower) on every prompt, one replica each, lambda 0, one
+   with load-aware routing off and one with it on (`--mu` quality units per second of expected
+   wait). `--burst` requests arrive at once; p50/p99 latency and the mean planted quality of what
+   was drawn, median over `--burst-rounds` interleaved rounds.
 
 It prints figures; it asserts nothing (tests live in tests/test_serve.py).
 """
@@ -164,10 +172,10 @@ async def _load(url: str, prompts: list[str], n: int, concurrency: int, budget: 
                 except httpx.HTTPError as err:
                     errors.append(f"{type(err).__name__}: {err}")
                     return
-                latencies.append((time.perf_counter() - start) * 1000)
-                if r.status_code != 200:
+                if r.status_code != 200:  # failures never enter latency or throughput
                     errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
                     return
+                latencies.append((time.perf_counter() - start) * 1000)
                 body = r.json()
                 chosen[body["candidate"]] = chosen.get(body["candidate"], 0) + 1
                 fallbacks += body["fallback"] is not None
@@ -178,6 +186,172 @@ async def _load(url: str, prompts: list[str], n: int, concurrency: int, budget: 
     return {"latencies": latencies, "errors": errors, "chosen": chosen, "fallbacks": fallbacks, "wall_s": wall}
 
 
+def latency_phase(url: str, dep: str, prompts: list[str], budget: float, n: int) -> None:
+    """One request at a time through three paths, interleaved; fresh prompts (cache misses) and repeats."""
+    handle = serve.get_deployment_handle(dep, app_name="catimage")
+    http = httpx.Client(base_url=url, timeout=120)
+    own: dict[str, list[float]] = {"fresh": [], "repeat": []}
+    fresh_prompts = [f"{prompts[i % len(prompts)]}, picture {i}" for i in range(10 * n + 20)]
+
+    def via_handle(i: int) -> None:
+        handle.remote(prompts[i % len(prompts)], i, True).result()
+
+    def via_passthrough(i: int) -> None:
+        r = http.post("/direct/generate", json={"prompt": prompts[i % len(prompts)], "seed": i})
+        r.raise_for_status()
+
+    def via_router(prompt: str, i: int, kind: str) -> None:
+        r = http.post("/v1/generate", json={"prompt": prompt, "seed": i, "budget": budget})
+        r.raise_for_status()
+        own[kind].append(r.json()["router_ms"])
+
+    def fresh(i: int) -> None:  # a prompt the router has never seen: the embedder runs
+        via_router(fresh_prompts[i], i, "fresh")
+
+    def repeat(i: int) -> None:  # one of 40 prompts seen before: the embedding cache answers
+        via_router(prompts[i % len(prompts)], i, "repeat")
+
+    for fn in (via_handle, via_passthrough, repeat):  # warm-up: connections, first-call paths, the cache
+        _sequential(fn, len(prompts))
+    own["repeat"].clear()
+    lat = _interleaved({"handle": via_handle, "passthrough": via_passthrough, "fresh": lambda i: fresh(i + 20),
+                        "repeat": repeat}, n)
+    http.close()
+    print(f"\nlatency, one request at a time ({n} each, interleaved), ms:      p50     p99")
+    for name, label in (("handle", "generator via DeploymentHandle (no HTTP)"),
+                        ("passthrough", "HTTP -> passthrough -> generator"),
+                        ("fresh", "HTTP -> router -> generator, fresh prompts"),
+                        ("repeat", "HTTP -> router -> generator, repeated prompts")):
+        print(f"  {label:<48} {_pct(lat[name], 50):7.1f} {_pct(lat[name], 99):7.1f}")
+    for kind in ("fresh", "repeat"):
+        added = _pct(lat[kind], 50) - _pct(lat["passthrough"], 50)
+        print(f"  router hop added p50, {kind + ' prompts':<16} (router - passthrough): {added:7.1f}   (target <= 10 ms)")
+        print(f"  router's own choosing time (router_ms) p50, {kind} prompts: {statistics.median(own[kind]):7.1f}")
+    print(f"  HTTP+proxy+ingress overhead p50 (passthrough - handle): {_pct(lat['passthrough'], 50) - _pct(lat['handle'], 50):.1f}")
+
+
+def load_phase(url: str, dep: str, prompts: list[str], budget: float, args: argparse.Namespace) -> None:
+    print(f"\nload: {args.requests} requests, concurrency {args.concurrency}, budget {budget:g}")
+    poller = ReplicaPoller("catimage", dep)
+    poller.start()
+    while not poller.samples:
+        time.sleep(0.05)
+    start_running = poller.samples[0][1]
+    result = asyncio.run(_load(url, prompts, args.requests, args.concurrency, budget))
+    load_end = time.monotonic() - poller.t0
+    deadline = time.monotonic() + args.settle_timeout_s
+    while time.monotonic() < deadline:
+        if poller.samples and poller.samples[-1][1] <= start_running and poller.samples[-1][2] <= start_running:
+            break
+        time.sleep(0.5)
+    poller.stop()
+    lats = result["latencies"]
+    print(f"  wall {result['wall_s']:.1f} s; answered {len(lats)} of {args.requests}, failed {len(result['errors'])}; "
+          f"throughput of answered requests {len(lats) / result['wall_s']:.1f} req/s; fallbacks {result['fallbacks']}, "
+          f"answered by {result['chosen']}")
+    print(f"  latency of answered requests p50 {_pct(lats, 50):.0f} ms, p99 {_pct(lats, 99):.0f} ms")
+    for err in result["errors"][:5]:
+        print(f"    failed: {err}")
+    peak = max(s[1] for s in poller.samples)
+    first_up = next((s[0] for s in poller.samples if s[1] > start_running), None)
+    back = next((s[0] for s in poller.samples if s[0] > load_end and s[1] <= start_running and s[2] <= start_running), None)
+    print(f"  replicas of {dep} (serve.status(), every 0.5 s): start {start_running} running (sampled), peak {peak}"
+          + (f", first up at +{first_up:.1f} s" if first_up is not None else ", never scaled up")
+          + f", load ended at +{load_end:.1f} s"
+          + (f", back to {start_running} at +{back:.1f} s" if back is not None else ", not back before the timeout"))
+    changes, last = [], None
+    for ts, running, total in poller.samples:
+        if (running, total) != last:
+            changes.append(f"+{ts:.1f}s {running}/{total}")
+            last = (running, total)
+    print("  timeline (running/all replicas): " + ", ".join(changes))
+
+
+# The burst world: tiny-sd-8 best, tiny-sdxl-4 a near-tie (0.01-0.02 lower), tiny-sd-2 poor.
+BURST_QUALITY = {
+    "animal": {"tiny-sd-2": 0.60, "tiny-sd-8": 0.90, "tiny-sdxl-4": 0.89},
+    "text": {"tiny-sd-2": 0.15, "tiny-sd-8": 0.90, "tiny-sdxl-4": 0.88},
+}
+
+
+def _burst_world(workdir: Path, mu: float) -> tuple[list[tuple[str, str]], dict[str, Path]]:
+    import numpy as np
+    import pyarrow as pa
+
+    from catimage.table import stable_prompt_id, write_quality_table
+    from jobs.train_estimator import run_train
+    from train_serve_fixtures import planted_prompts, tiny_pool_dict, write_pool
+
+    rng = np.random.default_rng(0)
+    rows: dict[str, list] = {k: [] for k in ("prompt_id", "prompt", "candidate", "seed", "quality")}
+    for prompt, kind in planted_prompts():
+        for cand, q in BURST_QUALITY[kind].items():
+            for s in range(2):
+                rows["prompt_id"].append(stable_prompt_id(prompt))
+                rows["prompt"].append(prompt)
+                rows["candidate"].append(cand)
+                rows["seed"].append(s)
+                rows["quality"].append(q + float(rng.normal(0, 0.003)))
+    table = write_quality_table(pa.table(rows), workdir / "burst_table.parquet")
+    pool = tiny_pool_dict()
+    for cand in pool["candidates"]:
+        cand["serve"] = {"num_cpus": 0.1, "max_ongoing_requests": 64, "request_timeout_s": 300,
+                         "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    pool_path = write_pool(workdir / "burst_pool.yaml", pool)
+    model = Path(run_train(table, pool_path, workdir / "burst_model", estimator="knn", embedder="tfidf").model_dir)
+    return planted_prompts(), {"model": model, "pool": pool_path}
+
+
+async def _burst(url: str, prefix: str, prompts: list[tuple[str, str]], n: int, seed0: int) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=n)) as client:
+
+        async def one(i: int) -> tuple[float, str | None, str]:
+            prompt, kind = prompts[i % len(prompts)]
+            start = time.perf_counter()
+            r = await client.post(f"{prefix}/v1/generate", json={"prompt": prompt, "seed": seed0 + i, "lambda": 0.0, "return": "none"})
+            ms = (time.perf_counter() - start) * 1000
+            return ms, (r.json()["candidate"] if r.status_code == 200 else None), kind
+
+        out = await asyncio.gather(*(one(i) for i in range(n)))
+    ok = [(ms, cand, kind) for ms, cand, kind in out if cand is not None]
+    return {
+        "lat": [ms for ms, _, _ in ok],
+        "quality": [BURST_QUALITY[kind][cand] for _, cand, kind in ok],
+        "failed": n - len(ok),
+        "chosen": {c: sum(1 for _, cand, _ in ok if cand == c) for c in BURST_QUALITY["text"]},
+    }
+
+
+def burst_phase(url: str, workdir: Path, args: argparse.Namespace) -> None:
+    from serve.app import AppArgs, build_app
+
+    prompts, world = _burst_world(workdir, args.mu)
+    for name, mu in (("burst-off", 0.0), ("burst-on", args.mu)):
+        app_args = AppArgs(model_dir=str(world["model"]), pool=str(world["pool"]), router_num_cpus=0.1,
+                           router_max_ongoing_requests=256, load_aware={"mu": mu}, status_cache_s=0.5)
+        serve.run(build_app(app_args), name=name, route_prefix=f"/{name}")
+    print(f"\nburst: {args.burst} requests at once, lambda 0, one replica per candidate; "
+          f"load-aware mu = {args.mu:g} quality/s; planted quality: sd-8 best, sdxl-4 within 0.02")
+    runs: dict[str, list[dict]] = {"burst-off": [], "burst-on": []}
+    asyncio.run(_burst(url, "/burst-off", prompts, 8, 10_000))  # warm both apps
+    asyncio.run(_burst(url, "/burst-on", prompts, 8, 10_000))
+    for rnd in range(args.burst_rounds):
+        for name in runs:  # interleaved, so background load hits both alike
+            res = asyncio.run(_burst(url, f"/{name}", prompts, args.burst, 1000 * (rnd + 1)))
+            runs[name].append(res)
+            print(f"  round {rnd + 1} {name:9s} p50 {_pct(res['lat'], 50):7.0f} ms  p99 {_pct(res['lat'], 99):7.0f} ms  "
+                  f"quality {statistics.mean(res['quality']):.4f}  failed {res['failed']}  drawn by {res['chosen']}  "
+                  f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
+    med = {name: {k: statistics.median(f(r) for r in rs) for k, f in (
+        ("p50", lambda r: _pct(r["lat"], 50)), ("p99", lambda r: _pct(r["lat"], 99)),
+        ("quality", lambda r: statistics.mean(r["quality"])))} for name, rs in runs.items()}
+    off, on = med["burst-off"], med["burst-on"]
+    print(f"  median of {args.burst_rounds} rounds:   off: p50 {off['p50']:.0f} ms, p99 {off['p99']:.0f} ms, quality {off['quality']:.4f}")
+    print(f"                          on:  p50 {on['p50']:.0f} ms, p99 {on['p99']:.0f} ms, quality {on['quality']:.4f}")
+    print(f"  p99 change {on['p99'] / off['p99'] - 1:+.1%} (goal <= -30 %), quality change {on['quality'] / off['quality'] - 1:+.2%} "
+          "(goal >= -2 %)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -186,7 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--latency-samples", type=int, default=40)
     parser.add_argument("--settle-timeout-s", type=float, default=90.0)
+    parser.add_argument("--phases", default="latency,load,burst", help="comma-separated: latency, load, burst")
+    parser.add_argument("--burst", type=int, default=48, help="requests arriving at once in the burst phase")
+    parser.add_argument("--burst-rounds", type=int, default=3)
+    parser.add_argument("--mu", type=float, default=0.02, help="load-aware price of one second of expected wait")
     args = parser.parse_args(argv)
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
     if not (1 <= args.requests <= 2000 and 1 <= args.concurrency <= 64):
         parser.error("keep it bounded: --requests 1..2000, --concurrency 1..64")
 
@@ -220,73 +399,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deployed in {time.perf_counter() - t:.1f} s; traffic goes to {dep} (budget {budget:g} = its cost)")
 
             prompts = [f"a photo of a {a} {p}" for a in ANIMALS for p in PLACES]
-            handle = serve.get_deployment_handle(dep, app_name="catimage")
-            http = httpx.Client(base_url=url, timeout=120)
-            router_ms: list[float] = []
-            generate_ms: list[float] = []
-
-            def via_handle(i: int) -> None:
-                handle.remote(prompts[i % len(prompts)], i, True).result()
-
-            def via_passthrough(i: int) -> None:
-                r = http.post("/direct/generate", json={"prompt": prompts[i % len(prompts)], "seed": i})
-                r.raise_for_status()
-
-            def via_router(i: int) -> None:
-                r = http.post("/v1/generate", json={"prompt": prompts[i % len(prompts)], "seed": i, "budget": budget})
-                r.raise_for_status()
-                router_ms.append(r.json()["router_ms"])
-                generate_ms.append(r.json()["generate_ms"])
-
-            for fn in (via_handle, via_passthrough, via_router):  # warm-up: connections, first-call paths
-                _sequential(fn, 5)
-            router_ms.clear()
-            generate_ms.clear()
-            n = args.latency_samples
-            lat = _interleaved({"handle": via_handle, "passthrough": via_passthrough, "router": via_router}, n)
-            http.close()
-            print(f"\nlatency, one request at a time ({n} each), ms:          p50     p99")
-            for name, label in (("handle", "generator via DeploymentHandle (no HTTP)"),
-                                ("passthrough", "HTTP -> passthrough -> generator"),
-                                ("router", "HTTP -> router -> generator")):
-                print(f"  {label:<44} {_pct(lat[name], 50):7.1f} {_pct(lat[name], 99):7.1f}")
-            added = _pct(lat["router"], 50) - _pct(lat["passthrough"], 50)
-            print(f"  router hop added p50 (router - passthrough):  {added:7.1f}   (target <= 10 ms)")
-            print(f"  router's own choosing time (router_ms) p50:   {statistics.median(router_ms):7.1f}")
-            print(f"  router's generator call (generate_ms) p50:    {statistics.median(generate_ms):7.1f}")
-            print(f"  HTTP+proxy+ingress overhead p50 (passthrough - handle): {_pct(lat['passthrough'], 50) - _pct(lat['handle'], 50):.1f}")
-
-            print(f"\nload: {args.requests} requests, concurrency {args.concurrency}, budget {budget:g}")
-            poller = ReplicaPoller("catimage", dep)
-            poller.start()
-            result = asyncio.run(_load(url, prompts, args.requests, args.concurrency, budget))
-            load_end = time.monotonic() - poller.t0
-            deadline = time.monotonic() + args.settle_timeout_s
-            while time.monotonic() < deadline:
-                if poller.samples and poller.samples[-1][1] <= 1 and poller.samples[-1][2] <= 1:
-                    break
-                time.sleep(0.5)
-            poller.stop()
-
-            lats = result["latencies"]
-            print(f"  wall {result['wall_s']:.1f} s, throughput {len(lats) / result['wall_s']:.1f} req/s, "
-                  f"errors {len(result['errors'])}, fallbacks {result['fallbacks']}, answered by {result['chosen']}")
-            print(f"  latency p50 {_pct(lats, 50):.0f} ms, p99 {_pct(lats, 99):.0f} ms")
-            for err in result["errors"][:5]:
-                print(f"    error: {err}")
-            peak = max(s[1] for s in poller.samples)
-            first_up = next((s[0] for s in poller.samples if s[1] > 1), None)
-            back = next((s[0] for s in poller.samples if s[0] > load_end and s[1] <= 1 and s[2] <= 1), None)
-            print(f"  replicas of {dep} (serve.status(), every 0.5 s): start 1, peak {peak} running"
-                  + (f", first >1 at +{first_up:.1f} s" if first_up is not None else ", never scaled up")
-                  + f", load ended at +{load_end:.1f} s"
-                  + (f", back to 1 at +{back:.1f} s" if back is not None else ", not back to 1 before the timeout"))
-            changes, last = [], None
-            for ts, running, total in poller.samples:
-                if (running, total) != last:
-                    changes.append(f"+{ts:.1f}s {running}/{total}")
-                    last = (running, total)
-            print("  timeline (running/all replicas): " + ", ".join(changes))
+            if "latency" in phases:
+                latency_phase(url, dep, prompts, budget, args.latency_samples)
+            if "load" in phases:
+                load_phase(url, dep, prompts, budget, args)
+            if "burst" in phases:
+                burst_phase(url, Path(tmp), args)
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -214,8 +214,12 @@ def run_build(
     scorer_factory: ScorerFactory | None = None,
     seed_fn: Callable[[str, int], int] | None = None,
     progress: bool = True,
+    passes: int = 2,
 ) -> BuildResult:
     """Build (or resume) the quality table described by `config`; return what was done.
+
+    `passes`: how many times rows lost to failures (a killed node, a worker that died past Ray's
+    retries) are retried within this run before they are left in the errors table.
 
     `generator_factory` / `scorer_factory` replace `make_generator` / `make_scorer` (a test or a
     custom backend); they are shipped to Ray workers, so they must be picklable.
@@ -250,14 +254,23 @@ def run_build(
     )
     run_dir = None
     if todo.num_rows:
-        run_dir = new_run_dir(output)
-        write_run_manifest(run_dir, config, metrics, todo.num_rows)
         with ray_session(config), _data_context(progress):
-            plan = build_plan(todo, pool, config, measure, generator_factory, scorer_factory, seed_fn)
-            plan.write_parquet(str(run_dir), ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
-        lost = record_lost(todo, run_dir, LOST_REASON)
-        if lost:
-            log.warning("%d row(s) were lost to failed blocks; they are in the errors table", lost)
+            for attempt in range(1, passes + 1):
+                # A pass writes its own fresh run folder; rows lost to a dead node or worker (their
+                # block failed past Ray's retries) are pending again, so the next pass redoes exactly
+                # those. consolidate() keeps one row per key whatever the passes wrote.
+                remaining = pending(work, done_keys(output, metrics)) if attempt > 1 else todo
+                if remaining.num_rows == 0:
+                    break
+                run_dir = new_run_dir(output)
+                write_run_manifest(run_dir, config, metrics, remaining.num_rows)
+                plan = build_plan(remaining, pool, config, measure, generator_factory, scorer_factory, seed_fn)
+                plan.write_parquet(str(run_dir), ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
+                lost = record_lost(remaining, run_dir, LOST_REASON)
+                if not lost:
+                    break
+                log.warning("%d row(s) were lost to failed blocks (pass %d of %d)%s", lost, attempt, passes,
+                            "; retrying them" if attempt < passes else "; they are in the errors table")
     quality, errors = consolidate(output, metrics, order=work)
     todo_keys = set(keys_of(todo))
     written = sum(1 for k in keys_of(quality) if k in todo_keys)
@@ -314,6 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=float, default=None, help="CPUs for a local Ray (ignored with --address)")
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+    p.add_argument("--passes", type=int, default=2, help="passes over rows lost to failed nodes/workers (>= 1)")
     return p
 
 
@@ -334,7 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_cpus=args.num_cpus,
             address=args.address,
         )
-        result = run_build(config, progress=not args.no_progress)
+        if args.passes < 1:
+            raise CatimageError("--passes must be at least 1")
+        result = run_build(config, progress=not args.no_progress, passes=args.passes)
     except ValidationError as err:
         print(f"error: invalid arguments: {err}", file=sys.stderr)
         return 2

@@ -82,6 +82,7 @@ def _png_bytes(image: Any) -> bytes:
 
 
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_QUALIFIED = re.compile(r"^(?:[A-Za-z_][\w]*\.)+[A-Za-z_]\w*: ")
 _HOST_PORT = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\blocalhost(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
 
 
@@ -104,10 +105,12 @@ def _public_reason(err: BaseException) -> str:
     if isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError):
         return "its replica died or became unreachable (Serve replaces it)"
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    text = lines[-1] if lines else ""
+    text = _QUALIFIED.sub("", lines[-1] if lines else "")
     text = _HOST_PORT.sub("<host>", _URL.sub("<endpoint>", text))
+    if isinstance(err, CatimageError):  # our own message already says what went wrong (also through Ray)
+        return _clean(text)[:300]
     name = type(err).__name__
-    if name == "RayTaskError" or name.startswith("RayTaskError("):
+    if name.startswith("RayTaskError"):
         name = "GeneratorError"
     return _clean(f"{name}: {text}")[:300]
 
@@ -325,6 +328,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
         if e.get("type") == "extra_forbidden":
             msg = "unknown field (see /docs for the fields this endpoint takes)"
+        elif e.get("type") == "string_unicode":
+            msg = "not valid Unicode text: it holds a lone surrogate (half of a JSON \\ud83d\\ude00 pair); send UTF-8 text"
         parts.append(f"{where}: {msg}")
     return _error(request, 422, "; ".join(parts), extra={"errors": _jsonable(errors)})
 
@@ -489,6 +494,7 @@ class Router:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tag_keys=("endpoint",),
         )
         self.m_in_flight = Gauge("catimage_in_flight", "Requests outstanding at each candidate (this router replica).", tags)
+        self.warmup_s: float | None = None
         if self.args.warmup:
             self._warm_up()
         log.info("router ready: candidates %s, generators %s", self.model.candidates, sorted(self.generators))
@@ -502,7 +508,8 @@ class Router:
         cache = getattr(self.model.embedder, "_store", None)
         if cache is not None:  # warm-up prompts must not count as cached real traffic
             cache.clear()
-        log.info("router warm-up took %.2f s", time.perf_counter() - start)
+        self.warmup_s = time.perf_counter() - start
+        log.info("router warm-up took %.2f s", self.warmup_s)
 
     # --- auth -------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> str | None:
@@ -914,7 +921,8 @@ class Router:
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "candidates": self.model.candidates, "generators": sorted(self.generators)}
+        return {"status": "ok", "candidates": self.model.candidates, "generators": sorted(self.generators),
+                "warmup_s": self.warmup_s}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -439,7 +439,7 @@ def _raw(served, path: str, body: bytes, **headers) -> httpx.Response:
         ("/v1/generate", b'{"prompt": "\\ud800"}', "prompt: Value error"),
         ("/v1/generate", b'{"prompt": "a cat \\udfff in the snow"}', "lone surrogate (U+DFFF) at character 6"),
         ("/v1/route", b'{"prompts": ["a cat", "\\ud800"]}', "prompts[1]: prompt is not valid Unicode"),
-        ("/v1/generate", b'{"prompt": "a cat", "candidate": "\\ud800"}', "candidate is not valid Unicode"),
+        ("/v1/generate", b'{"prompt": "a cat", "candidate": "\\ud800"}', "candidate: not valid Unicode text"),
         ("/v1/images/generations", b'{"prompt": "\\ud800", "model": "auto"}', "lone surrogate"),
     ],
 )
@@ -450,10 +450,10 @@ def test_lone_surrogates_are_422(served, path, body, needle):
     assert needle.replace("prompt: Value error", "prompt: prompt is not valid Unicode") in r.json()["detail"]
 
 
-def test_unknown_field_named_with_a_surrogate_is_422_and_valid_json(served):
+def test_field_named_with_a_surrogate_is_422_and_valid_json(served):
     r = _raw(served, "/v1/generate", b'{"prompt": "a cat", "\\ud800": 1}')
     assert r.status_code == 422
-    assert "unknown field" in r.json()["detail"]  # the body is UTF-8 JSON although the key was not
+    assert "lone surrogate" in r.json()["detail"]  # and the answer is UTF-8 JSON although the key was not
 
 
 @pytest.mark.parametrize(
@@ -561,7 +561,9 @@ def test_openai_client_generates_through_the_router(served):
     info = resp.model_extra["catimage"]
     # The routed candidate is the router's own decision at the lambda it used.
     decision = served.post("/v1/route", json={"prompts": [SIGN], "lambda": info["lambda"]}).json()["decisions"][0]
-    assert info["fallback"] is None and info["candidate"] == decision["candidate"]
+    # (With the controller's lambda that may be tiny-sd-2, whose endpoint is down: then it fell back.)
+    first_choice = info["fallback"]["from"] if info["fallback"] else info["candidate"]
+    assert first_choice == decision["candidate"]
     # A budget through the documented header, and two images at once.
     two = client.images.generate(model="auto", prompt=SIGN, n=2, size="64x64", extra_headers={"X-Catimage-Budget": "8"})
     assert len(two.data) == 2 and two.data[0].b64_json != two.data[1].b64_json
@@ -579,8 +581,8 @@ def test_openai_client_sees_errors_as_openai_errors(served):
     client = openai.OpenAI(base_url=str(served.base_url).rstrip("/") + "/v1", api_key=TOKEN, max_retries=0)
     with pytest.raises(openai.NotFoundError, match="does not exist here"):
         client.images.generate(model="dall-e-9", prompt=CAT)
-    with pytest.raises(openai.BadRequestError, match="size '1024x1024' is not offered"):
-        client.images.generate(model="auto", prompt=CAT, size="1024x1024")
+    with pytest.raises(openai.BadRequestError, match="size '512x512' is not offered"):
+        client.images.generate(model="auto", prompt=CAT, size="512x512")
     with pytest.raises(openai.BadRequestError, match="url' is not offered"):
         client.images.generate(model="auto", prompt=CAT, response_format="url")
     with pytest.raises(openai.UnprocessableEntityError, match="budget"):

@@ -109,12 +109,23 @@ def test_model_directory_loads_and_learned_the_planted_signal(trained):
     assert summary["best_epoch"] == trained.best_epoch and summary["resumed_at"] == [2]
 
 
-def test_serve_app_builds_from_the_trained_model(trained, pool):
-    from serve.app import AppArgs, build_app, deployment_name
+def test_serve_app_routes_with_the_trained_model(trained, pool, tiny_cache):
+    """The Ray-trained Transformer bundle, served (Serve's local testing mode: the real deployments,
+    in-process) and asked to route: it sends the planted animal prompts to the cheap tiny-sd-2 and the
+    sign prompts elsewhere, as the planted table says it should."""
+    from ray import serve
 
-    app = build_app(AppArgs(model_dir=trained.model_dir, pool=str(pool), budget=4.0))
-    assert app is not None
-    assert deployment_name("tiny-sd-2") == "Generator-tiny-sd-2"
+    from serve.app import AppArgs, build_app
+    from serve.schemas import RouteRequest
+
+    handle = serve.run(build_app(AppArgs(model_dir=trained.model_dir, pool=str(pool), budget=4.0)), _local_testing_mode=True)
+    animals = ["a photo of a horse in the snow", "a photo of a wolf on a beach"]
+    signs = ['a street sign that reads "EXIT"', 'a poster that reads "OPEN"']
+    answer = handle.route.remote(RouteRequest(prompts=animals + signs), None).result()
+    chosen = [d.candidate for d in answer.decisions]
+    assert chosen[:2] == ["tiny-sd-2", "tiny-sd-2"], answer
+    assert "tiny-sd-2" not in chosen[2:], answer
+    assert answer.mean_cost <= 8.0 and all(d.lambda_ > 0 for d in answer.decisions)
 
 
 def test_local_mode_zero_workers(ray_local, table, pool, tmp_path):

@@ -1,0 +1,95 @@
+"""A worker node dies in the middle of a build submitted with `ray job submit`: the job completes and
+every (prompt, candidate, seed) row is in the quality table exactly once.
+
+A two-node Ray cluster on this machine (ray.cluster_utils.Cluster: two raylets on loopback): the
+head with 1 CPU and the job API (dashboard on a free port), a worker with 2 CPUs. The tiny pool's
+actor pools need 1.25 CPUs, so part of the build runs on the worker. The build is submitted the way
+users do (`ray job submit --working-dir`); once it has written its first part file the worker node
+is removed (its raylet and every process on it killed) and a fresh one joins, as an autoscaler
+would replace it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_serve_fixtures import REPO, free_port  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+PROMPTS = [f"a {c} {t}" for c in ("red", "blue", "green") for t in ("cat", "boat", "house", "tree")][:10]
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "build"
+    dash = free_port()
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash},
+    )
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        address = f"http://127.0.0.1:{dash}"
+        client = JobSubmissionClient(address)
+        env = {**os.environ, "RAY_ADDRESS": address}
+        submit = subprocess.run(
+            [_ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+             "--submission-id", "build-fault", "--", "python", "jobs/build_dataset.py",
+             "--pool", str(REPO / "catimage" / "data" / "tiny_pool.yaml"), "--prompts", str(prompts),
+             "--output", str(out), "--seeds", "2", "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        ray.init(address=cluster.address, log_to_driver=False)
+        deadline = time.monotonic() + 600
+        on_worker = []
+        while time.monotonic() < deadline:
+            status = client.get_job_status("build-fault")
+            assert status not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs("build-fault")[-4000:]
+            parts = list(out.glob("parts/run-*/*.parquet"))
+            on_worker = [a for a in list_actors(filters=[("node_id", "=", worker.node_id), ("state", "=", "ALIVE")])
+                         if "Stage" in (a.class_name or "") or "MapWorker" in (a.class_name or "")]
+            if parts and on_worker:
+                break
+            assert status != JobStatus.SUCCEEDED, "the build finished before the worker could be killed"
+            time.sleep(0.5)
+        assert on_worker, "no build actor ran on the worker node"
+        cluster.remove_node(worker)  # SIGKILLs the worker's raylet and every process on it
+        cluster.add_node(num_cpus=2)
+        while time.monotonic() < deadline:
+            status = client.get_job_status("build-fault")
+            if status.is_terminal():
+                break
+            time.sleep(1)
+        logs = client.get_job_logs("build-fault")
+        assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    table = pq.read_table(out / "quality.parquet")
+    keys = list(zip(table.column("prompt_id").to_pylist(), table.column("candidate").to_pylist(),
+                    table.column("seed").to_pylist()))
+    assert len(keys) == len(set(keys)) == len(PROMPTS) * 3 * 2
+    assert set(table.column("prompt").to_pylist()) == set(PROMPTS)

@@ -1,0 +1,150 @@
+"""Faults, for real, against a live Serve app on loopback: a replica killed under load, an overloaded
+router, a generator that runs past its timeout.
+
+One module-scoped app (`faults`), the knn + TF-IDF router of tests/train_serve_fixtures.py and the
+tiny pool, with:
+
+* `tiny-sd-2`: two fixed replicas (the one killed under load);
+* `tiny-sd-8`: a deliberately slow drawing (a tiny SD at 400 steps, many seconds on this machine)
+  with `request_timeout_s` 1, one request at a time per replica;
+* `tiny-sdxl-4`: the fast fallback;
+* the router: at most 4 ongoing requests and 2 queued, so a burst overflows it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_serve_fixtures import free_port, tiny_pool_dict, write_planted_table, write_pool  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+APP = "faults"
+SIGN = 'a neon sign that reads "SALE"'
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_cache):
+    import ray
+    from ray import serve
+
+    from jobs.train_estimator import run_train
+    from serve.app import AppArgs, build_app
+
+    root = tmp_path_factory.mktemp("faults")
+    table = write_planted_table(root / "table.parquet")
+    pool = tiny_pool_dict()
+    sd2, sd8, sdxl4 = pool["candidates"]
+    sd2["serve"] = {"num_cpus": 0.1, "max_ongoing_requests": 2, "request_timeout_s": 60,
+                    "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
+    sd8["generator"] = {"model": "tiny:sd", "steps": 400, "height": 64, "width": 64}
+    sd8["serve"] = {"num_cpus": 0.1, "max_ongoing_requests": 1, "request_timeout_s": 1.0}
+    sdxl4["serve"] = {"num_cpus": 0.1, "request_timeout_s": 60}
+    pool_path = write_pool(root / "pool.yaml", pool)
+    model = run_train(table, pool_path, root / "model", estimator="knn", embedder="tfidf").model_dir
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        args = AppArgs(
+            model_dir=model, pool=str(pool_path), router_num_cpus=0.1,
+            router_max_ongoing_requests=4, router_max_queued_requests=2, retry_after_s=3,
+        )
+        serve.run(build_app(args), name=APP, route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180) as client:
+            yield client
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replica_actors(deployment: str) -> list[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+
+
+def _running(deployment: str) -> int:
+    from ray import serve
+
+    dep = serve.status().applications[APP].deployments[deployment]
+    return {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}.get("RUNNING", 0)
+
+
+def test_killed_replica_under_load_fails_no_request_and_is_replaced(app):
+    import ray
+
+    before = _replica_actors("Generator-tiny-sd-2")
+    assert len(before) == 2
+
+    def ask(i: int) -> httpx.Response:
+        return app.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sd-2", "seed": i, "return": "none"})
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(ask, i) for i in range(30)]
+        while sum(f.done() for f in futures) < 4:  # mid-run: some answered, most still to come
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        answers = [f.result() for f in futures]
+    assert [a.status_code for a in answers] == [200] * 30, [a.text for a in answers if a.status_code != 200]
+    served_by = [a.json()["candidate"] for a in answers]
+    assert served_by.count("tiny-sd-2") >= 20  # retried on the surviving replica, rarely a fallback
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = _replica_actors("Generator-tiny-sd-2")
+        if _running("Generator-tiny-sd-2") == 2 and before[0] not in now and len(now) == 2:
+            break
+        time.sleep(1)
+    now = _replica_actors("Generator-tiny-sd-2")
+    assert before[0] not in now and len(now) == 2 and _running("Generator-tiny-sd-2") == 2, now
+
+
+def test_generator_timeout_frees_the_replica(app):
+    """tiny-sd-8 needs many seconds per image; the router gives up after 1 s and falls back, and the
+    replica stops drawing at its next denoising step instead of finishing for nobody."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Generator-tiny-sd-8", app_name=APP)
+    start = time.monotonic()
+    r = app.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sd-8", "return": "none"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["candidate"] != "tiny-sd-8"
+    assert body["fallback"]["reason"] == "timed out after 1 s (request_timeout_s)"
+    stats = handle.stats.remote().result()
+    while stats["busy"] and time.monotonic() - start < 60:
+        time.sleep(0.1)
+        stats = handle.stats.remote().result()
+    freed_after = time.monotonic() - start
+    assert stats["busy"] == 0 and stats["interrupted"] >= 1, stats
+    # A full 400-step drawing takes far longer than this (one step ~20 ms unloaded -> >= 8 s).
+    assert freed_after < 8, freed_after
+
+
+def test_overload_answers_503_with_retry_after(app):
+    """4 ongoing + 2 queued at the router: a burst of 14 slow requests gets the rest rejected at once."""
+
+    def ask(i: int) -> httpx.Response:
+        return app.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sd-8", "seed": i, "return": "none"})
+
+    with ThreadPoolExecutor(14) as pool:
+        answers = list(pool.map(ask, range(14)))
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 503}, [a.text for a in answers]
+    rejected = [a for a in answers if a.status_code == 503]
+    assert len(rejected) >= 14 - 6, codes
+    for a in rejected:
+        assert a.headers["retry-after"] == "3"
+        assert "backpressure" in a.text
+    assert codes.count(200) >= 1
