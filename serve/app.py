@@ -212,9 +212,9 @@ class Generator:
         seeds = [s for _, s in items]
         return await asyncio.to_thread(self._draw, prompts, seeds)
 
-    def stats(self) -> dict[str, int]:
-        """Requests and generate() calls this replica served (through a handle: `.stats.remote()`)."""
-        return dict(self._stats)
+    def stats(self) -> dict[str, Any]:
+        """Requests and generate() calls this replica served, and where it draws (`.stats.remote()`)."""
+        return {**self._stats, "device": str(getattr(self._generator, "device", "remote"))}
 
     async def __call__(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
         self._stats["requests"] += 1

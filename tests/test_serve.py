@@ -108,6 +108,22 @@ def test_shipped_serve_configs_validate():
         assert all(c.generator is not None for c in pool.candidates)
 
 
+def test_kuberay_manifests_keep_the_job_api_inside_and_require_a_token():
+    """The dashboard's job API runs arbitrary commands: no manifest may publish it; the Serve API needs a key."""
+    service = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    job = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayjob.yaml").read_text())
+    for head in (service["spec"]["rayClusterConfig"]["headGroupSpec"], job["spec"]["rayClusterSpec"]["headGroupSpec"]):
+        assert head["serviceType"] == "ClusterIP"
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    env = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": app["args"]["auth_token_env"], "valueFrom": {"secretKeyRef": {"name": "catimage-api-keys", "key": "keys"}}} in env
+    policy = yaml.safe_load((REPO / "deploy" / "kuberay" / "networkpolicy.yaml").read_text())
+    open_rules = [rule for rule in policy["spec"]["ingress"] if "from" not in rule]
+    assert [p["port"] for rule in open_rules for p in rule["ports"]] == [8000]  # only Serve is open to all
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    assert "--dashboard-host=127.0.0.1" in " ".join(cluster["head_start_ray_commands"])
+
+
 def test_rayjob_entrypoint_parses():
     from jobs.build_dataset import _parser
 
