@@ -1,6 +1,7 @@
 """Images/s of the Ray Data build job vs a plain Python loop over the same generator and metric.
 
     python benchmarks/build_throughput.py [--candidate tiny-sd-8] [--metric sharpness] [--prompts 64] [--seeds 2]
+    python benchmarks/build_throughput.py --submit-timing [--prompts 20] [--seeds 2]
 
 Modes (one candidate, one metric, the same prompts and seeds):
 
@@ -16,6 +17,13 @@ Two figures per mode:
                first inference: lazy init, allocator, caches): for `plain` the images after the
                first batch divided by the time after it; for Ray the rows written after the first
                part file divided by the time between the first and the last part file (mtimes)
+
+`--submit-timing`: where the time of a build submitted with `ray job submit` goes. A local head with
+the job API (ray.cluster_utils, its own processes, stopped afterwards; never `ray stop`, which would
+stop every Ray on the machine), then the whole tiny pool build submitted with `--working-dir .`; each
+line `ray job submit` streams back is time-stamped, which splits the wall time into: head start,
+package upload + job start, driver imports until the build's first log line, the Ray Data run, and
+the end. The same build in-process (`run_build`, a private local Ray) is timed for comparison.
 
 overhead ratio = steady s/image of ray1 / steady s/image of plain (target <= 1.3). Note that ray1
 also overlaps scoring (its own actor) with generation, which a plain loop cannot. The script
@@ -138,6 +146,76 @@ def run_ray(pool_path: Path, prompts_path: Path, seeds: int, out: Path) -> tuple
     return wall, rows_after_first / max(span, 1e-9)
 
 
+MARKS = (  # (label, substring of a line `ray job submit` streams back), in the order they appear
+    ("package uploaded", "Uploading package"),
+    ("job submitted", "submitted successfully"),
+    ("driver: imports done, build planned", "build:"),
+    ("Ray Data: execution started", "Starting execution"),
+    ("Ray Data: execution finished", "xecution finished"),
+    ("driver: summary printed", "catimage build"),
+    ("job succeeded", "succeeded"),
+)
+
+
+def submit_timing(n_prompts: int, seeds: int) -> None:
+    """Time the phases of a build submitted with `ray job submit` against an in-process one."""
+    import socket
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from jobs.build_dataset import run_build
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    work = Path(tempfile.mkdtemp(prefix="catimage-submit-"))
+    prompts = write_prompts(work / "prompts.txt", n_prompts)
+    pool = ROOT / "catimage" / "data" / "tiny_pool.yaml"
+    try:
+        cfg = BuildConfig(pool=pool, prompts=prompts, output=work / "inproc", seeds=seeds, num_cpus=2)
+        start = time.perf_counter()
+        result = run_build(cfg, progress=False)
+        inproc = time.perf_counter() - start
+        print(f"in-process run_build: {result.attempted} rows in {inproc:.1f} s (load avg {os.getloadavg()[0]:.1f})")
+        dash = free_port()
+        t0 = time.perf_counter()
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash})
+        try:
+            head_s = time.perf_counter() - t0
+            env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"}
+            cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                   "--working-dir", str(ROOT), "--", "python", "jobs/build_dataset.py", "--pool", str(pool),
+                   "--prompts", str(prompts), "--output", str(work / "job"), "--seeds", str(seeds), "--no-progress"]
+            t1 = time.perf_counter()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            seen: dict[str, float] = {}
+            for line in proc.stdout:
+                for label, needle in MARKS:
+                    if label not in seen and needle in line:
+                        seen[label] = time.perf_counter() - t1
+            proc.wait()
+            total = time.perf_counter() - t1
+        finally:
+            cluster.shutdown()
+            ray.shutdown()
+        print(f"ray job submit (head with the job API, 2 CPUs): head start {head_s:.1f} s (not counted below), "
+              f"submit to end {total:.1f} s, exit code {proc.returncode} (load avg {os.getloadavg()[0]:.1f})")
+        last = 0.0
+        for label, _ in MARKS:
+            if label in seen:
+                print(f"  +{seen[label]:6.1f} s  {label:40s} (phase {seen[label] - last:5.1f} s)")
+                last = seen[label]
+            else:
+                print(f"  (not seen) {label}")
+        print(f"  ratio submit / in-process: {total / inproc:.2f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", type=Path, default=ROOT / "configs" / "tiny_pool.yaml")
@@ -148,9 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="rounds over all modes; the median is reported")
     ap.add_argument("--modes", nargs="+", default=["plain", "ray1", "ray2"], choices=["plain", "ray1", "ray2"])
     ap.add_argument("--plain-run", nargs=3, metavar=("POOL", "PROMPTS", "SEEDS"), help=argparse.SUPPRESS)
+    ap.add_argument("--submit-timing", action="store_true", help="split a `ray job submit` build's wall time")
     args = ap.parse_args(argv)
     if args.plain_run:
         print(json.dumps(plain_loop(Path(args.plain_run[0]), Path(args.plain_run[1]), int(args.plain_run[2]))))
+        return
+    if args.submit_timing:
+        submit_timing(args.prompts, args.seeds)
         return
     work = Path(tempfile.mkdtemp(prefix="catimage-bench-"))
     images = args.prompts * args.seeds

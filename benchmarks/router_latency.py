@@ -1,16 +1,23 @@
 """Per-prompt router latency on this machine (prints; asserts nothing).
 
-    .venv/bin/python benchmarks/router_latency.py [--batch 64] [--repeats 5]
+    .venv/bin/python benchmarks/router_latency.py [--batch 64] [--repeats 5] [--single 60]
 
 Times, batched, (a) the prompt embedder and (b) estimator.predict + the routing rule, for every
 estimator, on GenAI-Bench prompts when ../shared/data is there (else the embedded demo prompts).
 Targets on the 2-core dev machine: estimator + rule <= 1 ms/prompt, minilm <= 15 ms/prompt.
+
+Then what one /v1/generate pays in the router with MiniLM, one prompt at a time (the Serve router's
+model thread runs torch on one thread): float32, int8 dynamic quantisation, a cache hit, and 8
+concurrent prompts batched into one call (what `@serve.batch` does under load), per prompt; medians
+over `--single` prompts, the variants interleaved so background load hits all alike. And how often
+the int8 embeddings change a routing decision of a knn fitted on float32 ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from catimage.routing import calibrate_lambda, route  # noqa: E402
 from catimage.table import MetricScaler, aggregate, read_quality_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def _prompts_and_labels(data: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -56,6 +64,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--single", type=int, default=60, help="prompts timed one at a time (MiniLM variants)")
     args = parser.parse_args()
     prompts, Y, costs = _prompts_and_labels(args.data)
     batch = prompts[: args.batch]
@@ -86,6 +95,52 @@ def main() -> None:
         ms = _time_per_prompt(lambda est=est, xb=xb: route(est.predict(xb), costs, lam), len(xb), args.repeats)
         table.add_row(f"estimator + rule: {est_name}", f"{ms:.3f}", "<= 1")
     console.print(table)
+    single_prompt(prompts, Y, costs, args.single, console)
+
+
+def single_prompt(prompts: list[str], Y: np.ndarray, costs: np.ndarray, n: int, console: Console) -> None:
+    import statistics
+
+    from serve.embedding_cache import LruEmbeddingCache
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32, int8 = make_embedder("minilm"), make_embedder("minilm", quantize="int8")
+        cached = LruEmbeddingCache(make_embedder("minilm"), 4096)
+        for e in (fp32, int8, cached):
+            e.encode(prompts[:8])  # load + first pass
+        cached.encode(prompts[:n])  # fill: every timed call below is a hit
+        times: dict[str, list[float]] = {"float32": [], "int8": [], "cache hit": [], "batch of 8, per prompt": []}
+        for i in range(n):
+            p = [prompts[i % len(prompts)]]
+            for name, fn in (("float32", lambda: fp32.encode(list(p))), ("int8", lambda: int8.encode(list(p))),
+                             ("cache hit", lambda: cached.encode(list(p)))):
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1000)
+            group = [prompts[(i * 8 + k) % len(prompts)] for k in range(8)]
+            start = time.perf_counter()
+            fp32.encode(group)
+            times["batch of 8, per prompt"].append((time.perf_counter() - start) * 1000 / 8)
+        table = Table(title=f"MiniLM, one prompt per call, 1 torch thread (median of {n}, interleaved)")
+        table.add_column("variant")
+        table.add_column("ms / prompt", justify="right")
+        for name, vals in times.items():
+            table.add_row(name, f"{statistics.median(vals):.2f}")
+        console.print(table)
+        # Decisions: a knn fitted on float32 embeddings, served with int8 ones.
+        n_fit = len(prompts) // 2
+        X32, X8 = fp32.encode(prompts), int8.encode(prompts)
+        est = make_estimator("knn").fit(X32[:n_fit], Y[:n_fit])
+        lam = calibrate_lambda(est.predict(X32[:n_fit]), costs, float(np.median(costs)))
+        a = route(est.predict(X32[n_fit:]), costs, lam)
+        b = route(est.predict(X8[n_fit:]), costs, lam)
+        cos = float(np.median(np.sum(X32 * X8, axis=1)))
+        console.print(f"int8 vs float32: median cosine of embeddings {cos:.4f}; routing decisions equal on "
+                      f"{np.mean(a == b):.1%} of {len(a)} held-out prompts (knn fitted on float32)")
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
