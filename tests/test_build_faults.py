@@ -54,14 +54,17 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
         address = f"http://127.0.0.1:{dash}"
         client = JobSubmissionClient(address)
         env = {**os.environ, "RAY_ADDRESS": address}
-        submit = subprocess.run(
-            [_ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
-             "--submission-id", "build-fault", "--", "python", "jobs/build_dataset.py",
-             "--pool", str(REPO / "catimage" / "data" / "tiny_pool.yaml"), "--prompts", str(prompts),
-             "--output", str(out), "--seeds", "2", "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=180,
-        )
-        assert submit.returncode == 0, submit.stdout + submit.stderr
+        command = [_ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+                   "--submission-id", "build-fault", "--", "python", "jobs/build_dataset.py",
+                   "--pool", str(REPO / "catimage" / "data" / "tiny_pool.yaml"), "--prompts", str(prompts),
+                   "--output", str(out), "--seeds", "2", "--no-progress"]
+        for _ in range(30):  # the dashboard's job API comes up a few seconds after the head
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+            submitted = submit.returncode == 0 or "already exists" in submit.stdout + submit.stderr
+            if submitted:
+                break
+            time.sleep(2)
+        assert submitted, submit.stdout + submit.stderr
         ray.init(address=cluster.address, log_to_driver=False)
         deadline = time.monotonic() + 600
         on_worker = []
@@ -76,7 +79,7 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
             assert status != JobStatus.SUCCEEDED, "the build finished before the worker could be killed"
             time.sleep(0.5)
         assert on_worker, "no build actor ran on the worker node"
-        cluster.remove_node(worker)  # SIGKILLs the worker's raylet and every process on it
+        cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: the worker's raylet and every process on it
         cluster.add_node(num_cpus=2)
         while time.monotonic() < deadline:
             status = client.get_job_status("build-fault")
