@@ -34,7 +34,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_serve_fixtures import REPO, free_port, tiny_pool_dict, write_planted_table, write_pool  # noqa: E402
+from train_serve_fixtures import (  # noqa: E402
+    REPO,
+    free_port,
+    start_local_ray,
+    tiny_pool_dict,
+    write_planted_table,
+    write_pool,
+)
 
 CAT = "a photo of a cat in the snow"
 SIGN = 'a neon sign that reads "SALE"'
@@ -194,7 +201,7 @@ def served(files):
     saved = {k: os.environ.get(k) for k in ("RAY_metrics_report_interval_ms", KEYS_ENV)}
     os.environ["RAY_metrics_report_interval_ms"] = "500"
     os.environ[KEYS_ENV] = f"tester:{TOKEN},other:{OTHER_TOKEN}"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

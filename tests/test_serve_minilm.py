@@ -22,7 +22,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_serve_fixtures import free_port, tiny_pool_dict, write_planted_table, write_pool  # noqa: E402
+from train_serve_fixtures import (  # noqa: E402
+    free_port,
+    start_local_ray,
+    tiny_pool_dict,
+    write_planted_table,
+    write_pool,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -46,7 +52,7 @@ def app(tmp_path_factory, tiny_cache):
     model = run_train(table, pool_path, root / "model", estimator="knn", embedder="minilm").model_dir
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

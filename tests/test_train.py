@@ -22,6 +22,7 @@ from train_serve_fixtures import (  # noqa: E402
     CANDIDATES,
     planted_prompts,
     planted_table,
+    start_local_ray,
     tiny_pool_dict,
     write_planted_table,
     write_pool,
@@ -40,7 +41,7 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

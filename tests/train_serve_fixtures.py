@@ -79,3 +79,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_local_ray(**kwargs) -> None:
+    """ray.init(address="local", num_cpus=2, ...), retried: on a loaded 2-core machine the raylet can
+    miss Ray's fixed 30 s registration window ("The current node timed out during startup")."""
+    import ray
+
+    kwargs = {"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False, **kwargs}
+    for attempt in range(3):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(err) or attempt == 2:
+                raise
+            ray.shutdown()
