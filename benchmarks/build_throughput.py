@@ -183,7 +183,8 @@ def submit_timing(n_prompts: int, seeds: int) -> None:
         dash = free_port()
         t0 = time.perf_counter()
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash})
+            "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
+            "dashboard_agent_listen_port": free_port()})
         try:
             head_s = time.perf_counter() - t0
             env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"}

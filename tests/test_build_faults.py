@@ -46,7 +46,9 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
         ray.shutdown()
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash},
+        # Free ports for the dashboard and its agent (the agent's default, 52365, may be another Ray's).
+        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
+                        "dashboard_agent_listen_port": free_port()},
     )
     try:
         worker = cluster.add_node(num_cpus=2)
