@@ -640,6 +640,7 @@ class Router:
     async def _call_generator(self, candidate: str, prompt: str, seed: int, want_image: bool) -> bytes | None:
         handle = self.generators[candidate]
         response = handle.remote(prompt, seed, want_image)
+        alone = self.in_flight[candidate] == 0  # no queue ahead (as far as this router knows)
         self.in_flight[candidate] += 1
         self.m_in_flight.set(self.in_flight[candidate], tags={"candidate": candidate})
         start = time.perf_counter()
@@ -651,8 +652,9 @@ class Router:
         finally:
             self.in_flight[candidate] -= 1
             self.m_in_flight.set(self.in_flight[candidate], tags={"candidate": candidate})
-        took = time.perf_counter() - start
-        self.service_s[candidate] = 0.8 * self.service_s[candidate] + 0.2 * took
+        if alone:  # service time, not queueing: the load term multiplies it by the queue itself
+            took = time.perf_counter() - start
+            self.service_s[candidate] = 0.8 * self.service_s[candidate] + 0.2 * took
         return png
 
     async def _draw(self, prompt: str, order: list[str], seed: int, want_image: bool) -> Drawn:
