@@ -6,7 +6,7 @@ tiny pool, with:
 
 * `tiny-sd-2`: two fixed replicas (the one killed under load);
 * `tiny-sd-8`: a deliberately slow drawing (a tiny SD at 400 steps, many seconds on this machine)
-  with `request_timeout_s` 1, one request at a time per replica;
+  with `request_timeout_s` 1, drawn one at a time per replica;
 * `tiny-sdxl-4`: the fast fallback;
 * the router: at most 4 ongoing requests and 8 queued, so a burst overflows it (a tighter queue
   also rejects ordinary traffic on a loaded machine: Serve counts requests waiting for a replica
@@ -54,7 +54,8 @@ def app(tmp_path_factory, tiny_cache):
     sd2["serve"] = {"num_cpus": 0.1, "max_ongoing_requests": 2, "request_timeout_s": 60,
                     "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
     sd8["generator"] = {"model": "tiny:sd", "steps": 400, "height": 64, "width": 64}
-    sd8["serve"] = {"num_cpus": 0.1, "max_ongoing_requests": 1, "request_timeout_s": 1.0}
+    # Two ongoing requests: a draw (one at a time, the replica's lock) and the stats() probes beside it.
+    sd8["serve"] = {"num_cpus": 0.1, "max_ongoing_requests": 2, "request_timeout_s": 1.0}
     sdxl4["serve"] = {"num_cpus": 0.1, "request_timeout_s": 60}
     pool_path = write_pool(root / "pool.yaml", pool)
     model = run_train(table, pool_path, root / "model", estimator="knn", embedder="tfidf").model_dir
