@@ -189,7 +189,7 @@ def submit_timing(n_prompts: int, seeds: int) -> None:
             head_s = time.perf_counter() - t0
             env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{dash}"}
             cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-                   "--working-dir", str(ROOT), "--", "python", "jobs/build_dataset.py", "--pool", str(pool),
+                   "--working-dir", str(ROOT), "--", sys.executable, "jobs/build_dataset.py", "--pool", str(pool),
                    "--prompts", str(prompts), "--output", str(work / "job"), "--seeds", str(seeds), "--no-progress"]
             t1 = time.perf_counter()
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -57,7 +57,7 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
         client = JobSubmissionClient(address)
         env = {**os.environ, "RAY_ADDRESS": address}
         command = [_ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
-                   "--submission-id", "build-fault", "--", "python", "jobs/build_dataset.py",
+                   "--submission-id", "build-fault", "--", sys.executable, "jobs/build_dataset.py",
                    "--pool", str(REPO / "catimage" / "data" / "tiny_pool.yaml"), "--prompts", str(prompts),
                    "--output", str(out), "--seeds", "2", "--no-progress"]
         for _ in range(30):  # the dashboard's job API comes up a few seconds after the head
