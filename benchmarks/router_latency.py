@@ -65,10 +65,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--single", type=int, default=60, help="prompts timed one at a time (MiniLM variants)")
+    parser.add_argument("--single-only", action="store_true", help="only the one-prompt-at-a-time MiniLM section")
     args = parser.parse_args()
     prompts, Y, costs = _prompts_and_labels(args.data)
     batch = prompts[: args.batch]
     console = Console(width=160)
+    if args.single_only:
+        single_prompt(prompts, Y, costs, args.single, console)
+        return
     console.print(f"torch threads: {torch.get_num_threads()}, batch {len(batch)} prompts, best of {args.repeats}")
 
     table = Table(title="router latency per prompt (ms), batched")
