@@ -274,7 +274,7 @@ BURST_QUALITY = {
 }
 
 
-def _burst_world(workdir: Path, mu: float) -> tuple[list[tuple[str, str]], dict[str, Path]]:
+def _burst_world(workdir: Path) -> tuple[list[tuple[str, str]], dict[str, Path]]:
     import numpy as np
     import pyarrow as pa
 
@@ -325,7 +325,7 @@ async def _burst(url: str, prefix: str, prompts: list[tuple[str, str]], n: int, 
 def burst_phase(url: str, workdir: Path, args: argparse.Namespace) -> None:
     from serve.app import AppArgs, build_app
 
-    prompts, world = _burst_world(workdir, args.mu)
+    prompts, world = _burst_world(workdir)
     for name, mu in (("burst-off", 0.0), ("burst-on", args.mu)):
         app_args = AppArgs(model_dir=str(world["model"]), pool=str(world["pool"]), router_num_cpus=0.1,
                            router_max_ongoing_requests=256, load_aware={"mu": mu}, status_cache_s=0.5)
