@@ -5,8 +5,8 @@ A two-node Ray cluster on this machine (ray.cluster_utils.Cluster: two raylets o
 head with 1 CPU and the job API (dashboard on a free port), a worker with 2 CPUs. The tiny pool's
 actor pools need 1.25 CPUs, so part of the build runs on the worker. The build is submitted the way
 users do (`ray job submit --working-dir`); once it has written its first part file the worker node
-is removed (its raylet and every process on it killed) and a fresh one joins, as an autoscaler
-would replace it.
+is removed (its raylet and every process on it SIGKILLed) and a fresh one joins, as an autoscaler
+would replace it. The pool is the tiny one at 30 steps, so the build outlasts its first part files.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -40,6 +41,14 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
+    # The tiny pool, slowed down (30 steps, blocks of 4 rows) so that the build is surely still
+    # running when its first part files appear, however fast the machine.
+    pool = yaml.safe_load((REPO / "catimage" / "data" / "tiny_pool.yaml").read_text())
+    for cand in pool["candidates"]:
+        cand["generator"]["steps"] = 30
+        cand["build"]["batch_size"] = 4
+    pool_path = tmp_path / "pool.yaml"
+    pool_path.write_text(yaml.safe_dump(pool, sort_keys=False))
     out = tmp_path / "build"
     dash = free_port()
     if ray.is_initialized():
@@ -58,7 +67,7 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
         env = {**os.environ, "RAY_ADDRESS": address}
         command = [_ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
                    "--submission-id", "build-fault", "--", sys.executable, "jobs/build_dataset.py",
-                   "--pool", str(REPO / "catimage" / "data" / "tiny_pool.yaml"), "--prompts", str(prompts),
+                   "--pool", str(pool_path), "--prompts", str(prompts),
                    "--output", str(out), "--seeds", "2", "--no-progress"]
         for _ in range(30):  # the dashboard's job API comes up a few seconds after the head
             submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
