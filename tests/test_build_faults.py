@@ -83,7 +83,8 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
             status = client.get_job_status("build-fault")
             assert status not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs("build-fault")[-4000:]
             parts = list(out.glob("parts/run-*/*.parquet"))
-            on_worker = [a for a in list_actors(filters=[("node_id", "=", worker.node_id), ("state", "=", "ALIVE")])
+            alive_there = [("node_id", "=", worker.node_id), ("state", "=", "ALIVE")]
+            on_worker = [a for a in list_actors(address=address, filters=alive_there)
                          if "Stage" in (a.class_name or "") or "MapWorker" in (a.class_name or "")]
             if parts and on_worker:
                 break
