@@ -245,7 +245,7 @@ def route_cmd(
 def cost(
     pool: Annotated[Path, typer.Argument(help="Pool YAML whose diffusers candidates to count")],
     out: Annotated[Path | None, typer.Option(help="Write the pool with counted costs here (default: print only)")] = None,
-    unit: Annotated[str, typer.Option(help="tflops (meta-device FLOP count) or seconds (measured here)")] = "tflops",
+    unit: Annotated[str, typer.Option(help="tflops or gflops (meta-device FLOP count) or seconds (measured here)")] = "tflops",
     images: Annotated[int, typer.Option(help="Images per candidate when measuring seconds")] = 2,
 ) -> None:
     """Count TFLOPs per image (torch FLOP counter on the meta device) or measure seconds per image."""

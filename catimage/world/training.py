@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from catimage.world.grammar import describe, realize, sample_specs
-from catimage.world.models import MODELS, SCHEDULE, IMAGE_SIZE
+from catimage.world.models import IMAGE_SIZE, MODELS, SCHEDULE, WorldModelSpec
 from catimage.world.pipeline import pack, pad_tokens, text_tokens, with_coords
 from catimage.world.render import render_array
 from catimage.world.scene import SceneSpec
@@ -157,7 +157,8 @@ def make_batch(bank: PromptBank, settings: TrainSettings, rng: np.random.Generat
 class WorldTrainer:
     """UNet + optimiser + LR schedule + EMA + noise schedule; `step()` runs one optimisation step."""
 
-    def __init__(self, settings: TrainSettings, bank: PromptBank) -> None:
+    def __init__(self, settings: TrainSettings, bank: PromptBank, spec: WorldModelSpec | None = None) -> None:
+        """`spec` overrides the architecture named by `settings.model` (tests train tiny ones)."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from diffusers.optimization import get_cosine_schedule_with_warmup
         from diffusers.training_utils import EMAModel
@@ -165,7 +166,7 @@ class WorldTrainer:
         self.settings = settings
         self.bank = bank
         torch.manual_seed(settings.seed)
-        self.unet = UNet2DConditionModel(**MODELS[settings.model].unet_config())
+        self.unet = UNet2DConditionModel(**(spec or MODELS[settings.model]).unet_config())
         self.noise = DDPMScheduler(**SCHEDULE)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         floor = settings.min_lr / settings.lr
