@@ -424,12 +424,13 @@ caption {{ text-align: left; padding: 0 0 6px; font-size: 13px; }}
 .legend {{ display: flex; flex-wrap: wrap; gap: 8px 24px; margin: 4px 0 12px; padding: 0; list-style: none; }}
 .swatch {{ display: inline-block; width: 14px; height: 14px; border-radius: 3px; vertical-align: -2px; margin-right: 6px; }}
 table.gallery th, table.gallery td {{ border-bottom: 1px solid var(--line); vertical-align: top; }}
-table.gallery thead th {{ background: var(--soft); padding: 8px 10px; font-weight: 600; text-align: center; }}
+table.gallery thead th {{ background: var(--soft); padding: 8px 6px; font-weight: 600; text-align: center;
+  max-width: {THUMB_PX + 20}px; overflow-wrap: anywhere; }}
 table.gallery thead th:first-child {{ text-align: left; padding-left: 4px; }}
 table.gallery thead th .muted {{ display: block; font-weight: 400; font-size: 12px; }}
-table.gallery th.prompt {{ width: 240px; min-width: 180px; padding: 14px 14px 14px 4px; text-align: left; font-weight: 400; }}
+table.gallery th.prompt {{ width: 220px; min-width: 160px; padding: 14px 12px 14px 4px; text-align: left; font-weight: 400; }}
 table.gallery th.prompt code {{ display: block; color: var(--muted); font-size: 11px; margin-top: 4px; }}
-table.gallery td {{ padding: 16px 14px 12px; text-align: center; min-width: {THUMB_PX + 28}px; }}
+table.gallery td {{ padding: 16px 10px 12px; text-align: center; min-width: {THUMB_PX + 20}px; }}
 .frame {{ width: {THUMB_PX}px; height: {THUMB_PX}px; margin: 0 auto; background: #eceff3;
   display: flex; align-items: center; justify-content: center; }}
 .frame img {{ width: {THUMB_PX}px; height: {THUMB_PX}px; object-fit: contain; display: block; }}

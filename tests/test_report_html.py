@@ -349,3 +349,13 @@ def block_of_checker(shot: np.ndarray, right_of: tuple[int, int, int, int]) -> n
     assert xs.size, "no black pixels right of the blue block on its top row"
     left = right + 1 + int(xs[0])
     return shot[top:top + BOX, left:left + BOX]
+
+
+def test_missing_chromium_skips_locally_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not found"):
+        chromium_binary()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="not installed in CI"):
+        chromium_binary()
