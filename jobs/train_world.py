@@ -147,7 +147,10 @@ def run(settings: TrainSettings, out: Path, storage: Path, report_every: int = 5
         "wall_seconds_this_invocation": time.perf_counter() - start, "threads": threads,
         "ray_run": run_name(settings),
     }, indent=1))
-    log.info("exported %s (%d parameters) to %s", settings.model, final.n_params, target)
+    from catimage.world.card import write_model_card
+
+    write_model_card(out)
+    log.info("exported %s (%d parameters) to %s; model card %s", settings.model, final.n_params, target, out)
     return target
 
 
