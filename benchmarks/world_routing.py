@@ -2,6 +2,7 @@
 
     python benchmarks/world_routing.py build [--prompts 1200] [--seeds 4]    # Ray Data, ~1 h on 2 cores
     python benchmarks/world_routing.py evaluate [--trials 10]                # seconds, from the shipped table
+    python benchmarks/world_routing.py foreign [--prompts FILE] [--seeds 4]  # the shipped router on new phrasing
 
 `build` draws held-out world prompts (scenes no generator trained on, disjoint from the demo's),
 runs the Ray Data build job over every candidate of catimage/data/world_pool.yaml x S seeds with
@@ -11,6 +12,10 @@ catimage/data/world_table.parquet, the table the package ships.
 `evaluate` prints (1) the per-complexity table: mean scene_score of every candidate by the number
 of objects in the prompt (read with the verifier's parser; the router never sees it), and (2) the
 routing figures over re-drawn splits (`catimage evaluate` on the same table gives the same).
+
+`foreign` builds prompts written outside the grammar (default: benchmarks/world_foreign_prompts.txt,
+hand-written in the world's vocabulary with other sentence shapes) and routes them with the SHIPPED
+router (catimage/data/world_router): does the gain hold on phrasing it was not fitted on?
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ DATA = ROOT / "catimage" / "data"
 POOL = DATA / "world_pool.yaml"
 TABLE = DATA / "world_table.parquet"
 DEMO_PROMPTS = DATA / "world_demo_prompts.txt"
+ROUTER = DATA / "world_router"
+FOREIGN = Path(__file__).resolve().parent / "world_foreign_prompts.txt"
 METRIC = "scene_score"
 TABLE_SEED = 2027
 
@@ -114,6 +121,27 @@ def evaluate(args: argparse.Namespace) -> None:
     console.print(tab)
 
 
+def foreign(args: argparse.Namespace) -> None:
+    from catimage.build import BuildConfig
+    from catimage.evaluation import evaluate_predictions
+    from catimage.router_model import RouterModel
+    from catimage.table import load_pool_matrix
+    from jobs.build_dataset import print_summary, run_build
+
+    out = Path(args.work) / f"foreign-{Path(args.prompts).stem}"
+    result = run_build(BuildConfig(pool=POOL, prompts=Path(args.prompts), output=out, seeds=args.seeds,
+                                   num_cpus=args.num_cpus), progress=True)
+    print_summary(result, Console())
+    pool, matrix, costs = load_pool_matrix(result.table_path, POOL, metric=METRIC)
+    router = RouterModel.load(args.router)
+    ev = evaluate_predictions(router.predict(matrix.prompts), matrix.mean, costs, matrix.candidates)
+    s = ev.summary
+    print(f"{matrix.n_prompts} prompts from {args.prompts}, S={args.seeds}, router {args.router}")
+    print(f"best fixed {s['best_fixed']} ({s['best_fixed_quality']:.3f} at cost {s['best_fixed_cost']:.3g} {pool.cost_unit}); "
+          f"router at that cost {s['quality_at_best_fixed_cost']:.3f}; cost ratio to match "
+          f"{s['cost_ratio_to_match_best_fixed']}; area over hull {s['area_over_hull']:+.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,8 +154,14 @@ def main() -> None:
     e.add_argument("--trials", type=int, default=10)
     e.add_argument("--test-frac", type=float, default=0.2)
     e.add_argument("--estimators", nargs="+", default=["knn", "linear", "transformer"])
+    f = sub.add_parser("foreign", help="build prompts written outside the grammar and route them with the shipped router")
+    f.add_argument("--prompts", default=str(FOREIGN))
+    f.add_argument("--seeds", type=int, default=4)
+    f.add_argument("--router", default=str(ROUTER))
+    f.add_argument("--num-cpus", type=float, default=None)
+    f.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "catimage-world-table"))
     args = parser.parse_args()
-    build(args) if args.command == "build" else evaluate(args)
+    {"build": build, "evaluate": evaluate, "foreign": foreign}[args.command](args)
 
 
 if __name__ == "__main__":
