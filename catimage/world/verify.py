@@ -1,0 +1,464 @@
+"""Does a picture draw what a world prompt asks for? `verify(spec, image) -> Verdict`, score in [0, 1].
+
+GenEval-style: the prompt's spec becomes a list of weighted checks, each with a value in [0, 1], and
+the score is sum(weight * value) / sum(weight). `Verdict.checks` lists them, so a report can say why
+an image lost points. Classical vision only (numpy / scipy / PIL), so it runs anywhere, fast.
+
+How the picture is read (at 32 x 32, the generators' size; other sizes are box-resized to it):
+1. Background: the colour shared by the most pixels, found among border pixels (each candidate
+   counts the pixels within `BG_RADIUS` of it) and refined to the mean of those pixels. Border,
+   because the background shows there; a count over the whole picture, because four large objects
+   in the corners can cover most of the border, never most of the picture (objects cover <= 36 %).
+2. Colour unmixing: every pixel is explained as background + alpha * (palette colour - background)
+   for the palette colour whose segment it lies nearest to (residual = RGB distance to the
+   segment). Anti-aliased and blurred edges are exactly such mixtures, so on ground truth every
+   pixel has residual ~0 and alpha is its coverage. Foreground = alpha >= 0.5 (the half-coverage
+   line, the same for every colour and background) or far from the background (> `FAR`) without
+   fitting any segment (off-palette paint is foreground too, and counts against clean colour).
+3. Objects: connected components of the foreground (4-connected: drawn objects never share an
+   edge-adjacent cell, diagonal neighbours may come within ~1 px) of at least `AREA_MIN` pixels.
+   Each gets its majority colour and a soft mask: alpha of that colour over the component and the
+   1-pixel ring around it (so the anti-aliased edge counts with its coverage).
+4. Shape: the soft mask is compared with an ideal circle, square and upward triangle of the same
+   soft area and mass centre (a triangle's box centre sits b/6 above its mass centre), drawn with
+   linear anti-aliasing; the best soft IoU (sum min / sum max) names the shape when it is at least
+   `SHAPE_FIT`, else the object is a "blob". Components whose best fit is under `PRESENT_FIT`, or
+   whose area is outside [`AREA_MIN`, `AREA_MAX`], are not objects (noise, a smear of several).
+   Extent (canvas units) is the best template's side / diameter / base: "large" if >= `LARGE_FROM`.
+   Position: the template's box centre -> grid row and column.
+
+How the spec is checked. Asked objects (every member of a group) are matched to detected objects
+by the assignment that satisfies the most weighted checks (brute force over injective matchings;
+<= 4 objects, <= `MAX_CANDIDATES` detections), so a colour swap reads as wrong colours, not as
+missing objects. Checks, weights and why:
+
+    check         weight  per                  value
+    present       1.0     asked object         1 if matched to a detected object
+    colour        1.0     asked object         1 if its match has the asked colour
+    shape         1.0     asked object         1 if its match has the asked shape
+    size          0.5     object with a size   1 if its match has the asked size (a coarse cue)
+    position      1.0     object with a place  share of the constrained axes (row / col) right
+    count         1.0     group of 2-3         1 - |found - asked| / asked (found: detections of
+                                               the group's colour and shape), >= 0
+    relation      1.0     relation             share of (subject, target) member pairs whose
+                                               centres are in order by more than `REL_MARGIN`
+    background    0.5     asked background     1 if the estimated background is the asked one
+    no_extra      1.0     image                1 / (1 + detections left unmatched)
+    clean_colour  0.5     image                foreground share within `CLEAN_RES` of a palette
+                                               segment, mapped linearly from 0.5 (-> 0) to 0.9 (-> 1)
+    crisp_edges   0.5     image                mean over matched objects of the edge width
+                                               sum 4a(1-a) / perimeter, mapped linearly from
+                                               `EDGE_SHARP` px (-> 1) to `EDGE_BLUR` px (-> 0)
+
+Present, colour and shape carry the most because they are what a prompt is mostly about (and what
+model capacity changes); count, position and relation weigh one object's worth each. no_extra,
+clean_colour and crisp_edges are what more diffusion steps change (stray blobs, washed-out colour,
+blur); together they are ~1/4 to ~1/2 of a scene's weight. background, no_extra, clean_colour and
+crisp_edges are multiplied by the share of asked objects found: a clean picture of something else,
+or a blank canvas in the asked colour, draws nothing that was asked and earns nothing for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from catimage.world.parse import parse
+from catimage.world.scene import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SceneSpec
+
+WORK = 32  # analysis resolution (the generators' size); thresholds in pixels refer to it
+BG_RADIUS = 30.0  # RGB distance for "same background colour" (noise of a flat generated background)
+NOISE_FLOOR = 8.0  # RGB distance from the background under which a pixel holds no paint (alpha < ~0.07)
+RING = 2  # px around a component whose partial pixels (of its colour) belong to its soft mask
+FAR = 70.0  # RGB distance from the background beyond which an off-palette pixel is foreground
+CLEAN_RES = 40.0  # RGB distance to a palette segment for a clean pixel (blue-purple, the nearest
+# pair, are 118 apart: a third of that is still unambiguously one colour)
+PAINT_RES = 60.0  # RGB distance to a palette segment for a pixel to count as painted in that colour
+PURITY_MIN = 0.5  # share of a component painted in its colour for it to be an object
+BG_NAME_DIST = 60.0  # the estimated background names a world background within this distance
+AREA_MIN = 8.0  # px: a small triangle covers ~20 px, so 40 % of the smallest object
+AREA_MAX = 230.0  # px: 2.5 x a large square (92 px); bigger is a smear, not an object
+PRESENT_FIT = 0.5  # best template IoU for a component to count as an object at all
+SHAPE_FIT = 0.72  # best template IoU for a shape name (below: a blob)
+LARGE_FROM = 0.25  # canvas units: midway between small (0.2) and large (0.3)
+REL_MARGIN = 0.05  # canvas units (1.6 px): centres closer than this are in no order
+EDGE_SHARP, EDGE_BLUR = 1.0, 2.2  # px of edge width: ground truth ~0.7, a sigma-1 blur ~2.3
+CLEAN_LO, CLEAN_HI = 0.5, 0.9
+MAX_CANDIDATES = 7
+
+WEIGHTS: dict[str, float] = {
+    "present": 1.0,
+    "colour": 1.0,
+    "shape": 1.0,
+    "size": 0.5,
+    "position": 1.0,
+    "count": 1.0,
+    "relation": 1.0,
+    "background": 0.5,
+    "no_extra": 1.0,
+    "clean_colour": 0.5,
+    "crisp_edges": 0.5,
+}
+
+_COLOUR_NAMES = tuple(COLOURS)
+_PALETTE = np.array([COLOURS[c] for c in _COLOUR_NAMES], dtype=np.float64)
+_BG_NAMES = tuple(BACKGROUNDS)
+_BG_RGB = np.array([BACKGROUNDS[b] for b in _BG_NAMES], dtype=np.float64)
+_YS, _XS = np.mgrid[0:WORK, 0:WORK].astype(np.float64) + 0.5
+_XS, _YS = _XS.ravel(), _YS.ravel()
+_ring = np.zeros((WORK, WORK), bool)
+_ring[[0, -1], :] = _ring[:, [0, -1]] = True
+_BORDER_ALL = np.flatnonzero(_ring.ravel())
+_BORDER = _BORDER_ALL[::3]
+_FOUR = ndimage.generate_binary_structure(2, 1)
+_SQRT5 = np.sqrt(5.0)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One requirement of the prompt: its name, weight, and how far the image meets it (0..1)."""
+
+    name: str
+    weight: float
+    value: float
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One object read off the image (canvas units for position and extent)."""
+
+    colour: str
+    shape: str  # a world shape, or "blob" when no template fits well
+    size: str
+    cx: float
+    cy: float
+    extent: float
+    area: float  # soft area, px at WORK resolution
+    fit: float  # best template soft IoU
+    edge_width: float  # px
+    purity: float  # share of its pixels painted (within PAINT_RES) in its colour
+    is_object: bool  # passes PRESENT_FIT and the area range (may be matched)
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        return min(2, max(0, int(self.cy * 3))), min(2, max(0, int(self.cx * 3)))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the image shows, independent of any prompt."""
+
+    background_rgb: tuple[float, float, float]
+    background: str | None  # nearest world background within BG_NAME_DIST
+    detections: tuple[Detection, ...]
+    clean_share: float  # share of foreground pixels within CLEAN_RES of a palette segment
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The score and the checks behind it."""
+
+    score: float
+    checks: tuple[Check, ...]
+    reading: Reading
+    matching: tuple[int | None, ...]  # detection index for each asked object (groups expanded)
+
+    def value(self, prefix: str) -> float:
+        """Weighted mean value of the checks whose name starts with `prefix` (e.g. "shape")."""
+        sel = [c for c in self.checks if c.name.startswith(prefix)]
+        if not sel:
+            raise KeyError(f"no check named {prefix!r}*; have {[c.name for c in self.checks]}")
+        return sum(c.weight * c.value for c in sel) / sum(c.weight for c in sel)
+
+
+# --- reading the image ----------------------------------------------------------------------------
+
+
+def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    """(WORK*WORK, 3) float64 RGB of the image box-resized to WORK x WORK."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (WORK, WORK):
+        image = image.resize((WORK, WORK), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.float64).reshape(-1, 3)
+
+
+def _background(px: np.ndarray) -> np.ndarray:
+    """The background colour: the median border colour when most of the picture shares it (the
+    usual case, fast), else the border pixel whose colour the most pixels share."""
+    guess = np.median(px[_BORDER_ALL], axis=0)
+    near = ((px - guess) ** 2).sum(1) < BG_RADIUS**2
+    if near.mean() >= 0.5:
+        return px[near].mean(0)
+    cand = px[_BORDER]
+    d2 = (cand * cand).sum(1)[:, None] - 2.0 * cand @ px.T + (px * px).sum(1)[None, :]
+    near_all = d2 < BG_RADIUS**2
+    best = int(np.argmax(near_all.sum(1)))
+    return px[near_all[best]].mean(0)
+
+
+def _templates(
+    area: np.ndarray, cx: np.ndarray, cy: np.ndarray, ramp: np.ndarray, xs: np.ndarray, ys: np.ndarray
+) -> np.ndarray:
+    """Coverage (3, n) of an ideal circle, square and triangle at pixel centres (xs, ys), n pixels,
+    each pixel given the area, mass centre and edge ramp width (px) of its own component."""
+    dx, dy = xs - cx, ys - cy
+    circle = np.sqrt(area / np.pi) - np.hypot(dx, dy)
+    square = np.sqrt(area) / 2 - np.maximum(np.abs(dx), np.abs(dy))
+    b = np.sqrt(2 * area)
+    top = dy + b * (1 / 6 + 1 / 2)  # y below the apex (the mass centre is 2b/3 below it)
+    triangle = np.minimum(np.minimum(b - top, (2 * dx + top) / _SQRT5), (-2 * dx + top) / _SQRT5)
+    return np.clip(0.5 + np.stack([circle, square, triangle]) / ramp, 0.0, 1.0)
+
+
+def _unmix(d: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For pixels d (= rgb - background): alpha (n, 5) along each background->palette segment,
+    the nearest segment's index (n,) and the RGB distance to it (n,)."""
+    v = _PALETTE - bg
+    vv = np.maximum((v * v).sum(1), 100.0)  # a palette colour equal to the background has no segment
+    dots = d @ v.T
+    alpha = np.clip(dots / vv, 0.0, 1.0)
+    res2 = (d * d).sum(1)[:, None] - 2 * alpha * dots + alpha * alpha * vv
+    best = np.argmin(res2, axis=1)
+    return alpha, best, np.sqrt(np.maximum(res2[np.arange(len(d)), best], 0.0))
+
+
+def read_image(image: Image.Image | np.ndarray) -> Reading:
+    """Background, objects and colour cleanliness of one image (see the module docstring)."""
+    px = _pixels(image)
+    bg = _background(px)
+    bg_name = _name_background(bg)
+    d = px - bg
+    dist2 = (d * d).sum(1)
+    sub = np.flatnonzero(dist2 > NOISE_FLOOR**2)  # pixels that may hold paint (all others: alpha ~ 0)
+    alpha, best, res = _unmix(d[sub], bg)
+    rows = np.arange(len(sub))
+    a_best = alpha[rows, best]
+    clean = res <= CLEAN_RES
+    fg_s = (a_best >= 0.5) | ((dist2[sub] > FAR**2) & ~clean)
+    n_fg = int(fg_s.sum())
+    clean_share = float((fg_s & clean).sum() / n_fg) if n_fg else 1.0
+    fg = np.zeros(WORK * WORK, dtype=bool)
+    fg[sub[fg_s]] = True
+
+    labels, n = ndimage.label(fg.reshape(WORK, WORK), _FOUR)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = areas >= AREA_MIN
+    keep[0] = False
+    k = int(keep.sum())
+    if k == 0:
+        return Reading(tuple(bg.tolist()), bg_name, (), clean_share)
+    ids = np.zeros(n + 1, dtype=np.int64)
+    ids[keep] = np.arange(1, k + 1)
+    own = labels.ravel()[sub]
+    near = ndimage.maximum_filter(labels, size=2 * RING + 1).ravel()[sub]
+    comp = ids[np.where(fg_s, own, np.where(clean, near, 0))]  # 1..k, 0 = no object's region
+
+    painted = fg_s & (comp > 0) & (res <= PAINT_RES)
+    votes = np.bincount(comp[painted] * len(_PALETTE) + best[painted], minlength=(k + 1) * len(_PALETTE))
+    votes = votes.reshape(k + 1, len(_PALETTE))[1:]
+    colour = np.argmax(votes, axis=1)
+    purity = votes[np.arange(k), colour] / areas[keep]
+
+    colour_of = np.concatenate([[0], colour])[comp]
+    in_comp = (comp > 0) & (fg_s | (best == colour_of))  # ring pixels only in the object's own colour
+    sel = np.flatnonzero(in_comp)
+    c = comp[sel]
+    soft = alpha[sel, colour_of[sel]]
+    xs, ys = _XS[sub[sel]], _YS[sub[sel]]
+
+    def per_comp(values: np.ndarray) -> np.ndarray:
+        return np.bincount(c, weights=values, minlength=k + 1)[1:]
+
+    area = per_comp(soft)
+    area = np.maximum(area, 1e-9)
+    cx, cy = per_comp(soft * xs) / area, per_comp(soft * ys) / area
+    band = per_comp(4 * soft * (1 - soft))
+    # edge ramp width: a linear ramp of width w gives sum 4a(1-a) = 2w/3 per unit of perimeter
+    # (circle-equivalent perimeter here; the shapes' perimeters differ by < 25 %)
+    ramp = np.maximum(1.0, 1.5 * band / (2 * np.sqrt(np.pi * area)))
+    pad = lambda v: np.concatenate([[1.0], v])[c]  # noqa: E731  (per-pixel copy of a per-object value)
+    cover = _templates(pad(area), pad(cx), pad(cy), pad(ramp), xs, ys)
+    inter = np.stack([per_comp(np.minimum(cover[s], soft)) for s in range(3)], axis=1)
+    iou = inter / (2 * area[:, None] - inter)  # the templates' own mass is the object's area
+    which = np.argmax(iou, axis=1)
+    fit = iou[np.arange(k), which]
+    side = np.stack([2 * np.sqrt(area / np.pi), np.sqrt(area), np.sqrt(2 * area)], axis=1)
+    extent = side[np.arange(k), which]
+    box_cy = np.where(which == 2, cy - extent / 6, cy)
+    perimeter = np.choose(which, [np.pi * extent, 4 * extent, extent * (1 + _SQRT5)])
+    edge = band / perimeter
+    dets = []
+    for i in range(k):
+        ext = float(extent[i] / WORK)
+        dets.append(
+            Detection(
+                colour=_COLOUR_NAMES[colour[i]],
+                shape=SHAPES[which[i]] if fit[i] >= SHAPE_FIT else "blob",
+                size="large" if ext >= LARGE_FROM else "small",
+                cx=float(cx[i] / WORK),
+                cy=float(box_cy[i] / WORK),
+                extent=ext,
+                area=float(area[i]),
+                fit=float(fit[i]),
+                edge_width=float(edge[i]),
+                purity=float(purity[i]),
+                is_object=bool(fit[i] >= PRESENT_FIT and purity[i] >= PURITY_MIN and AREA_MIN <= area[i] <= AREA_MAX),
+            )
+        )
+    return Reading(tuple(bg.tolist()), bg_name, tuple(dets), clean_share)
+
+
+def _name_background(bg: np.ndarray) -> str | None:
+    dist = np.sqrt(((_BG_RGB - bg) ** 2).sum(1))
+    i = int(np.argmin(dist))
+    return _BG_NAMES[i] if dist[i] <= BG_NAME_DIST else None
+
+
+# --- checking a spec against a reading ------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _matchings(n: int, m: int) -> np.ndarray:
+    """All injective maps of n asked objects onto m detections that match min(n, m) of them:
+    (R, n) int, -1 = unmatched."""
+    if m >= n:
+        return np.array(list(itertools.permutations(range(m), n)), dtype=np.int64).reshape(-1, n)
+    rows = set()
+    for inst in itertools.permutations(range(n), m):  # inst[j] = asked object given detection j
+        row = [-1] * n
+        for j, i in enumerate(inst):
+            row[i] = j
+        rows.add(tuple(row))
+    return np.array(sorted(rows, reverse=True), dtype=np.int64).reshape(-1, n)
+
+
+def _in_order(a: Detection, relation: str, b: Detection) -> bool:
+    if relation == "left of":
+        return a.cx < b.cx - REL_MARGIN
+    if relation == "right of":
+        return a.cx > b.cx + REL_MARGIN
+    if relation == "above":
+        return a.cy < b.cy - REL_MARGIN
+    return a.cy > b.cy + REL_MARGIN  # below
+
+
+def _position_value(det: Detection, position: str) -> float:
+    row, col = POSITIONS[position]
+    r, c = det.cell
+    axes = [ok for want, got in ((row, r), (col, c)) if want is not None for ok in [want == got]]
+    return sum(axes) / len(axes)
+
+
+def _label(spec: SceneSpec, g: int, member: int) -> str:
+    obj = spec.objects[g]
+    name = f"{obj.colour} {obj.shape}"
+    return f"{name} #{member + 1}" if obj.count > 1 else name
+
+
+def check(spec: SceneSpec, reading: Reading) -> Verdict:
+    """The checks of `spec` on an image's `reading` (see the module docstring)."""
+    owner = [g for g, obj in enumerate(spec.objects) for _ in range(obj.count)]
+    members = [[i for i, g in enumerate(owner) if g == k] for k in range(len(spec.objects))]
+    cand = [j for j, det in enumerate(reading.detections) if det.is_object]
+    if len(cand) > MAX_CANDIDATES:
+        cand = sorted(cand, key=lambda j: -reading.detections[j].fit * reading.detections[j].area)
+        cand = sorted(cand[:MAX_CANDIDATES])
+    dets = [reading.detections[j] for j in cand]
+    n, m = len(owner), len(dets)
+
+    # unary[i, j]: weighted value of object i's own checks if matched to dets[j]; column m = unmatched
+    unary = np.zeros((n, m + 1))
+    parts: dict[str, np.ndarray] = {}
+    for name in ("present", "colour", "shape", "size", "position"):
+        parts[name] = np.zeros((n, m + 1))
+    compatible = np.zeros((n, m + 1))  # a match needs the asked colour or the asked shape
+    for i, g in enumerate(owner):
+        obj = spec.objects[g]
+        for j, det in enumerate(dets):
+            compatible[i, j] = float(det.colour == obj.colour or det.shape == obj.shape)
+            parts["present"][i, j] = 1.0
+            parts["colour"][i, j] = float(det.colour == obj.colour)
+            parts["shape"][i, j] = float(det.shape == obj.shape)
+            if obj.size is not None:
+                parts["size"][i, j] = float(det.size == obj.size)
+            if obj.position is not None:
+                parts["position"][i, j] = _position_value(det, obj.position)
+    for name in parts:
+        parts[name] *= compatible
+        unary += WEIGHTS[name] * parts[name]
+    rel_ok = [
+        np.array([[float(_in_order(a, r.relation, b)) for b in dets] + [0.0] for a in dets] + [[0.0] * (m + 1)])
+        for r in spec.relations
+    ]
+
+    rows = _matchings(n, m)
+    cols = np.arange(n)[None, :]
+    rows = np.where(compatible[cols, rows] > 0, rows, -1)  # incompatible pairs stay unmatched
+    total = unary[cols, rows].sum(1)
+    rel_values = []
+    for r, ok in zip(spec.relations, rel_ok):
+        pairs = [(s, t) for s in members[r.subject] for t in members[r.target]]
+        val = np.mean([ok[rows[:, s], rows[:, t]] for s, t in pairs], axis=0)
+        rel_values.append(val)
+        total = total + WEIGHTS["relation"] * val
+    best = int(np.argmax(total))
+    row = rows[best]
+
+    checks: list[Check] = []
+    for i, g in enumerate(owner):
+        obj, lab = spec.objects[g], _label(spec, g, members[g].index(i))
+        names = ["present", "colour", "shape"] + ["size"] * (obj.size is not None)
+        names += ["position"] * (obj.position is not None)
+        for name in names:
+            checks.append(Check(f"{name}({lab})", WEIGHTS[name], float(parts[name][i, row[i]])))
+    for g, obj in enumerate(spec.objects):
+        if obj.count > 1:
+            found = sum(d.colour == obj.colour and d.shape == obj.shape for d in dets)
+            value = max(0.0, 1.0 - abs(found - obj.count) / obj.count)
+            checks.append(Check(f"count({obj.count} {obj.colour} {obj.shape}s)", WEIGHTS["count"], value))
+    for r, val in zip(spec.relations, rel_values):
+        a, b = spec.objects[r.subject], spec.objects[r.target]
+        name = f"relation({a.colour} {a.shape} {r.relation} {b.colour} {b.shape})"
+        checks.append(Check(name, WEIGHTS["relation"], float(val[best])))
+
+    matched = [int(j) for j in row if j >= 0]
+    found_share = len(matched) / n
+    if spec.background is not None:
+        value = found_share * float(reading.background == spec.background)
+        checks.append(Check(f"background({spec.background})", WEIGHTS["background"], value))
+    n_extra = len(reading.detections) - len(matched)
+    checks.append(Check("no_extra", WEIGHTS["no_extra"], found_share / (1 + n_extra)))
+    clean = float(np.clip((reading.clean_share - CLEAN_LO) / (CLEAN_HI - CLEAN_LO), 0.0, 1.0))
+    checks.append(Check("clean_colour", WEIGHTS["clean_colour"], found_share * clean))
+    crisp = [float(np.clip((EDGE_BLUR - dets[j].edge_width) / (EDGE_BLUR - EDGE_SHARP), 0.0, 1.0)) for j in matched]
+    checks.append(Check("crisp_edges", WEIGHTS["crisp_edges"], sum(crisp) / n))
+
+    score = sum(c.weight * c.value for c in checks) / sum(c.weight for c in checks)
+    matching = tuple(cand[int(j)] if j >= 0 else None for j in row)
+    return Verdict(float(score), tuple(checks), reading, matching)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_cached(prompt: str) -> SceneSpec:
+    return parse(prompt)
+
+
+def verify(spec: SceneSpec | str, image: Image.Image | np.ndarray) -> Verdict:
+    """Check `image` against `spec` (a `SceneSpec` or a world prompt; a non-world prompt raises
+    `WorldParseError`)."""
+    if isinstance(spec, str):
+        spec = _parse_cached(spec)
+    return check(spec, read_image(image))
+
+
+def scene_score(spec: SceneSpec | str, image: Image.Image | np.ndarray) -> float:
+    """`verify(spec, image).score`."""
+    return verify(spec, image).score
