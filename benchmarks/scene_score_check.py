@@ -188,7 +188,8 @@ def main() -> None:
         "one object added": add_object,
         "two objects' colours swapped": swap_colours,
     }
-    print(f"\nother images ({len(sample)} scenes each; families: mean check value, ground truth -> this)")
+    print(f"\nother images ({len(sample)} scenes each; then the check families that fell, biggest first,"
+          " with their mean value: 1.00 on ground truth)")
     for name, make in cases.items():
         verdicts, base = [], []
         for (spec, scene), gt in zip(sample, sample_gt):
@@ -199,8 +200,12 @@ def main() -> None:
             base.append(gt)
         s = np.array([v.score for v in verdicts])
         fam, fam0 = family_means(verdicts), family_means(base)
-        moved = ", ".join(f"{k} {fam0[k]:.2f}->{fam[k]:.2f}" for k in fam if abs(fam[k] - fam0[k]) >= 0.02)
-        print(f"  {name:30s} n={len(s):5d} mean={s.mean():.3f} (gt {np.mean([v.score for v in base]):.3f})  {moved}")
+        drops = sorted((fam[k] - fam0[k], k) for k in fam if abs(fam[k] - fam0[k]) >= 0.02)
+        if drops and all(fam[k] <= 0.1 for k in fam):
+            moved = "every check <= 0.10"
+        else:
+            moved = ", ".join(f"{k} {fam[k]:.2f}" for _, k in drops[:6]) + (" ..." if len(drops) > 6 else "")
+        print(f"  {name:30s} n={len(s):5d} mean={s.mean():.3f}  {moved}")
 
     images = [(spec, render(scene)) for spec, scene in sample]
     rates = []

@@ -2,60 +2,75 @@
 
 GenEval-style: the prompt's spec becomes a list of weighted checks, each with a value in [0, 1], and
 the score is sum(weight * value) / sum(weight). `Verdict.checks` lists them, so a report can say why
-an image lost points. Classical vision only (numpy / scipy / PIL), so it runs anywhere, fast.
+an image lost points. Classical vision only (numpy / scipy / PIL): ~1 ms per image on one core.
 
-How the picture is read (at 32 x 32, the generators' size; other sizes are box-resized to it):
-1. Background: the colour shared by the most pixels, found among border pixels (each candidate
-   counts the pixels within `BG_RADIUS` of it) and refined to the mean of those pixels. Border,
-   because the background shows there; a count over the whole picture, because four large objects
-   in the corners can cover most of the border, never most of the picture (objects cover <= 36 %).
-2. Colour unmixing: every pixel is explained as background + alpha * (palette colour - background)
-   for the palette colour whose segment it lies nearest to (residual = RGB distance to the
+Reading the picture (`read_image`, prompt-free; at 32 x 32, other sizes are box-resized to it):
+1. Background: the median border colour when at least half the picture lies within `BG_RADIUS` of
+   it (the usual case), else the border pixel whose colour the most pixels share (four large
+   objects in the corners can cover most of the border, never most of the picture: <= 36 %);
+   refined to the mean of the pixels within `BG_RADIUS`.
+2. Colour unmixing: each pixel is explained as background + alpha * (palette colour - background)
+   along the palette colour whose segment it lies nearest to (residual = RGB distance to that
    segment). Anti-aliased and blurred edges are exactly such mixtures, so on ground truth every
-   pixel has residual ~0 and alpha is its coverage. Foreground = alpha >= 0.5 (the half-coverage
-   line, the same for every colour and background) or far from the background (> `FAR`) without
-   fitting any segment (off-palette paint is foreground too, and counts against clean colour).
-3. Objects: connected components of the foreground (4-connected: drawn objects never share an
-   edge-adjacent cell, diagonal neighbours may come within ~1 px) of at least `AREA_MIN` pixels.
-   Each gets its majority colour and a soft mask: alpha of that colour over the component and the
-   1-pixel ring around it (so the anti-aliased edge counts with its coverage).
-4. Shape: the soft mask is compared with an ideal circle, square and upward triangle of the same
-   soft area and mass centre (a triangle's box centre sits b/6 above its mass centre), drawn with
-   linear anti-aliasing; the best soft IoU (sum min / sum max) names the shape when it is at least
-   `SHAPE_FIT`, else the object is a "blob". Components whose best fit is under `PRESENT_FIT`, or
-   whose area is outside [`AREA_MIN`, `AREA_MAX`], are not objects (noise, a smear of several).
-   Extent (canvas units) is the best template's side / diameter / base: "large" if >= `LARGE_FROM`.
-   Position: the template's box centre -> grid row and column.
+   pixel has residual ~0 and alpha = its coverage, on any background. Foreground = alpha >= 0.5 (the
+   half-coverage line) or, for paint that fits no segment (residual > `CLEAN_RES`), farther than
+   `FAR` from the background.
+3. Objects: 4-connected components of the foreground of >= `AREA_MIN` px (drawn objects never
+   share an edge-adjacent cell; diagonal neighbours may come within ~1 px, so not 8-connected).
+   Colour = majority palette label of its pixels within `PAINT_RES` of a segment; purity = that
+   label's share. Soft mask = alpha of that colour over the component and the `RING` px around it
+   (only pixels of its own colour), divided by the object's largest alpha (its paint strength: a
+   washed-out object keeps its shape and edges and pays in clean_colour instead).
+4. Shape: the soft mask's IoU (sum min / sum max) with an ideal circle, square and upward triangle
+   of the same area and mass centre (the triangle's box centre sits b/6 above its mass centre)
+   whose edges ramp over the object's own edge width (so blur alone does not change the shape).
+   The best fit names the shape if >= `SHAPE_FIT` (ground truth >= 0.93, sigma-1.2 blur >= 0.85,
+   lumpy blobs ~0.65-0.7), else "blob". A component is an object only if its best fit is >=
+   `PRESENT_FIT`, its purity >= `PURITY_MIN` and its area within [`AREA_MIN`, `AREA_MAX`] (noise
+   fragments, off-palette smears and several objects merged are not). Position = the best
+   template's box centre -> grid cell. Edge width = sum 4a(1-a) / template perimeter (px): a linear
+   ramp of width w gives 2w/3, so ~0.65 px on anti-aliased ground truth, ~2.3 px after a sigma-1
+   blur.
 
-How the spec is checked. Asked objects (every member of a group) are matched to detected objects
-by the assignment that satisfies the most weighted checks (brute force over injective matchings;
-<= 4 objects, <= `MAX_CANDIDATES` detections), so a colour swap reads as wrong colours, not as
-missing objects. Checks, weights and why:
+Checking a spec (`check`). Asked objects (every member of a group) are matched to detected objects
+by the injective assignment that satisfies the most weighted checks (brute force: <= 4 asked,
+<= `MAX_CANDIDATES` detections); a detection can stand for an asked object only if it has its
+colour or its shape, so a colour swap reads as wrong colours, and a picture of other things as
+missing objects. The checks, their weights and why:
 
-    check         weight  per                  value
-    present       1.0     asked object         1 if matched to a detected object
-    colour        1.0     asked object         1 if its match has the asked colour
-    shape         1.0     asked object         1 if its match has the asked shape
-    size          0.5     object with a size   1 if its match has the asked size (a coarse cue)
-    position      1.0     object with a place  share of the constrained axes (row / col) right
-    count         1.0     group of 2-3         1 - |found - asked| / asked (found: detections of
-                                               the group's colour and shape), >= 0
-    relation      1.0     relation             share of (subject, target) member pairs whose
-                                               centres are in order by more than `REL_MARGIN`
-    background    0.5     asked background     1 if the estimated background is the asked one
-    no_extra      1.0     image                1 / (1 + detections left unmatched)
-    clean_colour  0.5     image                foreground share within `CLEAN_RES` of a palette
-                                               segment, mapped linearly from 0.5 (-> 0) to 0.9 (-> 1)
-    crisp_edges   0.5     image                mean over matched objects of the edge width
-                                               sum 4a(1-a) / perimeter, mapped linearly from
-                                               `EDGE_SHARP` px (-> 1) to `EDGE_BLUR` px (-> 0)
+    check         weight  per                   value
+    present       1.0     asked object          1 if matched
+    colour        1.0     asked object          1 if its match has the asked colour
+    shape         1.0     asked object          1 if its match has the asked shape
+    size          0.5     object with a size    1 if its match's area is on the asked side of the
+                                                asked shape's area at extent `LARGE_FROM` (0.25,
+                                                midway between small 0.2 and large 0.3)
+    position      1.0     object with a place   share of the constrained axes (row / col) right
+    count         1.0     group of 2-3          1 - |found - asked| / asked, >= 0 (found: objects
+                                                of the group's colour and shape)
+    relation      1.0     relation              share of (subject, target) member pairs whose
+                                                centres are in order by > `REL_MARGIN` (1.6 px)
+    background    0.5     asked background      1 if the estimated background is nearest the asked
+                                                one (within `BG_NAME_DIST`)
+    no_extra      1.0     image                 1 / (1 + components >= AREA_MIN left unmatched)
+    clean_colour  0.5     image                 (foreground share within `CLEAN_RES` of a segment,
+                                                0.5 -> 0 .. 0.9 -> 1) x (mean paint strength of the
+                                                asked objects, 0.6 -> 0 .. 0.9 -> 1)
+    crisp_edges   1.0     image                 mean over asked objects of their edge width,
+                                                `EDGE_SHARP` px -> 1 .. `EDGE_BLUR` px -> 0
 
-Present, colour and shape carry the most because they are what a prompt is mostly about (and what
-model capacity changes); count, position and relation weigh one object's worth each. no_extra,
-clean_colour and crisp_edges are what more diffusion steps change (stray blobs, washed-out colour,
-blur); together they are ~1/4 to ~1/2 of a scene's weight. background, no_extra, clean_colour and
-crisp_edges are multiplied by the share of asked objects found: a clean picture of something else,
-or a blank canvas in the asked colour, draws nothing that was asked and earns nothing for it.
+Why these weights: present, colour and shape are what a prompt is mostly about and what model
+capacity changes (shape, colour binding), so each asked object brings 3; a count, a position or a
+relation is one more object's worth of requirement; size (two sizes 1.5x apart) and background
+(nearly always right) are coarse cues at 0.5. no_extra, clean_colour and crisp_edges are what the
+number of diffusion steps changes (stray blobs, washed-out colour, blur): 2.5 in all, about a third
+of a one-object scene's weight and a sixth of a four-object one's. background, no_extra,
+clean_colour and crisp_edges are credited per asked object found (multiplied by the found share, or
+averaged over asked objects with 0 for missing ones): a clean picture of something else, or a blank
+canvas in the asked colour, draws nothing that was asked and earns nothing.
+
+Measured (benchmarks/scene_score_check.py): 1.0 on every rendered scene tried, 0 on uniform and
+Gaussian noise and blank canvases; graded under blur, blobs, dropped / added objects, colour swaps.
 """
 
 from __future__ import annotations
@@ -90,6 +105,7 @@ LARGE_FROM = 0.25  # canvas units: midway between small (0.2) and large (0.3)
 REL_MARGIN = 0.05  # canvas units (1.6 px): centres closer than this are in no order
 EDGE_SHARP, EDGE_BLUR = 1.0, 2.2  # px of edge width: ground truth ~0.7, a sigma-1 blur ~2.3
 CLEAN_LO, CLEAN_HI = 0.5, 0.9
+STRENGTH_LO, STRENGTH_HI = 0.6, 0.9  # paint strength mapped to 0..1 for clean_colour
 MAX_CANDIDATES = 7
 
 WEIGHTS: dict[str, float] = {
@@ -144,6 +160,7 @@ class Detection:
     fit: float  # best template soft IoU
     edge_width: float  # px
     purity: float  # share of its pixels painted (within PAINT_RES) in its colour
+    strength: float  # paint strength: alpha of its interior (1 = the palette colour, < 1 washed out)
     is_object: bool  # passes PRESENT_FIT and the area range (may be matched)
 
     def size_as(self, shape: str) -> str:
@@ -237,6 +254,15 @@ def _unmix(d: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return alpha, best, np.sqrt(np.maximum(res2[np.arange(len(d)), best], 0.0))
 
 
+def _strength(comp: np.ndarray, alpha: np.ndarray, k: int) -> np.ndarray:
+    """Per component 1..k, the largest alpha: its paint strength (1 on ground truth; a washed-out
+    object is a plateau of alpha < 1). The maximum rather than a quantile, so that a blurred small
+    object (a peak, not a plateau) is rescaled as little as possible."""
+    out = np.zeros(k + 1)
+    np.maximum.at(out, comp, alpha)
+    return np.maximum(out[1:], 0.5)
+
+
 def read_image(image: Image.Image | np.ndarray) -> Reading:
     """Background, objects and colour cleanliness of one image (see the module docstring)."""
     px = _pixels(image)
@@ -278,8 +304,10 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     in_comp = (comp > 0) & (fg_s | (best == colour_of))  # ring pixels only in the object's own colour
     sel = np.flatnonzero(in_comp)
     c = comp[sel]
-    soft = alpha[sel, colour_of[sel]]
+    raw = alpha[sel, colour_of[sel]]
     xs, ys = _XS[sub[sel]], _YS[sub[sel]]
+    strength = _strength(c, raw, k)
+    soft = np.minimum(raw / np.concatenate([[1.0], strength])[c], 1.0)  # washed-out paint rescaled
 
     def per_comp(values: np.ndarray) -> np.ndarray:
         return np.bincount(c, weights=values, minlength=k + 1)[1:]
@@ -317,6 +345,7 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
                 fit=float(fit[i]),
                 edge_width=float(edge[i]),
                 purity=float(purity[i]),
+                strength=float(strength[i]),
                 is_object=bool(fit[i] >= PRESENT_FIT and purity[i] >= PURITY_MIN and AREA_MIN <= area[i] <= AREA_MAX),
             )
         )
@@ -448,7 +477,8 @@ def check(spec: SceneSpec, reading: Reading) -> Verdict:
     n_extra = len(reading.detections) - len(matched)
     checks.append(Check("no_extra", WEIGHTS["no_extra"], found_share / (1 + n_extra)))
     clean = float(np.clip((reading.clean_share - CLEAN_LO) / (CLEAN_HI - CLEAN_LO), 0.0, 1.0))
-    checks.append(Check("clean_colour", WEIGHTS["clean_colour"], found_share * clean))
+    full = [float(np.clip((dets[j].strength - STRENGTH_LO) / (STRENGTH_HI - STRENGTH_LO), 0.0, 1.0)) for j in matched]
+    checks.append(Check("clean_colour", WEIGHTS["clean_colour"], clean * sum(full) / n))
     crisp = [float(np.clip((EDGE_BLUR - dets[j].edge_width) / (EDGE_BLUR - EDGE_SHARP), 0.0, 1.0)) for j in matched]
     checks.append(Check("crisp_edges", WEIGHTS["crisp_edges"], sum(crisp) / n))
 
