@@ -328,7 +328,7 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     side = np.stack([2 * np.sqrt(area / np.pi), np.sqrt(area), np.sqrt(2 * area)], axis=1)
     extent = side[np.arange(k), which]
     box_cy = np.where(which == 2, cy - extent / 6, cy)
-    perimeter = np.choose(which, [np.pi * extent, 4 * extent, extent * (1 + _SQRT5)])
+    perimeter = extent * np.array([np.pi, 4.0, 1 + _SQRT5])[which]
     edge = band / perimeter
     dets = []
     for i in range(k):
@@ -397,6 +397,11 @@ def _position_value(det: Detection, position: str) -> float:
     r, c = det.cell
     wanted = [(want, got) for want, got in ((row, r), (col, c)) if want is not None]
     return sum(want == got for want, got in wanted) / len(wanted)
+
+
+def _ramp(x: float, zero_at: float, one_at: float) -> float:
+    """x mapped linearly from `zero_at` (-> 0) to `one_at` (-> 1), clipped to [0, 1]."""
+    return min(1.0, max(0.0, (x - zero_at) / (one_at - zero_at)))
 
 
 def _label(spec: SceneSpec, g: int, member: int) -> str:
@@ -476,10 +481,10 @@ def check(spec: SceneSpec, reading: Reading) -> Verdict:
         checks.append(Check(f"background({spec.background})", WEIGHTS["background"], value))
     n_extra = len(reading.detections) - len(matched)
     checks.append(Check("no_extra", WEIGHTS["no_extra"], found_share / (1 + n_extra)))
-    clean = float(np.clip((reading.clean_share - CLEAN_LO) / (CLEAN_HI - CLEAN_LO), 0.0, 1.0))
-    full = [float(np.clip((dets[j].strength - STRENGTH_LO) / (STRENGTH_HI - STRENGTH_LO), 0.0, 1.0)) for j in matched]
+    clean = _ramp(reading.clean_share, CLEAN_LO, CLEAN_HI)
+    full = [_ramp(dets[j].strength, STRENGTH_LO, STRENGTH_HI) for j in matched]
     checks.append(Check("clean_colour", WEIGHTS["clean_colour"], clean * sum(full) / n))
-    crisp = [float(np.clip((EDGE_BLUR - dets[j].edge_width) / (EDGE_BLUR - EDGE_SHARP), 0.0, 1.0)) for j in matched]
+    crisp = [_ramp(dets[j].edge_width, EDGE_BLUR, EDGE_SHARP) for j in matched]
     checks.append(Check("crisp_edges", WEIGHTS["crisp_edges"], sum(crisp) / n))
 
     score = sum(c.weight * c.value for c in checks) / sum(c.weight for c in checks)
