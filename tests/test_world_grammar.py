@@ -74,6 +74,17 @@ def test_paraphrased_prompt_round_trips() -> None:
         ("two tiny yellow squares at the top", SceneSpec((ObjectSpec("square", "yellow", "small", 2, "top"),))),
         ("a purple triangle in the upper-right corner", SceneSpec((ObjectSpec("triangle", "purple", position="top right"),))),
         ("blue circles", SceneSpec((ObjectSpec("circle", "blue", count=2),))),  # a bare plural: some, read as two
+        (
+            "a red circle on the left, above a blue square",  # a position before a relation
+            SceneSpec((ObjectSpec("circle", "red", position="left"), ObjectSpec("square", "blue")), (Relation(0, "above", 1),)),
+        ),
+        (
+            "a red circle below and to the left of a blue square",  # two relations between one pair
+            SceneSpec(
+                (ObjectSpec("circle", "red"), ObjectSpec("square", "blue")),
+                (Relation(0, "below", 1), Relation(0, "left of", 1)),
+            ),
+        ),
     ],
 )
 def test_parser_reads_prompts_written_differently(prompt: str, expected: SceneSpec) -> None:
@@ -83,6 +94,12 @@ def test_parser_reads_prompts_written_differently(prompt: str, expected: SceneSp
 @pytest.mark.parametrize("prompt", ["a photo of a cat", "", "a red car on a white background", "circles and squares"])
 def test_parser_rejects_prompts_outside_the_world(prompt: str) -> None:
     with pytest.raises(WorldParseError, match="names no object of the scene world"):
+        parse(prompt)
+
+
+@pytest.mark.parametrize("prompt", ["four red circles", "a blue square and 5 green triangles"])
+def test_parser_rejects_counts_the_world_cannot_hold(prompt: str) -> None:
+    with pytest.raises(WorldParseError, match="at most 3 of a kind"):
         parse(prompt)
 
 

@@ -89,6 +89,7 @@ from catimage.world.scene import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SceneS
 WORK = 32  # analysis resolution (the generators' size); thresholds in pixels refer to it
 BG_RADIUS = 30.0  # RGB distance for "same background colour" (noise of a flat generated background)
 NOISE_FLOOR = 8.0  # RGB distance from the background under which a pixel holds no paint (alpha < ~0.07)
+CORE_ALPHA, CORE_MIN = 0.75, 4  # a solid core: > 0.75 coverage, >= 4 px (see _split_touching)
 RING = 2  # px around a component whose partial pixels (of its colour) belong to its soft mask
 FAR = 70.0  # RGB distance from the background beyond which an off-palette pixel is foreground
 CLEAN_RES = 40.0  # RGB distance to a palette segment for a clean pixel (blue-purple, the nearest
@@ -254,6 +255,36 @@ def _unmix(d: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return alpha, best, np.sqrt(np.maximum(res2[np.arange(len(d)), best], 0.0))
 
 
+def _split_touching(labels: np.ndarray, n: int, strong: np.ndarray) -> tuple[np.ndarray, int]:
+    """Split components that hold two or more solid cores (pixels with alpha > CORE_ALPHA, >=
+    CORE_MIN px each) joined only by partial pixels: two diagonal neighbours whose corners touch
+    in the raster (large objects in diagonal cells can overlap by a fraction of a pixel). Each
+    pixel of such a component goes to the core it reaches first, growing 4-connected."""
+    cores, n_cores = ndimage.label(strong, _FOUR)
+    if n_cores < 2:
+        return labels, n
+    solid = np.bincount(cores.ravel(), minlength=n_cores + 1) >= CORE_MIN
+    solid[0] = False
+    parent = np.zeros(n_cores + 1, dtype=np.int64)
+    parent[cores.ravel()] = labels.ravel()
+    per_comp = np.bincount(parent[solid], minlength=n + 1)
+    labels = labels.copy()
+    for comp in np.flatnonzero(per_comp >= 2):
+        mask = labels == comp
+        seeds = np.where(mask & solid[cores], cores, 0)
+        for _ in range(WORK):
+            if not (mask & (seeds == 0)).any():
+                break
+            grown = ndimage.grey_dilation(seeds, footprint=_FOUR)
+            seeds = np.where(mask & (seeds == 0), grown, seeds)
+        ids = np.unique(seeds[mask & (seeds > 0)])
+        new = np.zeros(n_cores + 1, dtype=np.int64)
+        new[ids] = np.arange(n + 1, n + 1 + len(ids))
+        labels[mask] = new[seeds[mask]]  # pixels no core reached (0) drop out of every component
+        n += len(ids)
+    return labels, n
+
+
 def _strength(comp: np.ndarray, alpha: np.ndarray, k: int) -> np.ndarray:
     """Per component 1..k, the largest alpha: its paint strength (1 on ground truth; a washed-out
     object is a plateau of alpha < 1). The maximum rather than a quantile, so that a blurred small
@@ -282,6 +313,9 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     fg[sub[fg_s]] = True
 
     labels, n = ndimage.label(fg.reshape(WORK, WORK), _FOUR)
+    strong = np.zeros(WORK * WORK, dtype=bool)
+    strong[sub[fg_s & (a_best > CORE_ALPHA)]] = True
+    labels, n = _split_touching(labels, n, strong.reshape(WORK, WORK))
     areas = np.bincount(labels.ravel(), minlength=n + 1)
     keep = areas >= AREA_MIN
     keep[0] = False
