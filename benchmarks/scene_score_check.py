@@ -154,7 +154,8 @@ def main() -> None:
             verdicts.append(verify(spec, render(scene)))
         all_gt += verdicts
         s = np.array([v.score for v in verdicts])
-        print(f"  complexity {level:2d}: n={len(s):5d}  mean={s.mean():.4f}  min={s.min():.3f}  share<1: {np.mean(s < 0.999):.4f}")
+        print(f"  complexity {level:2d}: n={len(s):5d}  mean={s.mean():.4f}  min={s.min():.3f}  "
+              f"share<1: {np.mean(s < 0.999):.4f}")
     gt_scores = np.array([v.score for v in all_gt])
     print(f"  all: n={len(gt_scores)} mean={gt_scores.mean():.4f} min={gt_scores.min():.3f}")
     for bg in BACKGROUNDS:

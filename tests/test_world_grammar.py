@@ -72,11 +72,16 @@ def test_paraphrased_prompt_round_trips() -> None:
             SceneSpec((ObjectSpec("circle", "red"), ObjectSpec("square", "blue"), ObjectSpec("triangle", "green"))),
         ),
         ("two tiny yellow squares at the top", SceneSpec((ObjectSpec("square", "yellow", "small", 2, "top"),))),
-        ("a purple triangle in the upper-right corner", SceneSpec((ObjectSpec("triangle", "purple", position="top right"),))),
+        (
+            "a purple triangle in the upper-right corner",
+            SceneSpec((ObjectSpec("triangle", "purple", position="top right"),)),
+        ),
         ("blue circles", SceneSpec((ObjectSpec("circle", "blue", count=2),))),  # a bare plural: some, read as two
         (
             "a red circle on the left, above a blue square",  # a position before a relation
-            SceneSpec((ObjectSpec("circle", "red", position="left"), ObjectSpec("square", "blue")), (Relation(0, "above", 1),)),
+            SceneSpec(
+                (ObjectSpec("circle", "red", position="left"), ObjectSpec("square", "blue")), (Relation(0, "above", 1),)
+            ),
         ),
         (
             "a red circle below and to the left of a blue square",  # two relations between one pair

@@ -82,7 +82,8 @@ def test_small_pixel_noise_and_colour_shift_cost_little() -> None:
     noisy, faded = [], []
     for spec, scene in _scenes(2, 60):
         arr = np.asarray(render(scene), dtype=float)
-        noisy.append(verify(spec, Image.fromarray(np.clip(arr + rng.normal(0, 5, arr.shape), 0, 255).astype(np.uint8))).score)
+        grainy = np.clip(arr + rng.normal(0, 5, arr.shape), 0, 255).astype(np.uint8)
+        noisy.append(verify(spec, Image.fromarray(grainy)).score)
         faded.append(verify(spec, Image.fromarray((arr * 0.88 + 12).astype(np.uint8))).score)
     assert np.mean(noisy) >= 0.95 and np.mean(faded) >= 0.95
 
@@ -159,7 +160,11 @@ CASES = {
     ),
     # a blue circle on the left, a red square on the right: read as right shapes in the wrong colours
     # (that reading keeps the relation; the other reading, right colours in the wrong shapes, breaks it)
-    "swap colours": (PAIR, lambda: render(_pair(red="blue", blue="red")), {"colour(red circle)": 0.0, "colour(blue square)": 0.0}),
+    "swap colours": (
+        PAIR,
+        lambda: render(_pair(red="blue", blue="red")),
+        {"colour(red circle)": 0.0, "colour(blue square)": 0.0},
+    ),
     # blur: edges ~2.3 px wide at sigma 1.5 (> EDGE_BLUR): only crispness is lost
     "blur": (PAIR, lambda: render(_pair()).filter(ImageFilter.GaussianBlur(1.5)), {"crisp_edges": 0.0}),
     "blob": (PAIR, _blob_instead_of_square, {"shape(blue square)": 0.0}),
@@ -217,7 +222,11 @@ CASES = {
         lambda: render(Scene((P("circle", "red", MID, MID, 0.2),), "gray")),
         {"background(white)": 0.0},
     ),
-    "background ok": ("a red circle on a white background", lambda: render(Scene((P("circle", "red", MID, MID, 0.2),), "white")), {}),
+    "background ok": (
+        "a red circle on a white background",
+        lambda: render(Scene((P("circle", "red", MID, MID, 0.2),), "white")),
+        {},
+    ),
 }
 
 

@@ -294,96 +294,119 @@ def _strength(comp: np.ndarray, alpha: np.ndarray, k: int) -> np.ndarray:
     return np.maximum(out[1:], 0.5)
 
 
-def read_image(image: Image.Image | np.ndarray) -> Reading:
-    """Background, objects and colour cleanliness of one image (see the module docstring)."""
-    px = _pixels(image)
-    bg = _background(px)
-    bg_name = _name_background(bg)
+@dataclass(frozen=True)
+class _Paint:
+    """Per-pixel unmixing of the pixels that may hold paint (`sub`, flat indices)."""
+
+    sub: np.ndarray
+    alpha: np.ndarray  # (n, 5) along each background -> palette segment
+    best: np.ndarray  # nearest segment
+    res: np.ndarray  # RGB distance to it
+    fg: np.ndarray  # foreground (bool)
+
+    @property
+    def clean(self) -> np.ndarray:
+        return self.res <= CLEAN_RES
+
+
+def _paint(px: np.ndarray, bg: np.ndarray) -> _Paint:
     d = px - bg
     dist2 = (d * d).sum(1)
-    sub = np.flatnonzero(dist2 > NOISE_FLOOR**2)  # pixels that may hold paint (all others: alpha ~ 0)
+    sub = np.flatnonzero(dist2 > NOISE_FLOOR**2)  # all other pixels: alpha ~ 0
     alpha, best, res = _unmix(d[sub], bg)
-    rows = np.arange(len(sub))
-    a_best = alpha[rows, best]
-    clean = res <= CLEAN_RES
-    fg_s = (a_best >= 0.5) | ((dist2[sub] > FAR**2) & ~clean)
-    n_fg = int(fg_s.sum())
-    clean_share = float((fg_s & clean).sum() / n_fg) if n_fg else 1.0
-    fg = np.zeros(WORK * WORK, dtype=bool)
-    fg[sub[fg_s]] = True
+    a_best = alpha[np.arange(len(sub)), best]
+    fg = (a_best >= 0.5) | ((dist2[sub] > FAR**2) & (res > CLEAN_RES))
+    return _Paint(sub, alpha, best, res, fg)
 
+
+def _components(paint: _Paint) -> tuple[np.ndarray, np.ndarray, int]:
+    """Object regions: per paint pixel its component 1..k (0 = none: background, specks, or a
+    partial pixel of another colour), each component's foreground area, and k."""
+    fg = np.zeros(WORK * WORK, dtype=bool)
+    fg[paint.sub[paint.fg]] = True
     labels, n = ndimage.label(fg.reshape(WORK, WORK), _FOUR)
     strong = np.zeros(WORK * WORK, dtype=bool)
-    strong[sub[fg_s & (a_best > CORE_ALPHA)]] = True
+    strong[paint.sub[paint.fg & (paint.alpha[np.arange(len(paint.sub)), paint.best] > CORE_ALPHA)]] = True
     labels, n = _split_touching(labels, n, strong.reshape(WORK, WORK))
     areas = np.bincount(labels.ravel(), minlength=n + 1)
     keep = areas >= AREA_MIN
     keep[0] = False
     k = int(keep.sum())
-    if k == 0:
-        return Reading(tuple(bg.tolist()), bg_name, (), clean_share)
     ids = np.zeros(n + 1, dtype=np.int64)
     ids[keep] = np.arange(1, k + 1)
-    own = labels.ravel()[sub]
-    near = ndimage.maximum_filter(labels, size=2 * RING + 1).ravel()[sub]
-    comp = ids[np.where(fg_s, own, np.where(clean, near, 0))]  # 1..k, 0 = no object's region
+    own = labels.ravel()[paint.sub]
+    near = ndimage.maximum_filter(labels, size=2 * RING + 1).ravel()[paint.sub]
+    comp = ids[np.where(paint.fg, own, np.where(paint.clean, near, 0))]
+    return comp, areas[keep], k
 
-    painted = fg_s & (comp > 0) & (res <= PAINT_RES)
-    votes = np.bincount(comp[painted] * len(_PALETTE) + best[painted], minlength=(k + 1) * len(_PALETTE))
-    votes = votes.reshape(k + 1, len(_PALETTE))[1:]
+
+def _detections(paint: _Paint, comp: np.ndarray, fg_area: np.ndarray, k: int) -> list[Detection]:
+    """Colour, soft mask, shape fit, extent, position and edge width of components 1..k."""
+    painted = paint.fg & (comp > 0) & (paint.res <= PAINT_RES)
+    n_col = len(_PALETTE)
+    votes = np.bincount(comp[painted] * n_col + paint.best[painted], minlength=(k + 1) * n_col)
+    votes = votes.reshape(k + 1, n_col)[1:]
     colour = np.argmax(votes, axis=1)
-    purity = votes[np.arange(k), colour] / areas[keep]
+    purity = votes[np.arange(k), colour] / fg_area
 
     colour_of = np.concatenate([[0], colour])[comp]
-    in_comp = (comp > 0) & (fg_s | (best == colour_of))  # ring pixels only in the object's own colour
-    sel = np.flatnonzero(in_comp)
+    sel = np.flatnonzero((comp > 0) & (paint.fg | (paint.best == colour_of)))  # ring: own colour only
     c = comp[sel]
-    raw = alpha[sel, colour_of[sel]]
-    xs, ys = _XS[sub[sel]], _YS[sub[sel]]
+    raw = paint.alpha[sel, colour_of[sel]]
+    xs, ys = _XS[paint.sub[sel]], _YS[paint.sub[sel]]
     strength = _strength(c, raw, k)
-    soft = np.minimum(raw / np.concatenate([[1.0], strength])[c], 1.0)  # washed-out paint rescaled
 
-    def per_comp(values: np.ndarray) -> np.ndarray:
-        return np.bincount(c, weights=values, minlength=k + 1)[1:]
+    def per_pixel(per_object: np.ndarray) -> np.ndarray:
+        return np.concatenate([[1.0], per_object])[c]
 
-    area = per_comp(soft)
-    area = np.maximum(area, 1e-9)
-    cx, cy = per_comp(soft * xs) / area, per_comp(soft * ys) / area
-    band = per_comp(4 * soft * (1 - soft))
+    def per_object(per_pixel: np.ndarray) -> np.ndarray:
+        return np.bincount(c, weights=per_pixel, minlength=k + 1)[1:]
+
+    soft = np.minimum(raw / per_pixel(strength), 1.0)  # washed-out paint rescaled
+    area = np.maximum(per_object(soft), 1e-9)
+    cx, cy = per_object(soft * xs) / area, per_object(soft * ys) / area
+    band = per_object(4 * soft * (1 - soft))
     # edge ramp width: a linear ramp of width w gives sum 4a(1-a) = 2w/3 per unit of perimeter
     # (circle-equivalent perimeter here; the shapes' perimeters differ by < 25 %)
     ramp = np.maximum(1.0, 1.5 * band / (2 * np.sqrt(np.pi * area)))
-    pad = lambda v: np.concatenate([[1.0], v])[c]  # noqa: E731  (per-pixel copy of a per-object value)
-    cover = _templates(pad(area), pad(cx), pad(cy), pad(ramp), xs, ys)
-    inter = np.stack([per_comp(np.minimum(cover[s], soft)) for s in range(3)], axis=1)
+    cover = _templates(per_pixel(area), per_pixel(cx), per_pixel(cy), per_pixel(ramp), xs, ys)
+    inter = np.stack([per_object(np.minimum(cover[s], soft)) for s in range(3)], axis=1)
     iou = inter / (2 * area[:, None] - inter)  # the templates' own mass is the object's area
     which = np.argmax(iou, axis=1)
     fit = iou[np.arange(k), which]
     side = np.stack([2 * np.sqrt(area / np.pi), np.sqrt(area), np.sqrt(2 * area)], axis=1)
     extent = side[np.arange(k), which]
     box_cy = np.where(which == 2, cy - extent / 6, cy)
-    perimeter = extent * np.array([np.pi, 4.0, 1 + _SQRT5])[which]
-    edge = band / perimeter
-    dets = []
-    for i in range(k):
-        ext = float(extent[i] / WORK)
-        dets.append(
-            Detection(
-                colour=_COLOUR_NAMES[colour[i]],
-                shape=SHAPES[which[i]] if fit[i] >= SHAPE_FIT else "blob",
-                size="large" if ext >= LARGE_FROM else "small",
-                cx=float(cx[i] / WORK),
-                cy=float(box_cy[i] / WORK),
-                extent=ext,
-                area=float(area[i]),
-                fit=float(fit[i]),
-                edge_width=float(edge[i]),
-                purity=float(purity[i]),
-                strength=float(strength[i]),
-                is_object=bool(fit[i] >= PRESENT_FIT and purity[i] >= PURITY_MIN and AREA_MIN <= area[i] <= AREA_MAX),
-            )
+    edge = band / (extent * np.array([np.pi, 4.0, 1 + _SQRT5])[which])
+    return [
+        Detection(
+            colour=_COLOUR_NAMES[colour[i]],
+            shape=SHAPES[which[i]] if fit[i] >= SHAPE_FIT else "blob",
+            size="large" if extent[i] / WORK >= LARGE_FROM else "small",
+            cx=float(cx[i] / WORK),
+            cy=float(box_cy[i] / WORK),
+            extent=float(extent[i] / WORK),
+            area=float(area[i]),
+            fit=float(fit[i]),
+            edge_width=float(edge[i]),
+            purity=float(purity[i]),
+            strength=float(strength[i]),
+            is_object=bool(fit[i] >= PRESENT_FIT and purity[i] >= PURITY_MIN and AREA_MIN <= area[i] <= AREA_MAX),
         )
-    return Reading(tuple(bg.tolist()), bg_name, tuple(dets), clean_share)
+        for i in range(k)
+    ]
+
+
+def read_image(image: Image.Image | np.ndarray) -> Reading:
+    """Background, objects and colour cleanliness of one image (see the module docstring)."""
+    px = _pixels(image)
+    bg = _background(px)
+    paint = _paint(px, bg)
+    n_fg = int(paint.fg.sum())
+    clean_share = float((paint.fg & paint.clean).sum() / n_fg) if n_fg else 1.0
+    comp, fg_area, k = _components(paint)
+    dets = _detections(paint, comp, fg_area, k) if k else []
+    return Reading(tuple(bg.tolist()), _name_background(bg), tuple(dets), clean_share)
 
 
 def _name_background(bg: np.ndarray) -> str | None:
@@ -444,46 +467,54 @@ def _label(spec: SceneSpec, g: int, member: int) -> str:
     return f"{name} #{member + 1}" if obj.count > 1 else name
 
 
+def _candidates(reading: Reading) -> list[int]:
+    """Indices of the detections that may stand for asked objects (the best MAX_CANDIDATES)."""
+    cand = [j for j, det in enumerate(reading.detections) if det.is_object]
+    if len(cand) > MAX_CANDIDATES:
+        dets = reading.detections
+        cand = sorted(sorted(cand, key=lambda j: -dets[j].fit * dets[j].area)[:MAX_CANDIDATES])
+    return cand
+
+
+def _object_checks(spec: SceneSpec, owner: list[int], dets: list[Detection]) -> dict[str, np.ndarray]:
+    """Per family, (n asked, m + 1) values of asked object i's own checks if matched to dets[j]
+    (column m: unmatched, all 0). A detection with neither the asked colour nor the asked shape
+    cannot stand for the object: "compatible" is 0 there and so is every value."""
+    n, m = len(owner), len(dets)
+    out = {name: np.zeros((n, m + 1)) for name in ("compatible", "present", "colour", "shape", "size", "position")}
+    for i, g in enumerate(owner):
+        obj = spec.objects[g]
+        for j, det in enumerate(dets):
+            colour, shape = det.colour == obj.colour, det.shape == obj.shape
+            if not (colour or shape):
+                continue
+            out["compatible"][i, j] = out["present"][i, j] = 1.0
+            out["colour"][i, j], out["shape"][i, j] = float(colour), float(shape)
+            if obj.size is not None:
+                out["size"][i, j] = float(det.size_as(obj.shape) == obj.size)
+            if obj.position is not None:
+                out["position"][i, j] = _position_value(det, obj.position)
+    return out
+
+
 def check(spec: SceneSpec, reading: Reading) -> Verdict:
     """The checks of `spec` on an image's `reading` (see the module docstring)."""
     owner = [g for g, obj in enumerate(spec.objects) for _ in range(obj.count)]
     members = [[i for i, g in enumerate(owner) if g == k] for k in range(len(spec.objects))]
-    cand = [j for j, det in enumerate(reading.detections) if det.is_object]
-    if len(cand) > MAX_CANDIDATES:
-        cand = sorted(cand, key=lambda j: -reading.detections[j].fit * reading.detections[j].area)
-        cand = sorted(cand[:MAX_CANDIDATES])
+    cand = _candidates(reading)
     dets = [reading.detections[j] for j in cand]
     n, m = len(owner), len(dets)
 
-    # unary[i, j]: weighted value of object i's own checks if matched to dets[j]; column m = unmatched
-    unary = np.zeros((n, m + 1))
-    parts: dict[str, np.ndarray] = {}
-    for name in ("present", "colour", "shape", "size", "position"):
-        parts[name] = np.zeros((n, m + 1))
-    compatible = np.zeros((n, m + 1))  # a match needs the asked colour or the asked shape
-    for i, g in enumerate(owner):
-        obj = spec.objects[g]
-        for j, det in enumerate(dets):
-            compatible[i, j] = float(det.colour == obj.colour or det.shape == obj.shape)
-            parts["present"][i, j] = 1.0
-            parts["colour"][i, j] = float(det.colour == obj.colour)
-            parts["shape"][i, j] = float(det.shape == obj.shape)
-            if obj.size is not None:
-                parts["size"][i, j] = float(det.size_as(obj.shape) == obj.size)
-            if obj.position is not None:
-                parts["position"][i, j] = _position_value(det, obj.position)
-    for name in parts:
-        parts[name] *= compatible
-        unary += WEIGHTS[name] * parts[name]
-    cx, cy = np.array([d.cx for d in dets]), np.array([d.cy for d in dets])
-    rel_ok = [_order(r.relation, cx, cy) for r in spec.relations]
-
-    rows = _matchings(n, m)
+    parts = _object_checks(spec, owner, dets)
+    unary = sum(WEIGHTS[name] * parts[name] for name in ("present", "colour", "shape", "size", "position"))
     cols = np.arange(n)[None, :]
-    rows = np.where(compatible[cols, rows] > 0, rows, -1)  # incompatible pairs stay unmatched
+    rows = _matchings(n, m)
+    rows = np.where(parts["compatible"][cols, rows] > 0, rows, -1)  # incompatible pairs stay unmatched
     total = unary[cols, rows].sum(1)
+    cx, cy = np.array([d.cx for d in dets]), np.array([d.cy for d in dets])
     rel_values = []
-    for r, ok in zip(spec.relations, rel_ok):
+    for r in spec.relations:
+        ok = _order(r.relation, cx, cy)
         pairs = [(s, t) for s in members[r.subject] for t in members[r.target]]
         val = np.mean([ok[rows[:, s], rows[:, t]] for s, t in pairs], axis=0)
         rel_values.append(val)
@@ -496,9 +527,8 @@ def check(spec: SceneSpec, reading: Reading) -> Verdict:
         obj, lab = spec.objects[g], _label(spec, g, members[g].index(i))
         names = ["present", "colour", "shape"] + ["size"] * (obj.size is not None)
         names += ["position"] * (obj.position is not None)
-        for name in names:
-            checks.append(Check(f"{name}({lab})", WEIGHTS[name], float(parts[name][i, row[i]])))
-    for g, obj in enumerate(spec.objects):
+        checks += [Check(f"{name}({lab})", WEIGHTS[name], float(parts[name][i, row[i]])) for name in names]
+    for obj in spec.objects:
         if obj.count > 1:
             found = sum(d.colour == obj.colour and d.shape == obj.shape for d in dets)
             value = max(0.0, 1.0 - abs(found - obj.count) / obj.count)
@@ -507,23 +537,29 @@ def check(spec: SceneSpec, reading: Reading) -> Verdict:
         a, b = spec.objects[r.subject], spec.objects[r.target]
         name = f"relation({a.colour} {a.shape} {r.relation} {b.colour} {b.shape})"
         checks.append(Check(name, WEIGHTS["relation"], float(val[best])))
-
-    matched = [int(j) for j in row if j >= 0]
-    found_share = len(matched) / n
-    if spec.background is not None:
-        value = found_share * float(reading.background == spec.background)
-        checks.append(Check(f"background({spec.background})", WEIGHTS["background"], value))
-    n_extra = len(reading.detections) - len(matched)
-    checks.append(Check("no_extra", WEIGHTS["no_extra"], found_share / (1 + n_extra)))
-    clean = _ramp(reading.clean_share, CLEAN_LO, CLEAN_HI)
-    full = [_ramp(dets[j].strength, STRENGTH_LO, STRENGTH_HI) for j in matched]
-    checks.append(Check("clean_colour", WEIGHTS["clean_colour"], clean * sum(full) / n))
-    crisp = [_ramp(dets[j].edge_width, EDGE_BLUR, EDGE_SHARP) for j in matched]
-    checks.append(Check("crisp_edges", WEIGHTS["crisp_edges"], sum(crisp) / n))
+    matched = [dets[j] for j in row if j >= 0]
+    checks += _image_checks(spec, reading, matched, n)
 
     score = sum(c.weight * c.value for c in checks) / sum(c.weight for c in checks)
     matching = tuple(cand[int(j)] if j >= 0 else None for j in row)
     return Verdict(float(score), tuple(checks), reading, matching)
+
+
+def _image_checks(spec: SceneSpec, reading: Reading, matched: list[Detection], n: int) -> list[Check]:
+    """background, no_extra, clean_colour, crisp_edges: credited per asked object found."""
+    found = len(matched) / n
+    out = []
+    if spec.background is not None:
+        value = found * float(reading.background == spec.background)
+        out.append(Check(f"background({spec.background})", WEIGHTS["background"], value))
+    n_extra = len(reading.detections) - len(matched)
+    out.append(Check("no_extra", WEIGHTS["no_extra"], found / (1 + n_extra)))
+    clean = _ramp(reading.clean_share, CLEAN_LO, CLEAN_HI)
+    full = sum(_ramp(d.strength, STRENGTH_LO, STRENGTH_HI) for d in matched) / n
+    out.append(Check("clean_colour", WEIGHTS["clean_colour"], clean * full))
+    crisp = sum(_ramp(d.edge_width, EDGE_BLUR, EDGE_SHARP) for d in matched) / n
+    out.append(Check("crisp_edges", WEIGHTS["crisp_edges"], crisp))
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
