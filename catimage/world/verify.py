@@ -17,6 +17,9 @@ Reading the picture (`read_image`, prompt-free; at 32 x 32, other sizes are box-
    `FAR` from the background.
 3. Objects: 4-connected components of the foreground of >= `AREA_MIN` px (drawn objects never
    share an edge-adjacent cell; diagonal neighbours may come within ~1 px, so not 8-connected).
+   A component that reads badly (not an object, or a blob) is split at its solid cores (alpha >
+   `CORE_ALPHA`, >= `CORE_MIN` px) when that turns it into good objects: large objects in diagonal
+   cells can meet in the raster (their corners share a half-covered pixel).
    Colour = majority palette label of its pixels within `PAINT_RES` of a segment; purity = that
    label's share. Soft mask = alpha of that colour over the component and the `RING` px around it
    (only pixels of its own colour), divided by the object's largest alpha (its paint strength: a
@@ -319,15 +322,9 @@ def _paint(px: np.ndarray, bg: np.ndarray) -> _Paint:
     return _Paint(sub, alpha, best, res, fg)
 
 
-def _components(paint: _Paint) -> tuple[np.ndarray, np.ndarray, int]:
-    """Object regions: per paint pixel its component 1..k (0 = none: background, specks, or a
-    partial pixel of another colour), each component's foreground area, and k."""
-    fg = np.zeros(WORK * WORK, dtype=bool)
-    fg[paint.sub[paint.fg]] = True
-    labels, n = ndimage.label(fg.reshape(WORK, WORK), _FOUR)
-    strong = np.zeros(WORK * WORK, dtype=bool)
-    strong[paint.sub[paint.fg & (paint.alpha[np.arange(len(paint.sub)), paint.best] > CORE_ALPHA)]] = True
-    labels, n = _split_touching(labels, n, strong.reshape(WORK, WORK))
+def _components(paint: _Paint, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Object regions from connected-component `labels`: per paint pixel its component 1..k (0 =
+    none: background, specks, or a partial pixel of another colour), their foreground areas, k."""
     areas = np.bincount(labels.ravel(), minlength=n + 1)
     keep = areas >= AREA_MIN
     keep[0] = False
@@ -397,6 +394,15 @@ def _detections(paint: _Paint, comp: np.ndarray, fg_area: np.ndarray, k: int) ->
     ]
 
 
+def _objects(paint: _Paint, labels: np.ndarray, n: int) -> list[Detection]:
+    comp, fg_area, k = _components(paint, labels, n)
+    return _detections(paint, comp, fg_area, k) if k else []
+
+
+def _good(det: Detection) -> bool:
+    return det.is_object and det.shape != "blob"
+
+
 def read_image(image: Image.Image | np.ndarray) -> Reading:
     """Background, objects and colour cleanliness of one image (see the module docstring)."""
     px = _pixels(image)
@@ -404,8 +410,22 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     paint = _paint(px, bg)
     n_fg = int(paint.fg.sum())
     clean_share = float((paint.fg & paint.clean).sum() / n_fg) if n_fg else 1.0
-    comp, fg_area, k = _components(paint)
-    dets = _detections(paint, comp, fg_area, k) if k else []
+    fg = np.zeros(WORK * WORK, dtype=bool)
+    fg[paint.sub[paint.fg]] = True
+    labels, n = ndimage.label(fg.reshape(WORK, WORK), _FOUR)
+    dets = _objects(paint, labels, n)
+    if not all(_good(d) for d in dets):
+        # Two shapes whose corners meet in the raster read as one blob: split such a component at
+        # its solid cores, and keep the split only if it turns bad readings into good objects
+        # (splitting a noise smear yields more bad pieces, not fewer)
+        strong = np.zeros(WORK * WORK, dtype=bool)
+        strong[paint.sub[paint.fg & (paint.alpha[np.arange(len(paint.sub)), paint.best] > CORE_ALPHA)]] = True
+        split, n_split = _split_touching(labels, n, strong.reshape(WORK, WORK))
+        if n_split > n:
+            again = _objects(paint, split, n_split)
+            bad, bad_again = sum(not _good(d) for d in dets), sum(not _good(d) for d in again)
+            if bad_again < bad and len(again) - bad_again > len(dets) - bad:
+                dets = again
     return Reading(tuple(bg.tolist()), _name_background(bg), tuple(dets), clean_share)
 
 
