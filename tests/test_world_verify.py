@@ -49,7 +49,7 @@ def test_ground_truth_scores_one() -> None:
 @pytest.mark.parametrize("background", list(BACKGROUNDS))
 def test_hardest_ground_truth_scenes_score_one(background: str) -> None:
     """Four objects with relations, on each background, prompt given as text."""
-    rng = np.random.default_rng(len(background))
+    rng = np.random.default_rng(list(BACKGROUNDS).index(background))
     done = 0
     while done < 40:
         spec = sample_spec(rng, n_groups=int(rng.choice([2, 3])))
