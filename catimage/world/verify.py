@@ -72,8 +72,12 @@ clean_colour and crisp_edges are credited per asked object found (multiplied by 
 averaged over asked objects with 0 for missing ones): a clean picture of something else, or a blank
 canvas in the asked colour, draws nothing that was asked and earns nothing.
 
-Measured (benchmarks/scene_score_check.py): 1.0 on every rendered scene tried, 0 on uniform and
-Gaussian noise and blank canvases; graded under blur, blobs, dropped / added objects, colour swaps.
+Measured (benchmarks/scene_score_check.py --n 2000): mean 1.0000, min 0.999 on 14,630 rendered
+scenes of random specs and 6,000 four-object scenes with relations (2,000 per background); 0.000 on
+uniform and Gaussian noise and on blank canvases, 0.058 on blotchy colour noise, 0.385 on pictures
+of other specs; graded under blur (sigma 0.5 / 0.8 / 1.2 / 2: 0.99 / 0.95 / 0.88 / 0.65), blobs
+(0.76), a dropped (0.65) or added (0.94) object and swapped colours (0.85). ~1,500 images/s of CPU
+time on one thread.
 """
 
 from __future__ import annotations
