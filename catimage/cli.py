@@ -245,7 +245,7 @@ def route_cmd(
 def cost(
     pool: Annotated[Path, typer.Argument(help="Pool YAML whose diffusers candidates to count")],
     out: Annotated[Path | None, typer.Option(help="Write the pool with counted costs here (default: print only)")] = None,
-    unit: Annotated[str, typer.Option(help="tflops (meta-device FLOP count) or seconds (measured here)")] = "tflops",
+    unit: Annotated[str, typer.Option(help="tflops or gflops (meta-device FLOP count) or seconds (measured here)")] = "tflops",
     images: Annotated[int, typer.Option(help="Images per candidate when measuring seconds")] = 2,
 ) -> None:
     """Count TFLOPs per image (torch FLOP counter on the meta device) or measure seconds per image."""
@@ -337,10 +337,12 @@ def train(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Where the table, model and report go")] = Path("runs/demo"),
-    pool: Annotated[Path | None, typer.Option("--pool", help="Default: the embedded tiny pool")] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="Default: the embedded demo prompts")] = None,
+    pool: Annotated[Path | None, typer.Option("--pool", help="Default: the embedded scene-world pool")] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="Fresh prompts to build; default: the embedded world demo prompts")] = None,
+    table: Annotated[Path | None, typer.Option("--table", help="Table to fit and evaluate the router on; default: the shipped world table (world pool) or this run's build")] = None,
     seeds: Annotated[int, typer.Option(min=1)] = 2,
-    metric: Annotated[str, typer.Option()] = "clip_score",
+    trials: Annotated[int, typer.Option(min=1, help="Re-drawn splits of the evaluation")] = 5,
+    metric: Annotated[str | None, typer.Option(help="Default: the pool's first metric")] = None,
     estimator: Annotated[EstimatorOpt, typer.Option()] = EstimatorOpt.transformer,
     embedder: Annotated[EmbedderOpt, typer.Option()] = EmbedderOpt.minilm,
     port: Annotated[int | None, typer.Option(help="HTTP port of the Serve app (default: a free one)")] = None,
@@ -354,7 +356,8 @@ def demo(
         from jobs.demo import run_demo
 
         run_demo(out, pool, prompts, seeds=seeds, metric=metric, estimator=estimator.value,
-                 embedder=embedder.value, port=port, num_cpus=num_cpus, console=console)
+                 embedder=embedder.value, port=port, num_cpus=num_cpus, console=console, table_path=table,
+                 trials=trials)
 
     _run(_demo)
 

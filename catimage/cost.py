@@ -13,6 +13,9 @@ Per image:
 * text encoders: once for the prompt, plus once for the empty negative prompt under guidance in SD
   (SDXL zeroes that embedding instead, `force_zeros_for_empty_prompt`).
 * VAE decode: once.
+* The scene world's `WorldPipeline` (packed pixel space, no VAE): its UNet at 16 x 16 with
+  `WORLD_TEXT_TOKENS` MiniLM tokens of context, and MiniLM itself on the prompt (plus the 2-token
+  empty prompt under guidance) as its text encoder.
 
 Convention: FlopCounterMode counts every matmul, including the attention products (Q K^T and
 attention x V). Module-hook counters (ptflops/thop-style, as used for published diffusion FLOP
@@ -42,13 +45,14 @@ from catimage.errors import CatimageError
 from catimage.generators.base import diffusers_settings, uses_cfg
 from catimage.generators.spec import DiffusersSpec
 from catimage.generators.tiny import SCHEDULER as RELEASED_SCHEDULE
-from catimage.generators.tiny import resolve_model
+from catimage.generators.refs import resolve_model
 from catimage.pool import Pool, load_pool
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TERA = 1e12
+FLOP_UNITS = {"tflops": 1.0, "gflops": 1e3}  # counted units, per TFLOP (small world models read better in GFLOPs)
 
 # Public architecture configs (configs/) for hub ids whose folders are not on this machine.
 _ARCH_FILES: dict[str, dict[str, str]] = {
@@ -72,7 +76,8 @@ KNOWN_MODELS: dict[str, str] = {
     "CompVis/stable-diffusion-v1-4": "sd15",
 }
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-_DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0}  # the pipelines' own defaults
+_DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "world": 2.0}  # the pipelines' own defaults
+WORLD_TEXT_TOKENS = 32  # a typical scene-world prompt in MiniLM word pieces ([CLS] ... [SEP])
 
 
 @dataclass
@@ -85,13 +90,20 @@ class Architecture:
     text_encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(RELEASED_SCHEDULE))
     force_zeros_for_empty_prompt: bool = True
+    class_name: str = ""
 
     @property
     def kind(self) -> str:
+        if self.class_name == "WorldPipeline":
+            return "world"
         return "sdxl" if self.unet.get("addition_embed_type") == "text_time" else "sd"
 
     @property
     def vae_scale_factor(self) -> int:
+        if self.kind == "world":
+            from catimage.world.pipeline import PACK
+
+            return PACK
         return 2 ** (len(self.vae["block_out_channels"]) - 1) if self.vae else 8
 
 
@@ -124,8 +136,8 @@ def load_architecture(model: str) -> Architecture:
     """The configs of `model`: a local diffusers folder, a `tiny:` ref, a known hub id, or a cached hub id."""
     path = Path(resolve_model(model))
     if (path / "unet" / "config.json").is_file():
-        index = path / "model_index.json"
-        zeros = _read_json(index).get("force_zeros_for_empty_prompt", True) if index.is_file() else True
+        index = _read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+        zeros = index.get("force_zeros_for_empty_prompt", True)
         sched = path / "scheduler" / "scheduler_config.json"
         return Architecture(
             source=str(path),
@@ -138,6 +150,7 @@ def load_architecture(model: str) -> Architecture:
             },
             scheduler=_read_json(sched) if sched.is_file() else dict(RELEASED_SCHEDULE),
             force_zeros_for_empty_prompt=bool(zeros),
+            class_name=str(index.get("_class_name", "")),
         )
     if model in KNOWN_MODELS:
         files = _ARCH_FILES[KNOWN_MODELS[model]]
@@ -255,14 +268,20 @@ class FlopCounter:
             unet_total = evals * full
 
         text_batch = 1 + int(cfg and not (kind == "sdxl" and arch.force_zeros_for_empty_prompt))
-        text = sum(
-            self._memoised(("text", json.dumps(c, sort_keys=True), text_batch), lambda c=c: _text_flops(c, text_batch))
-            for c in arch.text_encoders.values()
-        )
-        if not arch.text_encoders:
+        if kind == "world":
+            text = self._memoised(("minilm", cfg), lambda: _minilm_flops(cfg))
+            notes.append(f"MiniLM text encoder counted at {WORLD_TEXT_TOKENS} prompt tokens")
+        else:
+            text = sum(
+                self._memoised(("text", json.dumps(c, sort_keys=True), text_batch), lambda c=c: _text_flops(c, text_batch))
+                for c in arch.text_encoders.values()
+            )
+        if not arch.text_encoders and kind != "world":
             notes.append("no text encoder config: text encoding not counted")
         vae = 0
-        if arch.vae is not None:
+        if kind == "world":
+            notes.append("pixel-space model: no VAE to decode")
+        elif arch.vae is not None:
             vae = self._memoised(("vae", json.dumps(arch.vae, sort_keys=True), height, width), lambda: _vae_flops(arch, height, width))
         else:
             notes.append("no VAE config: decoding not counted")
@@ -300,7 +319,10 @@ def _unet_flops(arch: Architecture, height: int, width: int, batch: int, deepcac
     sample = torch.empty(batch, cfg["in_channels"], height // scale, width // scale, **meta)
     cross = cfg["cross_attention_dim"]
     cross = cross[0] if isinstance(cross, list | tuple) else cross
-    context = torch.empty(batch, 77, cross, **meta)
+    if arch.kind == "world":  # MiniLM tokens, projected by the UNet's own encoder_hid_proj
+        context = torch.empty(batch, WORLD_TEXT_TOKENS, cfg["encoder_hid_dim"], **meta)
+    else:
+        context = torch.empty(batch, 77, cross, **meta)
     kwargs: dict[str, Any] = {"encoder_hidden_states": context}
     if cfg.get("addition_embed_type") == "text_time":
         te2 = arch.text_encoders.get("text_encoder_2", {})
@@ -342,6 +364,27 @@ def _text_flops(config: dict[str, Any], batch: int) -> int:
     ids = torch.zeros(batch, config.get("max_position_embeddings", 77), dtype=torch.long, device="meta")
     with torch.no_grad():
         return _count(lambda: model(ids, output_hidden_states=True))[0]
+
+
+def _minilm_flops(cfg: bool) -> int:
+    """MiniLM (the world pipeline's text encoder) on one prompt, plus the empty prompt under guidance."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from catimage.embed import minilm_model_path
+
+    # eager attention: the SDPA mask path inspects mask values, which meta tensors do not have
+    config = BertConfig.from_pretrained(minilm_model_path(), attn_implementation="eager")
+    with torch.device("meta"):
+        model = BertModel(config).eval()
+
+    def run(tokens: int) -> int:
+        ids = torch.zeros(1, tokens, dtype=torch.long, device="meta")
+        mask = torch.ones(1, tokens, dtype=torch.long, device="meta")  # else BERT peeks at values
+        with torch.no_grad():
+            return _count(lambda: model(ids, attention_mask=mask))[0]
+
+    return run(WORLD_TEXT_TOKENS) + (run(2) if cfg else 0)
 
 
 def _vae_flops(arch: Architecture, height: int, width: int) -> int:
@@ -397,17 +440,19 @@ def count_pool_costs(
     Candidates without a diffusers generator (http, or no generator block) are left out: they keep
     their declared cost. Pass a `counter` to reuse counts across calls.
     """
-    if unit not in ("tflops", "seconds"):
-        raise CatimageError(f"unknown cost unit {unit!r}: use 'tflops' (counted) or 'seconds' (measured here)")
+    if unit not in FLOP_UNITS and unit != "seconds":
+        raise CatimageError(
+            f"unknown cost unit {unit!r}: use 'tflops' or 'gflops' (counted) or 'seconds' (measured here)"
+        )
     counter = counter or FlopCounter()
     costs: dict[str, float] = {}
     for cand in pool.candidates:
         if not isinstance(cand.generator, DiffusersSpec):
             log.info("%s: no diffusers generator; keeping its declared cost %s", cand.name, cand.cost)
             continue
-        if unit == "tflops":
+        if unit in FLOP_UNITS:
             breakdown = counter.count(cand.generator)
-            costs[cand.name] = breakdown.total
+            costs[cand.name] = breakdown.total * FLOP_UNITS[unit]
             log.info("%s: %.4g TFLOPs per image (%s)", cand.name, breakdown.total, breakdown)
         else:
             costs[cand.name] = measure_seconds(cand.generator, n_images=n_images, device=device)

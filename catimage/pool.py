@@ -173,6 +173,12 @@ class Pool(BaseModel):
                 "Images were drawn by tiny random-weight models (the test/demo pool): they are noise, and the "
                 "quality figures say nothing about real generators."
             )
+        if any(isinstance(c.generator, DiffusersSpec) and c.generator.model.startswith("world:") for c in self.candidates):
+            notes.append(
+                "Images come from the scene world: 32x32 generators trained on rendered shapes "
+                "(catimage/data/world/MODEL_CARD.md), scored by scene_score, a verifier of what each prompt asks "
+                "for. The figures are real measurements in that world, not claims about photographic generators."
+            )
         return notes
 
     def with_costs(self, costs: Mapping[str, float]) -> Pool:

@@ -1,9 +1,14 @@
 """The main job on the embedded default: the whole catimage loop on one machine, nothing downloaded.
 
-local Ray -> tiny pool (random-weight SD/SDXL, built locally) -> Ray Data build job -> Ray Train fit
--> evaluation report -> Ray Serve app -> routed requests at two budgets -> clean shutdown.
+local Ray -> the scene-world pool (two trained generators at several step counts, shipped in the
+package) -> Ray Data build job on fresh held-out prompts (images kept) -> Ray Train fit of the
+router on the shipped world table (1,000+ prompts x every candidate x 4 seeds, scores only) ->
+evaluation over re-drawn splits + the fitted router on the fresh prompts it never saw ->
+report.{json,md,html} + deferral.png -> Ray Serve app -> routed requests at two budgets -> clean
+shutdown.
 
-`catimage demo` calls `run_demo`; it is also runnable as `python jobs/demo.py`.
+With another pool (`--pool`), the router is fitted and evaluated on the freshly built table instead
+(or on `--table`). `catimage demo` calls `run_demo`; it is also runnable as `python jobs/demo.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -27,15 +33,12 @@ from catimage.errors import CatimageError
 
 log = logging.getLogger(__name__)
 
-TINY_NOTE = (
-    "Images were drawn by tiny random-weight models (the demo pool): they are noise, and these figures say "
-    "nothing about real generators. They show that every stage runs."
-)
 DEMO_REQUESTS = (
-    "a red apple",
-    "a lighthouse at dusk",
-    "a chessboard mid-game where the white queen is cornered by two black knights",
+    "a red circle",
+    "two small blue squares on a white background",
+    "a yellow triangle to the left of a green circle above a purple square",
 )
+WORLD_POOL, WORLD_PROMPTS, WORLD_TABLE = "world_pool.yaml", "world_demo_prompts.txt", "world_table.parquet"
 
 
 def embedded(name: str) -> Path:
@@ -116,75 +119,123 @@ def run_demo(
     pool_path: Path | None = None,
     prompts_path: Path | None = None,
     seeds: int = 2,
-    metric: str = "clip_score",
+    metric: str | None = None,
     estimator: str = "transformer",
     embedder: str = "minilm",
     port: int | None = None,
     num_cpus: int = 2,
     max_epochs: int = 40,
     console: Console | None = None,
+    table_path: Path | None = None,
+    trials: int = 5,
 ) -> DemoResult:
-    """Run every stage; raise `CatimageError` with a next step on anything the user can fix."""
+    """Run every stage; raise `CatimageError` with a next step on anything the user can fix.
+
+    The router is fitted and evaluated on `table_path`: by default the shipped world table when the
+    pool is the embedded world pool, else the table this run builds.
+    """
     from catimage.build import BuildConfig
-    from catimage.embed import make_embedder
-    from catimage.evaluation import evaluate_table
     from catimage.pool import load_pool
-    from catimage.report import write_report
-    from catimage.table import load_pool_matrix
     from jobs.build_dataset import print_summary, run_build
     from jobs.train_estimator import run_train
 
     console = console or Console()
     out = Path(out)
-    pool_path = Path(pool_path) if pool_path else embedded("tiny_pool.yaml")
-    prompts_path = Path(prompts_path) if prompts_path else embedded("demo_prompts.txt")
+    world = pool_path is None
+    pool_path = Path(pool_path) if pool_path else embedded(WORLD_POOL)
+    prompts_path = Path(prompts_path) if prompts_path else embedded(WORLD_PROMPTS)
+    if table_path is None and world:
+        table_path = embedded(WORLD_TABLE)
     pool = load_pool(pool_path)
+    metric = metric or (pool.metrics[0].name if pool.metrics else None)
     if port is None:
         port = free_port()
     check_port_free(port)
     timings: dict[str, float] = {}
-    table_dir, model_dir, report_dir = out / "table", out / "model", out
+    build_dir, model_dir, report_dir = out / "table", out / "model", out
     console.rule("[bold]catimage demo")
     console.print(
-        f"pool [bold]{pool_path}[/] ({', '.join(pool.names)}), prompts [bold]{prompts_path}[/], S={seeds}, "
+        f"pool [bold]{pool_path}[/] ({', '.join(pool.names)}), fresh prompts [bold]{prompts_path}[/], S={seeds}, "
         f"metric {metric}, estimator {estimator} + {embedder}"
     )
     with local_ray(num_cpus):
-        with _stage(console, "1/5 build the quality table (Ray Data)", timings):
-            build = run_build(BuildConfig(pool=pool_path, prompts=prompts_path, output=table_dir, seeds=seeds), progress=False)
+        with _stage(console, "1/5 build a quality table of fresh prompts (Ray Data)", timings):
+            build = run_build(BuildConfig(pool=pool_path, prompts=prompts_path, output=build_dir, seeds=seeds,
+                                          save_images="png"), progress=False)
         print_summary(build, console)
         if build.table_path is None:
             raise CatimageError(f"the build wrote no rows; see the errors table {build.errors_path}")
+        fit_table = Path(table_path) if table_path else build.table_path
 
-        with _stage(console, "2/5 fit the estimator (Ray Train)", timings):
-            run_train(build.table_path, pool_path, model_dir, estimator=estimator, embedder=embedder, metric=metric,
+        with _stage(console, f"2/5 fit the router on {fit_table.name} (Ray Train)", timings):
+            run_train(fit_table, pool_path, model_dir, estimator=estimator, embedder=embedder, metric=metric,
                       num_workers=1, max_epochs=max_epochs)
 
-        with _stage(console, "3/5 evaluate (deferral curves, oracle, hull)", timings):
-            pool, matrix, costs = load_pool_matrix(build.table_path, pool_path, metric=metric)
-            report = evaluate_table(
-                matrix, costs, estimator, {"max_epochs": max_epochs} if estimator == "transformer" else {},
-                make_embedder(embedder), test_frac=0.25, val_frac=0.15, seed=0, trials=3,
-                cost_unit=pool.cost_unit, notes=pool.report_notes() or [TINY_NOTE],
-            )
-            paths = write_report(report, report_dir)
+        with _stage(console, f"3/5 evaluate ({trials} re-drawn splits, and on the fresh prompts)", timings):
+            report, paths = _evaluate(fit_table, build.table_path, pool_path, model_dir, report_dir, metric,
+                                      estimator, embedder, max_epochs, trials)
 
-        decisions = _serve_and_ask(console, timings, model_dir, pool_path, pool, port)
+        decisions = _serve_and_ask(console, timings, model_dir, pool_path, pool, port, _budgets(report))
 
     timings_total = sum(timings.values())
     _print_final(console, out, build.table_path, model_dir, paths, report, decisions, timings_total)
     return DemoResult(out, build.table_path, model_dir, paths, decisions, timings)
 
 
-def _serve_and_ask(console, timings, model_dir, pool_path, pool, port) -> list[dict[str, Any]]:
+def _budgets(report: dict[str, Any]) -> tuple[float, float]:
+    """A tight and a loose budget: 1/8 and 1/2 of always using the best fixed candidate (at least the
+    cheapest candidate's cost), so the demo shows the choice move with the budget."""
+    summary = report["summary"]
+    cheapest = min(p["cost"] for p in report["fixed"])
+    best = float(summary["best_fixed_cost"])
+    return max(best / 8, cheapest), max(best / 2, cheapest)
+
+
+def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Path, report_dir: Path,
+              metric: str | None, estimator: str, embedder: str, max_epochs: int, trials: int) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Re-drawn splits of the fit table, then the fitted router on the fresh build (which it never saw)."""
+    from catimage.embed import make_embedder
+    from catimage.evaluation import evaluate_predictions, evaluate_table, to_jsonable
+    from catimage.report import write_report
+    from catimage.report_html import gallery_from_router, write_html_report
+    from catimage.router_model import RouterModel
+    from catimage.table import load_pool_matrix, read_quality_table
+
+    pool, matrix, costs = load_pool_matrix(fit_table, pool_path, metric=metric)
+    params = {"max_epochs": max_epochs} if estimator == "transformer" else {}
+    report = evaluate_table(
+        matrix, costs, estimator, params, make_embedder(embedder), test_frac=0.2, val_frac=0.1, seed=0,
+        trials=trials, cost_unit=pool.cost_unit, notes=pool.report_notes(),
+    )
+    router = RouterModel.load(model_dir)
+    budgets = _budgets(report)
+    if fresh_table != fit_table:
+        _, fresh, _ = load_pool_matrix(fresh_table, pool_path, metric=metric)
+        keep = np.isfinite(fresh.mean).all(axis=1)
+        result = evaluate_predictions(router.predict([fresh.prompts[i] for i in np.flatnonzero(keep)]),
+                                      fresh.mean[keep], costs, fresh.candidates)
+        report["fresh_prompts"] = to_jsonable({"n_prompts": int(keep.sum()), "summary": result.summary})
+        report["meta"]["notes"].append(
+            f"'fresh_prompts': the router fitted on {fit_table.name} routing {int(keep.sum())} prompts built by this "
+            "run, none of which it saw; the gallery shows them."
+        )
+    paths = write_report(report, report_dir)
+    gallery = gallery_from_router(
+        read_quality_table(fresh_table), router, {f"budget {b:.3g}": b for b in budgets}, metric=metric,
+        note="Prompts built by this run; the router never saw them." if fresh_table != fit_table else
+        "Prompts of the fitted table (the router was trained on most of them).",
+    )
+    paths["html"] = write_html_report(report, report_dir, gallery)
+    return report, paths
+
+
+def _serve_and_ask(console, timings, model_dir, pool_path, pool, port, budgets) -> list[dict[str, Any]]:
     import httpx
     from ray import serve
 
     from serve.app import build_app
     from serve.schemas import AppArgs
 
-    costs = sorted(c.cost for c in pool.candidates if c.cost is not None)
-    budgets = (costs[0] + 0.25 * (costs[1] - costs[0]) if len(costs) > 1 else costs[0], costs[-1])
     decisions: list[dict[str, Any]] = []
     with _stage(console, f"4/5 start the Serve app on 127.0.0.1:{port}", timings):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -255,6 +306,16 @@ def _print_final(console, out, table_path, model_dir, paths, report, decisions, 
     tab.add_row("best fixed candidate", str(summary.get("best_fixed")))
     tab.add_row("router quality at its cost", _fmt(summary.get("quality_at_best_fixed_cost")))
     tab.add_row("area over the mixture hull", _fmt(summary.get("area_over_hull")))
+    trials = summary.get("trials") or {}
+    if trials.get("n", 0) > 1:
+        per = report.get("per_trial", [])
+        above = sum(1 for t in per if (t.get("area_over_hull") or 0) > 0)
+        tab.add_row(f"splits above the hull ({trials['n']} re-drawn)", f"{above}/{len(per)}")
+        tab.add_row("cost ratio to match the best (mean)", _fmt(trials.get("mean_cost_ratio_to_match_best_fixed")))
+    fresh = (report.get("fresh_prompts") or {}).get("summary")
+    if fresh:
+        tab.add_row("fresh prompts: area over the hull", _fmt(fresh.get("area_over_hull")))
+        tab.add_row("fresh prompts: cost ratio to match the best", _fmt(fresh.get("cost_ratio_to_match_best_fixed")))
     by_budget: dict[float, list[str]] = {}
     for d in decisions:
         by_budget.setdefault(d["budget"], []).append(d["candidate"])

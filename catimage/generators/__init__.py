@@ -11,7 +11,8 @@ from typing import Any
 from catimage.errors import CatimageError
 from catimage.generators.base import PRESETS, DiffusersSettings, Generator, diffusers_settings, generation_seed
 from catimage.generators.spec import DiffusersSpec, GeneratorSpec, HttpSpec, parse_generator_spec
-from catimage.generators.tiny import is_tiny, resolve_model
+from catimage.generators.refs import is_world, resolve_model, world_model_dir
+from catimage.generators.tiny import is_tiny
 
 __all__ = [
     "PRESETS",
@@ -23,8 +24,10 @@ __all__ = [
     "diffusers_settings",
     "generation_seed",
     "is_tiny",
+    "is_world",
     "make_generator",
     "resolve_model",
+    "world_model_dir",
 ]
 
 

@@ -23,7 +23,7 @@ import torch
 from catimage.errors import CatimageError
 from catimage.generators.base import Generator, diffusers_settings
 from catimage.generators.spec import DiffusersSpec, scheduler_class_name
-from catimage.generators.tiny import resolve_model
+from catimage.generators.refs import resolve_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,12 +37,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+WORLD_PIPELINE = "WorldPipeline"
+
+
 def pipeline_class_name(kind: str, model: str) -> str:
-    """'StableDiffusionPipeline' or 'StableDiffusionXLPipeline' for a spec's `pipeline` and model path."""
+    """'StableDiffusionPipeline', 'StableDiffusionXLPipeline' or 'WorldPipeline' for a spec's
+    `pipeline` and model path."""
     if kind == "sd":
         return "StableDiffusionPipeline"
     if kind == "sdxl":
         return "StableDiffusionXLPipeline"
+    if kind == "world":
+        return WORLD_PIPELINE
     index = Path(model) / "model_index.json"
     try:
         if index.is_file():
@@ -54,13 +60,26 @@ def pipeline_class_name(kind: str, model: str) -> str:
     except Exception as err:  # offline hub miss, malformed folder, ...
         raise CatimageError(
             f"cannot read model_index.json of {model!r} ({type(err).__name__}: {err}); give a local "
-            "diffusers folder or a cached hub id, or set `pipeline: sd|sdxl` in the generator block"
+            "diffusers folder or a cached hub id, or set `pipeline: sd|sdxl|world` in the generator block"
         ) from None
+    if name == WORLD_PIPELINE:
+        return WORLD_PIPELINE
     if "XL" in name:
         return "StableDiffusionXLPipeline"
     if name.startswith("StableDiffusion"):
         return "StableDiffusionPipeline"
-    raise CatimageError(f"{model!r} is a {name}; catimage runs StableDiffusion and StableDiffusionXL text-to-image pipelines")
+    raise CatimageError(f"{model!r} is a {name}; catimage runs StableDiffusion, StableDiffusionXL and WorldPipeline text-to-image pipelines")
+
+
+def pipeline_class(name: str) -> Any:
+    """The class behind a `pipeline_class_name` result (the world pipeline lives in catimage.world)."""
+    if name == WORLD_PIPELINE:
+        from catimage.world.pipeline import WorldPipeline
+
+        return WorldPipeline
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 def make_scheduler(name: str, base_config: Any, extra: dict[str, Any] | None = None) -> Any:
@@ -133,8 +152,6 @@ class DiffusersGenerator(Generator):
     """Loads the pipeline once (in the constructor) and draws images on `device`."""
 
     def __init__(self, spec: DiffusersSpec, device: str | None = None) -> None:
-        import diffusers
-
         self.spec = spec
         self.settings = diffusers_settings(spec)
         self.device = torch.device(device or spec.device or default_device())
@@ -143,7 +160,7 @@ class DiffusersGenerator(Generator):
             log.warning("float16 is slow or unsupported on CPU; loading %s in float32", spec.model)
             self.dtype = torch.float32
         self.model_path = resolve_model(spec.model)
-        cls = getattr(diffusers, pipeline_class_name(spec.pipeline, self.model_path))
+        cls = pipeline_class(pipeline_class_name(spec.pipeline, self.model_path))
         kwargs: dict[str, Any] = {"torch_dtype": self.dtype}
         if spec.variant:
             kwargs["variant"] = spec.variant
@@ -176,7 +193,9 @@ class DiffusersGenerator(Generator):
 
     def latent_shape(self) -> tuple[int, int, int]:
         scale = self.pipe.vae_scale_factor
-        return (self.pipe.unet.config.in_channels, self.height // scale, self.width // scale)
+        # The world pipeline's UNet also takes coordinate planes: its sample has fewer channels.
+        channels = getattr(self.pipe, "latent_channels", self.pipe.unet.config.in_channels)
+        return (channels, self.height // scale, self.width // scale)
 
     def noise(self, seeds: list[int]) -> tuple[list[torch.Generator], torch.Tensor]:
         """One CPU generator per seed and the initial latents drawn from them (float32, CPU)."""

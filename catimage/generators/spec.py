@@ -50,7 +50,7 @@ def scheduler_class_name(name: str) -> tuple[str, dict[str, Any]]:
 
 
 class DiffusersSpec(BaseModel):
-    """A diffusers text-to-image pipeline (StableDiffusion or StableDiffusionXL).
+    """A diffusers text-to-image pipeline (StableDiffusion, StableDiffusionXL, or the scene world's).
 
     `preset` fills in the published recipes: `sdxl-turbo` (1 step, guidance 0, 512x512, the model's
     Euler-ancestral scheduler with trailing timesteps, as the model card says) and `sdxl-lightning`
@@ -62,7 +62,7 @@ class DiffusersSpec(BaseModel):
 
     kind: Literal["diffusers"] = "diffusers"
     model: str = Field(description="Hub id or local folder with a diffusers pipeline (from_pretrained).")
-    pipeline: Literal["auto", "sd", "sdxl"] = "auto"
+    pipeline: Literal["auto", "sd", "sdxl", "world"] = "auto"
     preset: Literal["none", "sdxl-turbo", "sdxl-lightning"] = "none"
     steps: PositiveInt | None = None
     scheduler: str | None = Field(

@@ -27,6 +27,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "clip_score": ("catimage.metrics.clip_score", "ClipScoreScorer"),
     "image_reward": ("catimage.metrics.image_reward", "ImageRewardScorer"),
     "aesthetic": ("catimage.metrics.aesthetic", "AestheticScorer"),
+    "scene_score": ("catimage.metrics.scene_score", "SceneScoreScorer"),
 }
 
 
@@ -45,7 +46,7 @@ def resolve_params(name: MetricName, params: dict[str, Any]) -> dict[str, Any]:
     params.pop("tiny", None)
     if params.get("model") == "tiny":
         params.pop("model")
-    if name == "sharpness":  # no weights: nothing to build
+    if name in ("sharpness", "scene_score"):  # no weights: nothing to build
         return params
     from catimage.metrics.tiny import tiny_metric_params
 

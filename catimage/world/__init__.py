@@ -5,7 +5,7 @@ prompt's requirements read back (`parse`, for the verifier only: the router neve
 the trained generators that draw them (`catimage.world.pipeline`).
 """
 
-from catimage.world.grammar import describe, is_heldout, realize, sample_spec, sample_specs
+from catimage.world.grammar import describe, heldout_prompts, is_heldout, realize, sample_spec, sample_specs
 from catimage.world.parse import WorldParseError, parse
 from catimage.world.render import render, render_array
 from catimage.world.scene import ObjectSpec, PlacedObject, Relation, Scene, SceneSpec
@@ -18,6 +18,7 @@ __all__ = [
     "SceneSpec",
     "WorldParseError",
     "describe",
+    "heldout_prompts",
     "is_heldout",
     "parse",
     "realize",

@@ -127,6 +127,19 @@ def sample_specs(rng: np.random.Generator, n: int, heldout: bool, unique: bool =
     return out
 
 
+def heldout_prompts(n: int, seed: int, exclude: Sequence[str] = ()) -> list[str]:
+    """`n` paraphrased prompts of distinct held-out specs (none the generators trained on).
+
+    `exclude` lists prompts whose specs must not recur (so that two prompt sets are disjoint scenes).
+    """
+    from catimage.world.parse import parse
+
+    banned = {parse(p).key() for p in exclude}
+    rng = np.random.default_rng(seed)
+    specs = [s for s in sample_specs(rng, n + len(banned), heldout=True) if s.key() not in banned][:n]
+    return [describe(s, rng) for s in specs]
+
+
 # --- wording --------------------------------------------------------------------------------------
 
 

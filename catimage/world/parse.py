@@ -1,10 +1,11 @@
 """Prompt -> `SceneSpec`: read back what a world prompt asks for (the verifier's view; never the router's).
 
 Lenient on purpose, so that prompts written by someone else in the world's vocabulary parse too: it
-finds object phrases ("two small blue squares", "a big red circle", "3 green triangles"), reads a
-relation phrase between two neighbouring object phrases ("to the left of", "above", "beneath" ...),
-a position phrase after an object ("in the top left corner", "on the right" ...) and a background
-phrase anywhere ("on a white background"); other words are ignored.
+finds object phrases ("two small blue squares", "a big red circle", "3 green triangles"), reads the
+relation phrases between two neighbouring object phrases ("to the left of", "above", "below and to
+the left of" ...), a position phrase after an object, before any relation ("in the top left
+corner", "on the right" ...) and a background phrase anywhere ("on a white background"); other
+words are ignored. Counts above three ("four red circles") are an error, not a plural read as two.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 
 from catimage.errors import CatimageError
-from catimage.world.scene import BACKGROUNDS, COLOURS, SHAPES, ObjectSpec, Relation, SceneSpec
+from catimage.world.scene import BACKGROUNDS, COLOURS, MAX_COUNT, SHAPES, ObjectSpec, Relation, SceneSpec
 
 
 class WorldParseError(CatimageError):
@@ -21,6 +22,9 @@ class WorldParseError(CatimageError):
 
 _COUNT = {"a": 1, "an": 1, "one": 1, "1": 1, "single": 1, "two": 2, "2": 2, "a pair of": 2, "pair of": 2,
           "three": 3, "3": 3}
+# counts the world cannot hold: read so that they are an error, not a plural read as "two"
+_COUNT.update({w: n for n, w in enumerate(("four", "five", "six", "seven", "eight", "nine", "ten"), start=4)})
+_COUNT.update({str(n): n for n in range(4, 11)})
 _SIZE = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large"}
 _COLOUR_SYNONYMS = {"violet": "purple", "grey": "gray"}
 _SHAPE = {s: s for s in SHAPES}
@@ -63,11 +67,9 @@ def _position(segment: str) -> str | None:
     return None
 
 
-def _relation(segment: str) -> str | None:
-    for pattern, name in _RELATIONS:
-        if pattern.search(segment):
-            return name
-    return None
+def _relations(segment: str) -> list[tuple[int, str]]:
+    """The relation phrases in `segment` ("below and to the left of": two), as (start, name) in order."""
+    return sorted((m.start(), name) for pattern, name in _RELATIONS for m in [pattern.search(segment)] if m)
 
 
 def parse(prompt: str) -> SceneSpec:
@@ -90,16 +92,19 @@ def parse(prompt: str) -> SceneSpec:
     relations: list[Relation] = []
     for i, m in enumerate(matches):
         count = _COUNT.get(m["count"] or "", 2 if m["plural"] else 1)
+        if count > MAX_COUNT:
+            raise WorldParseError(
+                f"{prompt!r} asks for {m['count']} {m['colour']} {m['shape']}s; the scene world draws at most "
+                f"{MAX_COUNT} of a kind"
+            )
         size = _SIZE.get(m["size1"] or m["size2"] or "")
         colour = _COLOUR_SYNONYMS.get(m["colour"], m["colour"])
         seg = segments[i]
-        rel = _relation(seg) if i + 1 < len(matches) else None
-        if rel is not None:
-            relations.append(Relation(i, rel, i + 1))
-            position = None
-        else:
-            position = _position(seg)
-        objects.append(ObjectSpec(_SHAPE[m["shape"]], colour, size, min(count, 3), position))
+        rels = _relations(seg) if i + 1 < len(matches) else []
+        if rels:
+            relations += [Relation(i, name, i + 1) for _, name in rels]
+            seg = seg[: rels[0][0]]  # a position may come before the relation ("on the left, above ...")
+        objects.append(ObjectSpec(_SHAPE[m["shape"]], colour, size, count, _position(seg)))
     try:
         return SceneSpec(tuple(objects), tuple(relations), background)
     except ValueError as err:

@@ -1,0 +1,99 @@
+"""The shipped scene world: trained generators, the world table, the fitted router, the pool's costs.
+
+Expected values come from the world's design, not from re-running the code under test: a routed
+simple scene must cost less than a routed complex one, and routing must beat the prompt-agnostic
+mixture of candidates on every re-drawn split of the shipped table.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from catimage.generators import make_generator
+from catimage.pool import load_pool
+
+DATA = Path(str(resources.files("catimage") / "data"))
+POOL = DATA / "world_pool.yaml"
+TABLE = DATA / "world_table.parquet"
+ROUTER = DATA / "world_router"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return load_pool(POOL)
+
+
+def test_shipped_generators_load_and_are_deterministic_per_seed():
+    for name in ("small", "large"):
+        gen = make_generator({"model": f"world:{name}", "steps": 4, "scheduler": "ddim", "guidance_scale": 2.0}, device="cpu")
+        a = gen.generate(["a red circle", "two blue squares"], [3, 4])
+        b = gen.generate(["two blue squares"], [4])
+        c = gen.generate(["two blue squares"], [5])
+        assert a[0].size == (32, 32)
+        assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))
+        assert not np.array_equal(np.asarray(b[0]), np.asarray(c[0]))
+
+
+def test_trained_generator_draws_what_a_simple_prompt_asks(pool):
+    """A trained model, unlike a random one, draws "a red circle" well: the verifier agrees on most seeds."""
+    from catimage.metrics import make_scorer
+
+    gen = make_generator(pool.get("large-16").generator, device="cpu")
+    prompts = ["a red circle", "a blue square", "a green triangle", "two yellow circles"]
+    images = gen.generate(prompts * 2, list(range(8)))
+    scores = make_scorer("scene_score").score(prompts * 2, images)
+    assert scores.mean() > 0.8
+
+
+def test_pool_costs_are_the_counted_gflops(pool):
+    from catimage.cost import count_pool_costs
+
+    counted = count_pool_costs(pool, unit="gflops")
+    assert pool.cost_unit == "gflops"
+    for cand in pool.candidates:
+        assert cand.cost == pytest.approx(counted[cand.name], rel=1e-6)
+
+
+def test_shipped_table_is_held_out_scenes_times_every_candidate(pool):
+    from catimage.table import aggregate, read_quality_table
+    from catimage.world import is_heldout, parse
+
+    matrix = aggregate(read_quality_table(TABLE), metric="scene_score", candidates=pool.names)
+    assert matrix.n_prompts >= 1000 and (matrix.count >= 4).all()
+    assert all(is_heldout(parse(p)) for p in matrix.prompts)
+    demo = [p for p in (DATA / "world_demo_prompts.txt").read_text().splitlines() if p.strip()]
+    assert not {parse(p).key() for p in demo} & {parse(p).key() for p in matrix.prompts}
+
+
+def test_routing_beats_the_mixture_hull_on_every_split(pool):
+    from catimage.embed import make_embedder
+    from catimage.evaluation import evaluate_table
+    from catimage.router_model import RouterModel
+    from catimage.table import load_pool_matrix
+
+    estimator = RouterModel.load(ROUTER).estimator.kind
+    _, matrix, costs = load_pool_matrix(TABLE, POOL, metric="scene_score")
+    report = evaluate_table(matrix, costs, estimator, {}, make_embedder("minilm"), test_frac=0.2, val_frac=0.1,
+                            seed=0, trials=5, cost_unit=pool.cost_unit)
+    areas = [t["area_over_hull"] for t in report["per_trial"]]
+    assert min(areas) > 0, areas
+
+
+def test_shipped_router_sends_simple_scenes_cheaper_than_complex_ones(pool):
+    from catimage.router_model import RouterModel
+
+    router = RouterModel.load(ROUTER)
+    simple = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    complex_ = [
+        "a yellow triangle to the left of a green circle above a purple square",
+        "two small blue squares, a red circle and a large green triangle",
+        "a blue circle in the top left corner, a red square below a yellow triangle and a purple circle",
+        "three green triangles and a small red square at the bottom on a white background",
+    ]
+    budget = float(np.median(router.costs))
+    cost = lambda prompts: np.mean([d.cost for d in router.decide(prompts, budget=budget)])  # noqa: E731
+    assert cost(simple) < cost(complex_)
