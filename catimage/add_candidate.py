@@ -144,3 +144,48 @@ def _ridge_loo(F: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, np.n
             best = (err, alpha, coef, y_mean - float(f_mean @ coef))
     _, alpha, coef, intercept = best
     return float(alpha), coef, float(intercept)
+
+
+def add_from_table(model: Any, table: Any, pool: Any = None, metric: str | None = None,
+                   names: list[str] | None = None) -> list[AddedCandidate]:
+    """Add every candidate of `table` (a quality table) that `model` does not know yet.
+
+    Its cost comes from the pool file, else from the table's measured `cost` column. Rows of the
+    model's own candidates for the same prompts, when present, give the prompts' level (see
+    `fit_added_candidate`). Returns the added candidates (the model is changed in place).
+    """
+    from catimage.table import aggregate, metric_columns, validate_table
+
+    table = validate_table(table, "new rows")
+    metric = metric or model.metric
+    if metric not in metric_columns(table):
+        raise CatimageError(f"the new rows have no {metric!r} column (the router's metric); they have "
+                            f"{metric_columns(table)}")
+    present = list(dict.fromkeys(table.column("candidate").to_pylist()))
+    new = [c for c in present if c not in model.candidates]
+    if names:
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise CatimageError(f"candidate(s) {missing} have no rows in the new table (it has {present})")
+        new = [n for n in new if n in names]
+    if not new:
+        raise CatimageError(f"the new rows hold no candidate the router lacks (router: {model.candidates}; rows: {present})")
+    matrix = aggregate(table, metric=metric, candidates=present)
+    measured = matrix.measured_costs()
+    base_cols = [matrix.candidates.index(c) if c in matrix.candidates else -1 for c in model.base_candidates]
+    base_labels = np.stack([matrix.mean[:, j] if j >= 0 else np.full(matrix.n_prompts, np.nan) for j in base_cols], 1)
+    added = []
+    for name in new:
+        if pool is not None and name in pool.names and pool.get(name).cost is not None:
+            cost = float(pool.get(name).cost)
+        elif name in measured:
+            cost = measured[name]
+        else:
+            raise CatimageError(f"no cost for {name!r}: declare `cost:` in the pool file or give the rows a `cost` column")
+        j = matrix.candidates.index(name)
+        rows = np.flatnonzero(np.isfinite(matrix.mean[:, j]))
+        added.append(model.add_candidate(
+            name, cost, [matrix.prompts[i] for i in rows], matrix.mean[rows, j],
+            counts=matrix.count[rows, j].astype(np.float64), base_labels=base_labels[rows],
+        ))
+    return added

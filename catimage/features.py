@@ -204,7 +204,8 @@ class CombinedEmbedder(Embedder):
 
     @property
     def is_fitted(self) -> bool:
-        return self._stat_mean is not None and (self._tfidf is None or self._tfidf.is_fitted)
+        return (self._stat_mean is not None and self._text.is_fitted
+                and (self._tfidf is None or self._tfidf.is_fitted))
 
     def _require_fitted(self) -> None:
         if not self.is_fitted:
@@ -221,6 +222,7 @@ class CombinedEmbedder(Embedder):
 
     def fit(self, prompts: Sequence[str]) -> CombinedEmbedder:
         prompts = _as_prompt_list(prompts)
+        self._text.fit(prompts)  # a no-op for MiniLM / CLIP
         if self._tfidf is not None:
             self._tfidf.fit(prompts)
         stats = prompt_statistics(prompts)
@@ -260,6 +262,7 @@ class CombinedEmbedder(Embedder):
         (directory / EMBEDDER_JSON).write_text(json.dumps({"spec": self.spec, "state": state}, indent=2))
         if self._tfidf is not None:
             self._tfidf.save(directory / "tfidf")
+        self._text.save(directory / "text")
         return directory
 
     def load_state(self, directory: Path, data: dict[str, Any]) -> CombinedEmbedder:
@@ -273,10 +276,17 @@ class CombinedEmbedder(Embedder):
         self._stat_std = np.asarray(state["stat_std"], dtype=np.float64)
         if self._tfidf is not None:
             self._tfidf = load_embedder(directory / "tfidf")
+        text = load_embedder(directory / "text")
+        self._text = CachedEmbedder(text, self.cache_dir) if self.cache else text
         return self
 
 
 # --- what an estimator consumes ------------------------------------------------------------------
+
+
+def _is_tfidf(embedder: Embedder) -> bool:
+    inner = embedder.inner if isinstance(embedder, CachedEmbedder) else embedder
+    return isinstance(inner, TfidfEmbedder)
 
 
 def embed_features(embedder: Embedder, prompts: Sequence[str], input_kind: str) -> np.ndarray | TokenBatch:
@@ -285,9 +295,7 @@ def embed_features(embedder: Embedder, prompts: Sequence[str], input_kind: str) 
     if input_kind == "pooled":
         return embedder.encode(prompts)
     if input_kind == "tokens":
-        if isinstance(embedder, TfidfEmbedder) or (
-            isinstance(embedder, CachedEmbedder) and isinstance(embedder.inner, TfidfEmbedder)
-        ):
+        if _is_tfidf(embedder):
             return TokenBatch.from_arrays([row[None, :] for row in embedder.encode(prompts)], dim=embedder.dim)
         tokens = embedder.encode_with_tokens(prompts)[1]
         return TokenBatch.from_arrays(tokens, dim=embedder.token_dim)
@@ -307,9 +315,16 @@ class FeatureCache:
         self._entries: dict[tuple[str, str, int], Any] = {}
 
     def get(self, embedder: Embedder, prompts: Sequence[str], input_kind: str) -> np.ndarray | TokenBatch:
-        key = (embedder.cache_key(), input_kind, hash(tuple(prompts)))
+        base = (embedder.cache_key(), hash(tuple(prompts)))
+        key = (*base, input_kind)
         if key not in self._entries:
-            while len(self._entries) >= self.size:
+            while len(self._entries) >= 2 * self.size:
                 self._entries.pop(next(iter(self._entries)))
-            self._entries[key] = embed_features(embedder, prompts, input_kind)
+            if input_kind == "tokens" and not _is_tfidf(embedder):
+                # One pass (one cache read per prompt) gives both: the pooled vectors come free.
+                pooled, tokens = embedder.encode_with_tokens(list(prompts))
+                self._entries[(*base, "pooled")] = pooled
+                self._entries[key] = TokenBatch.from_arrays(tokens, dim=embedder.token_dim)
+            else:
+                self._entries[key] = embed_features(embedder, prompts, input_kind)
         return self._entries[key]

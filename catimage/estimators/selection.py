@@ -48,9 +48,10 @@ def two_way(Y: np.ndarray, w: np.ndarray, iterations: int = 3) -> TwoWay:
     col_w = np.maximum(w.sum(axis=0), 1e-12)
     row_w = w.sum(axis=1)
     means = (w * y).sum(axis=0) / col_w
-    for _ in range(iterations):
+    for it in range(iterations):
         offset = np.where(row_w > 0, (w * (y - means[None, :])).sum(axis=1) / np.maximum(row_w, 1e-12), 0.0)
-        means = (w * (y - offset[:, None])).sum(axis=0) / col_w
+        if it < iterations - 1:  # end on an offset update: a one-label row then has r = 0 exactly
+            means = (w * (y - offset[:, None])).sum(axis=0) / col_w
     resid = np.where(w > 0, y - offset[:, None] - means[None, :], np.nan)
     return TwoWay(offset, means, resid)
 
