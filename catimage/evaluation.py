@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -474,7 +475,9 @@ def evaluate_table(
     trials_summary = summarize_trials(per_trial)
     if boots:
         summary["intervals"] = intervals(boots[0])
-        trials_summary["intervals"] = intervals(np.nanmean(np.stack(boots), axis=0))
+        with warnings.catch_warnings():  # a figure undefined in every trial of a resample (no oracle gain) stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            trials_summary["intervals"] = intervals(np.nanmean(np.stack(boots), axis=0))
     summary["trials"] = trials_summary
     summary["verdict"] = verdict(trials_summary, summary["best_fixed"], matrix.metric) if boots else []
     summary["budget_check"] = budget_checks[0]
