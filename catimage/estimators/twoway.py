@@ -115,20 +115,26 @@ class _TwoWayBase(QualityEstimator):
         raise EstimatorError(f"{self.kind} trust must be 'candidate', 'pooled' or 'none'; got {self.trust!r}")
 
     def _select(self, settings: list, loo_preds, tw, Y, w) -> None:
-        """Score every setting's LOO predictions; keep the best (ties: the later = smoother one)."""
+        """Score every setting's LOO predictions; keep the best of the smoothed scores.
+
+        The routing score of one setting is noisy on a small table, and neighbouring settings of a
+        geometric grid route almost alike, so each setting is judged by the mean score of itself and
+        its grid neighbours (a 3-point moving average); exact ties go to the later (smoother) one.
+        """
         costs = self._fit_costs
-        self.scores_: dict[str, float] = {}
-        self.slopes_: dict[str, list[float]] = {}
-        best = None
-        for setting, g in zip(settings, loo_preds):
+        raw, slopes = [], []
+        for g in loo_preds:
             slope = self._trust(tw.resid, g, w)
             pred = tw.offset[:, None] + tw.means[None, :] + slope[None, :] * g
-            score = _objective(pred, Y, costs, tw.resid, w, tw.means)
-            self.scores_[str(setting)] = score
-            self.slopes_[str(setting)] = slope.tolist()
-            if best is None or score >= best[0]:
-                best = (score, setting, slope)
-        _, self.setting_, self.slope_ = best
+            raw.append(_objective(pred, Y, costs, tw.resid, w, tw.means))
+            slopes.append(slope)
+        raw_arr = np.asarray(raw)
+        smooth = np.array([raw_arr[max(i - 1, 0): i + 2].mean() for i in range(raw_arr.size)])
+        best = max(range(len(settings)), key=lambda i: (smooth[i], i))
+        self.scores_ = {str(k): float(v) for k, v in zip(settings, raw_arr)}
+        self.smoothed_scores_ = {str(k): float(v) for k, v in zip(settings, smooth)}
+        self.slopes_ = {str(k): sl.tolist() for k, sl in zip(settings, slopes)}
+        self.setting_, self.slope_ = settings[best], slopes[best]
         self.objective_ = "routing area over hull" if costs is not None else "interaction MSE"
 
 
