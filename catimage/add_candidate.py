@@ -84,13 +84,14 @@ class AddedCandidate:
         return np.clip(level + self.intercept + F @ self.coef, 0.0, 1.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "cost": self.cost, "intercept": self.intercept, "alpha": self.alpha,
+        return {"name": self.name, "cost": self.cost, "intercept": self.intercept,
+                "alpha": self.alpha if np.isfinite(self.alpha) else None,
                 "n_labels": self.n_labels}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], coef: np.ndarray) -> AddedCandidate:
         return cls(doc["name"], float(doc["cost"]), np.asarray(coef, dtype=np.float64), float(doc["intercept"]),
-                   float(doc["alpha"]), int(doc["n_labels"]))
+                   float("inf") if doc["alpha"] is None else float(doc["alpha"]), int(doc["n_labels"]))
 
 
 def fit_added_candidate(
@@ -101,13 +102,14 @@ def fit_added_candidate(
     labels: np.ndarray,
     weights: np.ndarray | None = None,
     base_labels: np.ndarray | None = None,
+    interactions: bool = True,
 ) -> AddedCandidate:
     """Fit one added candidate from its [0, 1]-scaled labels on n labelled prompts.
 
     `base_pred` (n, M): the router's scaled predictions of the existing candidates on those prompts;
     `member` (n, K): their cluster memberships; `weights` (n,): sample counts; `base_labels` (n, M):
     the existing candidates' scaled labels there (NaN where unknown) -- rows with all of them use
-    their mean as the prompt's level.
+    their mean as the prompt's level. `interactions=False` fits the mean offset c alone (a baseline).
     """
     labels = np.asarray(labels, dtype=np.float64)
     n = labels.size
@@ -119,6 +121,9 @@ def fit_added_candidate(
         level = np.where(known, np.nanmean(np.where(known[:, None], base_labels, 0.0), axis=1), level)
     target = labels - level
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if not interactions:
+        return AddedCandidate(name, float(cost), np.zeros(F.shape[1]), float(np.average(target, weights=w)),
+                              float("inf"), n)
     alpha, coef, intercept = _ridge_loo(F, target, w)
     return AddedCandidate(name, float(cost), coef, intercept, alpha, n)
 

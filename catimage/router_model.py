@@ -297,7 +297,7 @@ class RouterModel:
 
     def add_candidate(
         self, name: str, cost: float, prompts: Sequence[str], labels: np.ndarray,
-        counts: np.ndarray | None = None, base_labels: np.ndarray | None = None,
+        counts: np.ndarray | None = None, base_labels: np.ndarray | None = None, interactions: bool = True,
     ) -> AddedCandidate:
         """Add a generator from its labels (metric units) on a few prompts; no retraining.
 
@@ -314,7 +314,8 @@ class RouterModel:
         base, member = self._base_scaled(prompts)
         scaled_base = None if base_labels is None else np.where(
             np.isfinite(base_labels), self.scaler.transform(base_labels), np.nan)
-        added = fit_added_candidate(name, float(cost), base, member, self.scaler.transform(labels), counts, scaled_base)
+        added = fit_added_candidate(name, float(cost), base, member, self.scaler.transform(labels), counts, scaled_base,
+                                    interactions=interactions)
         self.added.append(added)
         self.candidates.append(name)
         self.costs = np.append(self.costs, float(cost))
