@@ -11,9 +11,10 @@ Two layers:
   lambda calibration on held-out calibration prompts), predict the test prompts, evaluate; repeat
   for T trials (Table 1).
 
-Confidence: every summary figure gets a bootstrap interval over test prompts (trial 0: resample its
-test prompts; over trials: resample each trial's test prompts and average, which gives an interval
-for the trial mean) beside the spread over trials, and `verdict` says in words whether the router
+Confidence: every summary figure gets a bias-corrected (BC) bootstrap interval over test prompts
+(trial 0: resample its test prompts; over trials: resample each trial's test prompts and average,
+which gives an interval for the trial mean; the fixed candidates' means, hull and best candidate are
+re-estimated on every resample, as they are estimated from the test prompts) beside the spread over trials, and `verdict` says in words whether the router
 beats the hull and the best fixed candidate with confidence. A trial whose router never reaches the
 best fixed candidate's quality is a miss: its cost ratio counts as the largest possible (the
 dearest candidate's cost over the best fixed one's, 1.0 when the best is the dearest) instead of
@@ -252,17 +253,30 @@ def bootstrap_figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray, n_b
     return out
 
 
-def _interval(samples: np.ndarray) -> list[float | None]:
+def _interval(samples: np.ndarray, point: float) -> list[float | None]:
+    """Bias-corrected percentile interval (Efron's BC) of a bootstrap distribution around `point`.
+
+    Several figures are max-type statistics of the test sample (the hull and the best fixed
+    candidate are chosen on it), so their bootstrap distribution sits off-centre from the estimate;
+    plain percentiles would shift the interval. BC moves the percentiles by the share of resamples
+    below the estimate.
+    """
+    from scipy.stats import norm
+
     finite = samples[np.isfinite(samples)]
-    if finite.size < max(10, samples.size // 2):
+    if finite.size < max(10, samples.size // 2) or point is None or not np.isfinite(point):
         return [None, None]
-    tail = (1 - CONFIDENCE) / 2 * 100
-    return [float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))]
+    below = (np.mean(finite < point) + 0.5 * np.mean(finite == point))
+    below = float(np.clip(below, 0.5 / finite.size, 1 - 0.5 / finite.size))
+    z0 = norm.ppf(below)
+    tail = (1 - CONFIDENCE) / 2
+    lo_q, hi_q = norm.cdf(2 * z0 + norm.ppf(tail)), norm.cdf(2 * z0 + norm.ppf(1 - tail))
+    return [float(np.quantile(finite, lo_q)), float(np.quantile(finite, hi_q))]
 
 
-def intervals(samples: np.ndarray) -> dict[str, list[float | None]]:
-    """Percentile intervals (CONFIDENCE) of each bootstrap figure."""
-    return {name: _interval(samples[:, j]) for j, name in enumerate(BOOTSTRAP_FIGURES)}
+def intervals(samples: np.ndarray, point: Sequence[float | None] | np.ndarray) -> dict[str, list[float | None]]:
+    """BC intervals (CONFIDENCE) of each bootstrap figure; `point`: the estimates, in BOOTSTRAP_FIGURES order."""
+    return {name: _interval(samples[:, j], point[j]) for j, name in enumerate(BOOTSTRAP_FIGURES)}
 
 
 # --- trials -------------------------------------------------------------------------------------
@@ -474,10 +488,11 @@ def evaluate_table(
     summary = report["summary"]
     trials_summary = summarize_trials(per_trial)
     if boots:
-        summary["intervals"] = intervals(boots[0])
+        points = np.array([[np.nan if r.get(k) is None else r[k] for k in BOOTSTRAP_FIGURES] for r in per_trial])
+        summary["intervals"] = intervals(boots[0], points[0])
         with warnings.catch_warnings():  # a figure undefined in every trial of a resample (no oracle gain) stays NaN
             warnings.simplefilter("ignore", RuntimeWarning)
-            trials_summary["intervals"] = intervals(np.nanmean(np.stack(boots), axis=0))
+            trials_summary["intervals"] = intervals(np.nanmean(np.stack(boots), axis=0), np.nanmean(points, axis=0))
     summary["trials"] = trials_summary
     summary["verdict"] = verdict(trials_summary, summary["best_fixed"], matrix.metric) if boots else []
     summary["budget_check"] = budget_checks[0]

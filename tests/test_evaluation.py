@@ -289,7 +289,8 @@ def test_bootstrap_interval_brackets_a_planted_gain():
     kind = rng.integers(0, 2, n)
     true = np.stack([np.where(kind, 0.2, 0.8), np.full(n, 0.6)], axis=1) + rng.normal(0, 0.05, (n, 2))
     perfect = evaluate_predictions(true, true, [1.0, 2.0], ["a", "b"]).summary
-    ci = intervals(bootstrap_figures(true, true, np.array([1.0, 2.0]), 200, seed=1))
+    point = [perfect[k] for k in BOOTSTRAP_FIGURES]
+    ci = intervals(bootstrap_figures(true, true, np.array([1.0, 2.0]), 200, seed=1), point)
     lo, hi = ci["area_over_hull"]
     assert 0 < lo <= perfect["area_over_hull"] <= hi
     assert set(ci) == set(BOOTSTRAP_FIGURES)
