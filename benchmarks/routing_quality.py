@@ -8,7 +8,8 @@ embedder, `catimage.evaluation.evaluate_table` (what `catimage evaluate` runs) f
 splits (10 % test, 10 % calibration, the rest training; every hyper-parameter chosen inside the
 training prompts) and prints the mean over trials of: area over the prompt-agnostic hull, gain and
 cost ratio at the best fixed candidate's cost (a trial that never reaches it counts as the worst
-ratio), each with its 95 % bootstrap interval over test prompts and the std over trials; then the
+ratio), each with a 95 % interval (the wider of the bias-corrected bootstrap over test prompts and
+mean +- t * std / sqrt(T) over trials, as the report's verdict uses) and the std over trials; then the
 split-half label-noise figures of the set. Costs are the ASSUMED illustrative costs of
 configs/*_pool.yaml, not measurements. `--markdown` also prints README-ready table rows.
 """
@@ -29,7 +30,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from catimage.embed import CachedEmbedder, make_embedder  # noqa: E402
-from catimage.evaluation import evaluate_table, label_noise  # noqa: E402
+from catimage.evaluation import combined_interval, evaluate_table, label_noise  # noqa: E402
 from catimage.table import load_pool_matrix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +64,8 @@ def main() -> None:
         rel, pool_file, metric = SETS[set_name]
         pool, matrix, costs = load_pool_matrix(args.data / rel, ROOT / pool_file, metric=metric)
         table = Table(title=f"{set_name}: {matrix.n_prompts} prompts x {len(matrix.candidates)} candidates, metric "
-                      f"{metric}, {args.trials} trials, costs ASSUMED ({pool.cost_unit}); mean [95% bootstrap interval] "
-                      "(std over trials)")
+                      f"{metric}, {args.trials} trials, costs ASSUMED ({pool.cost_unit}); mean over trials [95% interval: "
+                      "the wider of the test-prompt bootstrap and mean +- t std/sqrt(T)] (std over trials)")
         for col in ("estimator", "embedder", "best fixed", "area over hull", "gain at best fixed cost",
                     "cost ratio to match best (misses)", "win rate", "s"):
             table.add_column(col, justify="right")
@@ -104,7 +105,7 @@ def main() -> None:
 
 def _cell(trials: dict, key: str, signed: bool) -> str:
     mean, std = trials.get(f"mean_{key}"), trials.get(f"std_{key}")
-    lo, hi = (trials.get("intervals") or {}).get(key, [None, None])
+    lo, hi = combined_interval(trials, key)
     if mean is None:
         return "n/a"
     fmt = "{:+.3f}" if signed else "{:.2f}"

@@ -215,10 +215,11 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
 def _print_summary(reports: dict[str, dict], cost_unit: str) -> None:
     for name, report in reports.items():
         summary = report["summary"]
+        from catimage.evaluation import combined_interval
+
         trials = summary.get("trials", {})
-        ci = trials.get("intervals", {})
-        tab = Table(title=f"router: {name} (costs in {cost_unit}); mean over {trials.get('n')} trial(s) "
-                          "[95% bootstrap interval] (spread: std over trials)")
+        tab = Table(title=f"router: {name} (costs in {cost_unit}); mean over {trials.get('n')} trial(s) [95% interval: the "
+                          "wider of the test-prompt bootstrap and the over-trials t interval] (spread: std over trials)")
         tab.add_column("figure")
         tab.add_column("value", justify="right")
         tab.add_row("best fixed candidate", str(summary.get("best_fixed")))
@@ -226,7 +227,7 @@ def _print_summary(reports: dict[str, dict], cost_unit: str) -> None:
                            ("quality_at_best_fixed_cost", "quality at best fixed cost"),
                            ("cost_ratio_or_miss", "cost ratio to match best (misses counted)"),
                            ("oracle_gain_fraction", "oracle gain fraction")):
-            lo, hi = ci.get(key, [None, None])
+            lo, hi = combined_interval(trials, key)
             interval = f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None else ""
             tab.add_row(label, f"{_fmt(trials.get(f'mean_{key}'))}{interval} (±{_fmt(trials.get(f'std_{key}'))})")
         tab.add_row("win rate / misses", f"{_fmt(trials.get('win_rate'))} / {trials.get('misses', 0)}")

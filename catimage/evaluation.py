@@ -302,7 +302,29 @@ def summarize_trials(per_trial: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if vals.size != len(per_trial):
             out[f"n_{key}"] = int(vals.size)
     out["misses"] = int(sum(t.get("cost_ratio_to_match_best_fixed") is None for t in per_trial))
+    out["trial_intervals"] = {key: _t_interval(out, key) for key in BOOTSTRAP_FIGURES}
     return out
+
+
+def _t_interval(trials: Mapping[str, Any], key: str) -> list[float | None]:
+    """mean +- t * std / sqrt(T) over trials: the spread from re-drawing training AND test prompts
+    (trials share prompts, so it is a rough guide, not an exact interval)."""
+    from scipy.stats import t as student
+
+    mean, std, n = trials.get(f"mean_{key}"), trials.get(f"std_{key}"), trials.get(f"n_{key}", trials.get("n", 0))
+    if mean is None or std is None or n < 2:
+        return [None, None]
+    half = float(student.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / np.sqrt(n)
+    return [mean - half, mean + half]
+
+
+def combined_interval(trials: Mapping[str, Any], key: str) -> list[float | None]:
+    """The wider of the bootstrap interval (test prompts) and the over-trials interval (training too)."""
+    boot = (trials.get("intervals") or {}).get(key, [None, None])
+    over = (trials.get("trial_intervals") or {}).get(key, [None, None])
+    lows = [v for v in (boot[0], over[0]) if v is not None]
+    highs = [v for v in (boot[1], over[1]) if v is not None]
+    return [min(lows) if lows else None, max(highs) if highs else None]
 
 
 def _trial_record(result: EvalResult, seed: int) -> dict[str, Any]:
@@ -324,27 +346,30 @@ def _word(interval: Sequence[float | None], higher_is_better: bool = True) -> st
 
 
 def verdict(trials: Mapping[str, Any], best_fixed: str, unit: str) -> list[str]:
-    """Plain sentences: does the router beat the hull / the best fixed candidate, how sure are we."""
-    ci = trials.get("intervals", {})
+    """Plain sentences: does the router beat the hull / the best fixed candidate, how sure are we.
+
+    "With confidence" needs the WIDER of two 95% intervals to exclude zero: the bootstrap over test
+    prompts, and mean +- t * std / sqrt(T) over the trials (which also re-draw the training prompts).
+    """
     n = trials.get("n", 0)
     area, gain = trials.get("mean_area_over_hull"), trials.get("mean_gain_at_best_fixed_cost")
     ratio, misses = trials.get("mean_cost_ratio_or_miss"), trials.get("misses", 0)
     pct = int(round(CONFIDENCE * 100))
     lines = []
-    if area is not None and "area_over_hull" in ci:
-        lo, hi = ci["area_over_hull"]
+    if area is not None:
+        ci = combined_interval(trials, "area_over_hull")
         lines.append(
-            f"Beats the prompt-agnostic mixture hull? {_word(ci['area_over_hull'])}: mean area over the hull "
-            f"{area:+.4g} {unit} over {n} trial(s) ({pct}% bootstrap interval {_fmt_ci(lo, hi)})."
+            f"Beats the prompt-agnostic mixture hull? {_word(ci)}: mean area over the hull {area:+.4g} {unit} over "
+            f"{n} trial(s) ({pct}% interval {_fmt_ci(*ci)})."
         )
-    if gain is not None and "gain_at_best_fixed_cost" in ci:
-        lo, hi = ci["gain_at_best_fixed_cost"]
+    if gain is not None:
+        ci = combined_interval(trials, "gain_at_best_fixed_cost")
         lines.append(
-            f"Beats the best fixed candidate ({best_fixed}) at its cost? {_word(ci['gain_at_best_fixed_cost'])}: "
-            f"mean gain {gain:+.4g} {unit} ({pct}% interval {_fmt_ci(lo, hi)})."
+            f"Beats the best fixed candidate ({best_fixed}) at its cost? {_word(ci)}: mean gain {gain:+.4g} {unit} "
+            f"({pct}% interval {_fmt_ci(*ci)})."
         )
-    if ratio is not None and "cost_ratio_or_miss" in ci:
-        lo, hi = ci["cost_ratio_or_miss"]
+    if ratio is not None:
+        lo, hi = combined_interval(trials, "cost_ratio_or_miss")
         cheaper = "yes, with confidence" if hi is not None and hi < 1 else "not with confidence"
         lines.append(
             f"Matches {best_fixed}'s quality for less? {cheaper}: mean cost ratio {ratio:.3g} ({pct}% interval "
@@ -507,7 +532,8 @@ def evaluate_table(
         "The oracle routes on the test labels themselves (means of few samples), so its curve includes label "
         "noise: an upper bound, not a reachable target.",
         f"Curves come from trial 0 (split seed {seed}); `trials` summarises {trials} re-drawn split(s); intervals "
-        f"are {int(CONFIDENCE * 100)}% bootstrap intervals over test prompts ({bootstrap} resamples).",
+        f"are {int(CONFIDENCE * 100)}% bias-corrected bootstrap intervals over test prompts ({bootstrap} resamples) and, "
+        "over trials, mean +- t std / sqrt(T); the verdict uses the wider of the two.",
     ]
     report["meta"] = {
         "metric": matrix.metric,

@@ -278,6 +278,8 @@ def test_a_miss_counts_as_the_worst_ratio():
              "cost_ratio_to_match_best_fixed": None, "cost_ratio_or_miss": 1.0, "oracle_gain_fraction": 0.0}]
     t = summarize_trials(recs)
     assert t["mean_cost_ratio_to_match_best_fixed"] == 0.5  # the reached trials only (flattering)
+    # mean 0.75, sample std 0.3536, t(0.975, 1) = 12.706: 0.75 +- 12.706 * 0.3536 / sqrt(2)
+    assert t["trial_intervals"]["cost_ratio_or_miss"] == pytest.approx([0.75 - 3.1766, 0.75 + 3.1766], abs=1e-3)
     assert t["mean_cost_ratio_or_miss"] == 0.75 and t["misses"] == 1  # what the report leads with
 
 
@@ -301,11 +303,15 @@ def test_verdict_words():
 
     trials = {"n": 10, "mean_area_over_hull": 0.1, "mean_gain_at_best_fixed_cost": 0.01, "mean_cost_ratio_or_miss": 0.6,
               "misses": 1, "intervals": {"area_over_hull": [0.05, 0.15], "gain_at_best_fixed_cost": [-0.02, 0.04],
-                                         "cost_ratio_or_miss": [0.5, 0.8]}}
+                                         "cost_ratio_or_miss": [0.5, 0.8]},
+              "trial_intervals": {"area_over_hull": [0.02, 0.18], "gain_at_best_fixed_cost": [0.001, 0.02],
+                                  "cost_ratio_or_miss": [0.4, 0.9]}}
     lines = verdict(trials, "big", "quality")
-    assert "hull? yes, with confidence" in lines[0]
-    assert "not distinguishable" in lines[1]
+    assert "hull? yes, with confidence" in lines[0] and "+0.02 to +0.18" in lines[0]  # the wider interval
+    assert "not distinguishable" in lines[1]  # the bootstrap interval includes zero
     assert "for less? yes, with confidence" in lines[2] and "1 of 10" in lines[2]
+    trials["trial_intervals"]["area_over_hull"] = [-0.01, 0.2]  # training noise alone can make it doubtful
+    assert "not distinguishable" in verdict(trials, "big", "quality")[0]
 
 
 def test_label_noise_separates_signal_from_noise():
