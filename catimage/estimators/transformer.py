@@ -15,11 +15,13 @@ mean count; averaged over prompts. AdamW, mini-batches, early stopping on the va
 The epoch-level pieces (`build_module`, `make_loader`, `train_epoch`, `evaluate_loss`,
 `TransformerEstimator.from_module`) are public so that a Ray Train worker can drive the same loop and
 still produce an estimator that saves in the common format. Nothing here touches global torch
-settings (threads, seeds): fitting runs inside `torch.random.fork_rng`.
+settings for good (threads, seeds): fitting runs inside `torch.random.fork_rng` and with `n_threads`
+intra-op threads (1 by default), the previous count restored afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any
@@ -220,6 +222,25 @@ def evaluate_loss(
     return float(masked_bce_loss(probs, y, torch.from_numpy(w)))
 
 
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with `n` torch intra-op threads, then restore the previous setting (None: leave it).
+
+    This network is small (tens of thousands of weights, batches of ~20-token prompts): its ops are
+    too short to split across threads, and on a 2-core machine two threads spent several times the
+    CPU of one (and far more wall time whenever another process ran). One thread is the default.
+    """
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def early_stopping_split(n: int, fraction: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, early-stopping rows) of n training prompts: `fraction` of them, none below 20
     prompts. The in-process fit and the Ray Train job both use it, so they hold out the same prompts."""
@@ -262,6 +283,7 @@ class TransformerEstimator(QualityEstimator):
         use_counts: bool = True,
         random_state: int = 0,
         device: str = "cpu",
+        n_threads: int | None = 1,
     ) -> None:
         self.width = width
         self.layers = layers
@@ -277,8 +299,13 @@ class TransformerEstimator(QualityEstimator):
         self.use_counts = use_counts
         self.random_state = random_state
         self.device = device
+        self.n_threads = n_threads
 
     def _fit(self, X, Y, counts, X_val, Y_val, counts_val) -> None:
+        with torch_threads(self.n_threads):
+            self._fit_module(X, Y, counts, X_val, Y_val, counts_val)
+
+    def _fit_module(self, X, Y, counts, X_val, Y_val, counts_val) -> None:
         X = as_token_batch(X)
         X_val = as_token_batch(X_val) if X_val is not None else None
         self.batch_size_, self.max_epochs_ = self._schedule(len(X))
@@ -348,7 +375,8 @@ class TransformerEstimator(QualityEstimator):
         return float(w[w > 0].mean()) if (w > 0).any() else 1.0
 
     def _predict(self, X: np.ndarray) -> np.ndarray:
-        return predict_module(self.module_, X)
+        with torch_threads(getattr(self, "n_threads", None)):
+            return predict_module(self.module_, X)
 
     @classmethod
     def from_module(
