@@ -102,7 +102,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if meta.get("estimator_selection"):
         lines += [f"Selection (trial 0): {meta['estimator_selection']}", ""]
     if summary.get("verdict"):
-        lines += ["## Verdict", "", "**Verdict** (intervals: 95% bootstrap over test prompts, averaged over trials):", ""]
+        lines += ["## Verdict", "", "**Verdict** (95% intervals: the wider of the bootstrap over test prompts and mean ± t·std/√T over trials):", ""]
         lines += [f"- {v}" for v in summary["verdict"]] + [""]
     lines += ["## Summary (trial 0)", ""]
     best = summary.get("best_fixed")
