@@ -43,15 +43,74 @@ class TableFormatOpt(str, Enum):
 
 
 class EstimatorOpt(str, Enum):
+    auto = "auto"
     knn = "knn"
     transformer = "transformer"
     linear = "linear"
+    twoway_knn = "twoway-knn"
+    twoway_ridge = "twoway-ridge"
+    ensemble = "ensemble"
 
 
 class EmbedderOpt(str, Enum):
     minilm = "minilm"
     clip = "clip"
     tfidf = "tfidf"
+    combined = "combined"
+
+
+def _make_embedder(name: str, cache: bool) -> Any:
+    """The embedder, behind the on-disk embedding cache when asked. The combined embedder caches
+    its text part itself (its TF-IDF part is refitted per split and must not be cached)."""
+    from catimage.embed import CachedEmbedder, make_embedder
+
+    if name == "combined":
+        return make_embedder("combined", cache=cache)
+    return CachedEmbedder(make_embedder(name)) if cache else make_embedder(name)
+
+
+class _StatusHandler(logging.Handler):
+    """Shows library progress logs (fold / epoch / trial) on the live status line."""
+
+    def __init__(self, status: Any, prefix: str) -> None:
+        super().__init__(logging.INFO)
+        self.status, self.prefix = status, prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            err_console.print(f"[yellow]{record.levelname.lower()}:[/] {record.getMessage()}")
+        else:
+            self.status.update(f"{self.prefix}: {record.getMessage()[:110]}")
+
+
+class _progress:
+    """Context: a rich status line fed by `catimage` INFO logs and by explicit progress lines."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __enter__(self) -> _progress:
+        self.status = console.status(f"[bold]{self.prefix}[/]")
+        self.status.__enter__()
+        self.handler = _StatusHandler(self.status, self.prefix)
+        self.logger = logging.getLogger("catimage")
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.logger.addHandler(self.handler)
+        if self.logger.getEffectiveLevel() > logging.INFO:  # not --verbose: INFO feeds only the status line
+            self.logger.setLevel(logging.INFO)
+            self.logger.propagate = False
+        return self
+
+    def line(self, text: str) -> None:
+        if " done in " in text:
+            console.print(f"[dim]{self.prefix}:[/] {text}")
+        self.status.update(f"{self.prefix}: {text}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+        self.status.__exit__(*exc)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -102,13 +161,17 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Directory for report.json, report.md, deferral.png")],
     fmt: Annotated[TableFormatOpt, typer.Option("--format")] = TableFormatOpt.auto,
     metric: Annotated[str | None, typer.Option(help="Quality column (default: the only one)")] = None,
-    estimator: Annotated[list[EstimatorOpt], typer.Option(help="Repeat to compare estimators")] = [EstimatorOpt.knn],  # noqa: B006
+    estimator: Annotated[
+        list[EstimatorOpt],
+        typer.Option(help="Repeat to compare estimators; auto = chosen by inner cross-validation on the routing objective"),
+    ] = [EstimatorOpt.auto],  # noqa: B006
     embedder: Annotated[EmbedderOpt, typer.Option()] = EmbedderOpt.minilm,
     estimator_params: Annotated[str | None, typer.Option(help="JSON object of estimator params")] = None,
     test_frac: Annotated[float, typer.Option()] = 0.1,
     val_frac: Annotated[float, typer.Option()] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
-    trials: Annotated[int, typer.Option(min=1, help="Re-drawn splits for win rate / mean / std")] = 5,
+    trials: Annotated[int, typer.Option(min=1, help="Re-drawn splits for win rate / mean / std")] = 10,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the test prompts for intervals")] = 200,
     embed_cache: Annotated[bool, typer.Option(help="Reuse prompt embeddings from $CATIMAGE_CACHE/embeddings")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -116,12 +179,11 @@ def evaluate(
     _setup_logging(verbose)
     _offline_defaults()
     _run(_evaluate, table, pool, out, fmt, metric, estimator, embedder, estimator_params, test_frac, val_frac, seed,
-         trials, embed_cache)
+         trials, embed_cache, bootstrap)
 
 
 def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimator_params, test_frac, val_frac, seed,
-              trials, embed_cache):
-    from catimage.embed import CachedEmbedder, make_embedder
+              trials, embed_cache, bootstrap=200):
     from catimage.evaluation import evaluate_table
     from catimage.report import plot_deferral, write_report
 
@@ -129,12 +191,13 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
     params = _parse_params(estimator_params, "--estimator-params")
     reports = {}
     for est in estimators:
-        with console.status(f"[bold]{est.value}[/] + {embedder.value}: {trials} trial(s) on {matrix.n_prompts} prompts"):
+        prefix = f"{est.value} + {embedder.value}"
+        console.print(f"[bold]{prefix}[/]: {trials} trial(s) on {matrix.n_prompts} prompts x {len(matrix.candidates)} candidates")
+        with _progress(prefix) as prog:
             report = evaluate_table(
-                matrix, costs, est.value, params,
-                CachedEmbedder(make_embedder(embedder.value)) if embed_cache else make_embedder(embedder.value),
+                matrix, costs, est.value, params, _make_embedder(embedder.value, embed_cache),
                 test_frac=test_frac, val_frac=val_frac, seed=seed, trials=trials,
-                cost_unit=pool.cost_unit, notes=pool.report_notes(),
+                cost_unit=pool.cost_unit, notes=pool.report_notes(), bootstrap=bootstrap, progress=prog.line,
             )
         reports[est.value] = report
     out.mkdir(parents=True, exist_ok=True)
@@ -152,15 +215,36 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
 def _print_summary(reports: dict[str, dict], cost_unit: str) -> None:
     for name, report in reports.items():
         summary = report["summary"]
-        tab = Table(title=f"router: {name} (costs in {cost_unit})")
+        from catimage.evaluation import combined_interval
+
+        trials = summary.get("trials", {})
+        tab = Table(title=f"router: {name} (costs in {cost_unit}); mean over {trials.get('n')} trial(s) [95% interval: the "
+                          "wider of the test-prompt bootstrap and the over-trials t interval] (spread: std over trials)")
         tab.add_column("figure")
         tab.add_column("value", justify="right")
-        for key in ("best_fixed", "quality_at_best_fixed_cost", "cost_ratio_to_match_best_fixed", "area_over_hull", "oracle_gain_fraction"):
-            tab.add_row(key, _fmt(summary.get(key)))
-        trials = summary.get("trials", {})
-        for key, value in trials.items():
-            tab.add_row(f"trials.{key}", _fmt(value))
+        tab.add_row("best fixed candidate", str(summary.get("best_fixed")))
+        for key, label in (("area_over_hull", "area over hull"), ("gain_at_best_fixed_cost", "gain at best fixed cost"),
+                           ("quality_at_best_fixed_cost", "quality at best fixed cost"),
+                           ("cost_ratio_or_miss", "cost ratio to match best (misses counted)"),
+                           ("oracle_gain_fraction", "oracle gain fraction")):
+            lo, hi = combined_interval(trials, key)
+            interval = f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None else ""
+            tab.add_row(label, f"{_fmt(trials.get(f'mean_{key}'))}{interval} (±{_fmt(trials.get(f'std_{key}'))})")
+        tab.add_row("win rate / misses", f"{_fmt(trials.get('win_rate'))} / {trials.get('misses', 0)}")
         console.print(tab)
+        selection = report.get("meta", {}).get("estimator_selection")
+        if selection:
+            console.print(f"[bold]selection (trial 0):[/] {selection}")
+        for line in summary.get("verdict", []):
+            console.print(f"[bold]verdict:[/] {line}")
+        noise = report.get("noise", {})
+        if noise.get("available"):
+            console.print(
+                f"[bold]label noise:[/] the oracle's area over the hull is {_fmt(noise['oracle_area_full_means'])} on "
+                f"full means but {_fmt(noise['oracle_area_split_half'])} routing on one half of the samples and scoring "
+                f"on the other; interaction reliability (split-half, Spearman-Brown) "
+                f"{_fmt(noise['interaction_reliability_full_means'])}"
+            )
     for note in next(iter(reports.values())).get("meta", {}).get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
 
@@ -180,10 +264,10 @@ def fit(
     out: Annotated[Path, typer.Option("--out", help="Model directory to write")],
     fmt: Annotated[TableFormatOpt, typer.Option("--format")] = TableFormatOpt.auto,
     metric: Annotated[str | None, typer.Option()] = None,
-    estimator: Annotated[EstimatorOpt, typer.Option()] = EstimatorOpt.knn,
+    estimator: Annotated[EstimatorOpt, typer.Option()] = EstimatorOpt.auto,
     embedder: Annotated[EmbedderOpt, typer.Option()] = EmbedderOpt.minilm,
     estimator_params: Annotated[str | None, typer.Option(help="JSON object of estimator params")] = None,
-    val_frac: Annotated[float, typer.Option(help="Held out for early stopping and lambda calibration")] = 0.1,
+    val_frac: Annotated[float, typer.Option(help="Held out for lambda calibration only")] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -195,14 +279,16 @@ def fit(
         from catimage.router_model import RouterModel
 
         pool_obj, matrix, costs = _load_matrix(table, pool, fmt, metric)
-        with console.status(f"fitting {estimator.value} on {matrix.n_prompts} prompts"):
+        with _progress(f"fitting {estimator.value} on {matrix.n_prompts} prompts"):
             model = RouterModel.fit(
                 matrix, costs, pool_obj.cost_unit, embedder.value, {}, estimator.value,
                 _parse_params(estimator_params, "--estimator-params"), val_frac=val_frac, seed=seed,
-                notes=pool_obj.report_notes(),
+                notes=pool_obj.report_notes(), embedder=_make_embedder(embedder.value, True),
             )
         model.save(out)
         console.print(f"wrote model to {out} ({len(model.candidates)} candidates, metric {model.metric})")
+        if model.selection:
+            console.print(f"[bold]selection:[/] {model.selection}")
 
     _run(_fit)
 
@@ -239,6 +325,41 @@ def route_cmd(
         console.print(tab)
 
     _run(_route)
+
+
+@app.command("add-candidate")
+def add_candidate_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from `catimage fit` or `catimage train`")],
+    table: Annotated[Path, typer.Option("--table", help="Rows of the new candidate(s) on a few prompts (any table format)")],
+    pool: Annotated[Path, typer.Option("--pool", help="Pool YAML declaring the new candidate (its cost)")],
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write (the router plus the new candidate)")],
+    fmt: Annotated[TableFormatOpt, typer.Option("--format")] = TableFormatOpt.auto,
+    candidate: Annotated[list[str] | None, typer.Option("--candidate", help="Add only these (repeat); default: every new one")] = None,
+) -> None:
+    """Add a generator to a fitted router from a few labelled prompts, without retraining.
+
+    The new candidate's quality is modelled as the router's predicted level plus a ridge fit, on
+    its labelled prompts, of how it departs from the existing candidates and prompt clusters (see
+    catimage/add_candidate.py). Rows of the existing candidates for the same prompts, when present,
+    sharpen the fit. 25-100 labelled prompts, spread over the kinds of prompts served, are typical.
+    """
+    _offline_defaults()
+
+    def _add() -> None:
+        from catimage.add_candidate import add_from_table
+        from catimage.pool import load_pool
+        from catimage.router_model import RouterModel
+        from catimage.table import read_quality_table
+
+        model = RouterModel.load(model_dir)
+        added = add_from_table(model, read_quality_table(table, fmt.value), load_pool(pool), names=candidate)
+        model.save(out)
+        for a in added:
+            console.print(f"added [bold]{a.name}[/] (cost {a.cost:.4g} {model.cost_unit}) from {a.n_labels} labelled "
+                          f"prompts (ridge penalty {a.alpha:.3g}, chosen by leave-one-out)")
+        console.print(f"wrote model to {out} ({len(model.candidates)} candidates: {', '.join(model.candidates)})")
+
+    _run(_add)
 
 
 @app.command()
@@ -319,7 +440,7 @@ def train(
     use_gpu: Annotated[bool, typer.Option()] = False,
     max_epochs: Annotated[int, typer.Option()] = 50,
 ) -> None:
-    """Fit the estimator as a Ray Train job (Transformer) or in-process (knn, linear)."""
+    """Fit the estimator as a Ray Train job (transformer) or in-process (every other estimator)."""
     _offline_defaults()
 
     def _train() -> None:

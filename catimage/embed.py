@@ -510,12 +510,21 @@ _EMBEDDERS: dict[str, type[Embedder]] = {
 }
 
 
+# Kinds defined in modules that import this one (registered lazily to avoid an import cycle).
+_LAZY_EMBEDDERS = {"combined": ("catimage.features", "CombinedEmbedder")}
+
+
 def make_embedder(name: str, **params: Any) -> Embedder:
     """Build an embedder by kind; ``make_embedder(**emb.spec)`` rebuilds ``emb`` (unfitted for tfidf)."""
+    if name in _LAZY_EMBEDDERS and name not in _EMBEDDERS:
+        import importlib
+
+        module, cls_name = _LAZY_EMBEDDERS[name]
+        _EMBEDDERS[name] = getattr(importlib.import_module(module), cls_name)
     try:
         cls = _EMBEDDERS[name]
     except KeyError:
-        raise CatimageError(f"unknown embedder {name!r}; choose one of {sorted(_EMBEDDERS)}") from None
+        raise CatimageError(f"unknown embedder {name!r}; choose one of {sorted({*_EMBEDDERS, *_LAZY_EMBEDDERS})}") from None
     try:
         return cls(**params)
     except TypeError as err:
@@ -535,6 +544,8 @@ def load_embedder(directory: str | Path, **runtime: Any) -> Embedder:
         raise CatimageError(f"load_embedder only overrides {sorted(_RUNTIME_KEYS)}; got {sorted(bad)}")
     spec.update({k: v for k, v in runtime.items() if k in spec})
     embedder = make_embedder(**spec)
+    if hasattr(embedder, "load_state"):  # kinds with their own fitted state (catimage.features)
+        return embedder.load_state(directory, data)
     if isinstance(embedder, TfidfEmbedder):
         from safetensors.numpy import load_file
 

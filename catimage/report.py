@@ -71,6 +71,11 @@ def _mean_std(trials: Mapping[str, Any], key: str) -> str:
     return text
 
 
+def _ci(intervals: Mapping[str, Any], key: str) -> str:
+    lo, hi = (intervals or {}).get(key) or (None, None)
+    return "n/a" if lo is None or hi is None else f"[{_f(lo, 3)}, {_f(hi, 3)}]"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -93,36 +98,71 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"(of {meta.get('n_prompts', '?')}); quality in {metric} units, cost in {unit}; "
         f"curves read with {meta.get('interpolation', 'linear')} interpolation.",
         "",
-        "## Summary (trial 0)",
-        "",
     ]
+    if meta.get("estimator_selection"):
+        lines += [f"Selection (trial 0): {meta['estimator_selection']}", ""]
+    if summary.get("verdict"):
+        lines += ["## Verdict", "", "**Verdict** (95% intervals: the wider of the bootstrap over test prompts and mean ± t·std/√T over trials):", ""]
+        lines += [f"- {v}" for v in summary["verdict"]] + [""]
+    lines += ["## Summary (trial 0)", ""]
     best = summary.get("best_fixed")
+    ci0 = summary.get("intervals") or {}
     lines += _table(
-        ["figure", "value"],
+        ["figure", "value", "95% interval (test prompts)"],
         [
-            ["best fixed candidate", f"{best} (cost {_f(summary.get('best_fixed_cost'))}, quality {_f(summary.get('best_fixed_quality'))})"],
-            ["router quality at its cost", f"{_f(summary.get('quality_at_best_fixed_cost'))} ({_signed(summary.get('gain_at_best_fixed_cost'))})"],
-            ["oracle quality at its cost", _f(summary.get("oracle_quality_at_best_fixed_cost"))],
-            ["router cost to match it / its cost", _f(summary.get("cost_ratio_to_match_best_fixed"))],
-            ["mean gain over the prompt-agnostic hull", _signed(summary.get("area_over_hull"))],
-            ["share of the oracle's gain at its cost", _f(summary.get("oracle_gain_fraction"))],
+            ["best fixed candidate", f"{best} (cost {_f(summary.get('best_fixed_cost'))}, quality {_f(summary.get('best_fixed_quality'))})", ""],
+            ["router quality at its cost", f"{_f(summary.get('quality_at_best_fixed_cost'))} ({_signed(summary.get('gain_at_best_fixed_cost'))})",
+             _ci(ci0, "quality_at_best_fixed_cost")],
+            ["oracle quality at its cost", _f(summary.get("oracle_quality_at_best_fixed_cost")), ""],
+            ["router cost to match it / its cost", _f(summary.get("cost_ratio_to_match_best_fixed"))
+             + (" (never reached: a miss)" if summary.get("missed_best_fixed") else ""), _ci(ci0, "cost_ratio_or_miss")],
+            ["mean gain over the prompt-agnostic hull", _signed(summary.get("area_over_hull")), _ci(ci0, "area_over_hull")],
+            ["share of the oracle's gain at its cost", _f(summary.get("oracle_gain_fraction")), _ci(ci0, "oracle_gain_fraction")],
         ],
     )
     trials = summary.get("trials") or {}
     if trials:
-        lines += [f"## Table 1: {trials.get('n')} trial(s) (re-drawn splits)", ""]
+        ci = trials.get("intervals") or {}
+        tci = trials.get("trial_intervals") or {}
+        lines += [f"## Table 1: {trials.get('n')} trial(s) (re-drawn splits)", "",
+                  "Mean ± std over trials, then two 95% intervals of the mean: bias-corrected bootstrap over test "
+                  "prompts / mean ± t·std/√T over trials (which also re-draw the training prompts). The verdict uses the "
+                  "wider. The cost ratio counts a trial that never reaches the best fixed quality (a miss) as the worst "
+                  "possible ratio.", ""]
         lines += _table(
-            ["win rate", "quality at best fixed cost", "gain at best fixed cost", "area over hull",
+            ["win rate", "misses", "quality at best fixed cost", "gain at best fixed cost", "area over hull",
              "cost ratio to match best", "oracle gain fraction"],
             [[
                 _f(trials.get("win_rate")),
-                _mean_std(trials, "quality_at_best_fixed_cost"),
-                _mean_std(trials, "gain_at_best_fixed_cost"),
-                _mean_std(trials, "area_over_hull"),
-                _mean_std(trials, "cost_ratio_to_match_best_fixed"),
-                _mean_std(trials, "oracle_gain_fraction"),
+                str(trials.get("misses", "n/a")),
+                _mean_std(trials, "quality_at_best_fixed_cost") + " " + _ci(ci, "quality_at_best_fixed_cost") + " / " + _ci(tci, "quality_at_best_fixed_cost"),
+                _mean_std(trials, "gain_at_best_fixed_cost") + " " + _ci(ci, "gain_at_best_fixed_cost") + " / " + _ci(tci, "gain_at_best_fixed_cost"),
+                _mean_std(trials, "area_over_hull") + " " + _ci(ci, "area_over_hull") + " / " + _ci(tci, "area_over_hull"),
+                _mean_std(trials, "cost_ratio_or_miss") + " " + _ci(ci, "cost_ratio_or_miss") + " / " + _ci(tci, "cost_ratio_or_miss"),
+                _mean_std(trials, "oracle_gain_fraction") + " " + _ci(ci, "oracle_gain_fraction") + " / " + _ci(tci, "oracle_gain_fraction"),
             ]],
         )
+    noise = report.get("noise") or {}
+    if noise:
+        lines += ["## Label noise (split-half)", ""]
+        if noise.get("available"):
+            lines += _table(
+                ["figure", "value"],
+                [["prompts with >= 2 samples in every cell", str(noise["n_prompts"])],
+                 ["oracle area over hull, full means (routes on its own noise: optimistic)", _signed(noise["oracle_area_full_means"])],
+                 ["oracle area over hull, routed on one half, scored on the other (conservative)", _signed(noise["oracle_area_split_half"])],
+                 ["share of the full oracle's lead lost out of sample (label noise)", _f(noise["noise_share_of_oracle_lead"])],
+                 ["interaction split-half correlation", _f(noise["interaction_split_half_corr"])],
+                 ["interaction reliability of full means (Spearman-Brown)", _f(noise["interaction_reliability_full_means"])]],
+            )
+        else:
+            lines += [f"Not available: {noise.get('reason')}.", ""]
+    checks = summary.get("budget_check") or []
+    if checks:
+        lines += ["## Budgets out of sample (trial 0)", "",
+                  "Lambda set from each budget on the held-out calibration prompts, then applied to the test prompts.", ""]
+        lines += _table(["budget", "lambda", "mean cost on test", "mean quality on test"],
+                        [[_f(c["budget"]), _f(c["lambda"]), _f(c["test_cost"]), _f(c["test_quality"])] for c in checks])
     fixed = report.get("fixed", [])
     hull_names = {h.get("candidate") for h in report.get("hull", [])}
     router, oracle, hull = report.get("router", []), report.get("oracle", []), report.get("hull", [])

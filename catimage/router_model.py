@@ -1,22 +1,35 @@
-"""The router bundle: everything needed to turn a prompt into a routing decision, saved as one folder.
+"""The router bundle, and the ONE fit pipeline every caller uses.
+
+`fit_router` is the whole fit sequence: scaler on the training prompts' labels -> embedder fit on
+the training prompts -> embed (through a `FeatureCache`, so `evaluate`'s trials embed once) ->
+estimator fit (hyper-parameters chosen inside the training prompts, by the routing objective when
+the estimator supports it) -> predictions on held-out calibration prompts. `RouterModel.fit`
+(`catimage fit`), `catimage.evaluation.evaluate_table` (`catimage evaluate`, the demo) and
+`jobs/train_estimator.py` (`catimage train`, which hands the estimator fit to Ray Train through
+the `fit_estimator` hook) all call it.
 
 A model directory holds::
 
-    router.json              candidates, costs, cost unit, metric, scaler, embedder spec, estimator kind
+    router.json              format version, candidates, costs, cost unit, metric, scaler, embedder
+                             spec, estimator kind and what its selection chose, added candidates
     estimator/               estimator.json + estimator.safetensors (catimage.estimators format)
-    embedder/                the embedder's spec (and a tfidf vocabulary, when it learned one)
-    calibration.safetensors  predicted quality of held-out prompts, to set lambda from a budget
+    embedder/                the embedder's spec (and a fitted vocabulary / statistics, when it learned)
+    calibration.safetensors  predicted quality of held-out prompts (sets lambda from a budget) and
+                             their pooled embeddings (to extend it when a candidate is added)
+    profile.safetensors      prompt-cluster centroids of the training prompts, and the added
+                             candidates' coefficients (catimage.add_candidate)
 
-`catimage route`, the Ray Train job and the Serve router all read this one format. Calibration uses
-held-out (validation) prompts so that the lambda chosen for a budget is not fitted to the
-training prompts whose predictions are over-confident.
+The calibration prompts are held out of everything else: they choose no hyper-parameter, stop no
+training, and only map a budget to lambda, so the lambda chosen for a budget is not fitted to
+prompts whose predictions are over-confident. Format 1 bundles (before candidates could be added)
+still load and route.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,15 +37,18 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from catimage.add_candidate import AddedCandidate, memberships, profile_clusters
 from catimage.embed import Embedder, load_embedder, make_embedder
 from catimage.errors import BudgetError, CatimageError
 from catimage.estimators import QualityEstimator, load_estimator, make_estimator
+from catimage.features import FeatureCache, TokenBatch, embed_features
 from catimage.routing import calibrate_lambda, route
-from catimage.table import MetricScaler, QualityMatrix, Split, split_prompts
+from catimage.table import MetricScaler, QualityMatrix, split_prompts
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -52,34 +68,79 @@ class Decision:
 
 
 @dataclass
-class TrainingData:
-    """Estimator inputs for one split: embeddings, scaled labels (NaN = missing), sample counts."""
+class FitData:
+    """What an estimator fit consumes: training prompts' features and [0, 1]-scaled labels."""
 
-    X: np.ndarray
-    Y: np.ndarray
+    X: np.ndarray | TokenBatch
+    Y: np.ndarray  # NaN = missing
     counts: np.ndarray
+    var: np.ndarray  # per-cell sample variance in scaled units, NaN below two samples
+    costs: np.ndarray
 
 
-def embed_for(embedder: Embedder, prompts: Sequence[str], input_kind: str) -> np.ndarray:
-    """The embedding an estimator of `input_kind` consumes: pooled (n, d) or per-token (n, T, d)."""
-    if input_kind == "tokens":
-        return embedder.encode_tokens(list(prompts))
-    if input_kind == "pooled":
-        return embedder.encode(list(prompts))
-    raise CatimageError(f"unknown estimator input kind {input_kind!r}")
+# fit_estimator(estimator, data) -> fitted estimator: how `catimage train` puts the fit on Ray Train.
+EstimatorFit = Callable[[QualityEstimator, FitData], QualityEstimator]
 
 
-def prepare_training_data(
-    matrix: QualityMatrix, embedder: Embedder, input_kind: str, split: Split, scaler: MetricScaler
-) -> dict[str, TrainingData]:
-    """Embed every prompt once and slice it into train / val / test arrays with scaled labels."""
-    X = embed_for(embedder, matrix.prompts, input_kind)
-    Y = scaler.transform(matrix.mean)  # NaN (missing) stays NaN
-    out = {}
-    for name in ("train", "val", "test"):
-        idx = getattr(split, name)
-        out[name] = TrainingData(X[idx], Y[idx], matrix.count[idx].astype(np.float64))
-    return out
+def embed_for(embedder: Embedder, prompts: Sequence[str], input_kind: str) -> np.ndarray | TokenBatch:
+    """The embedding an estimator of `input_kind` consumes: pooled (n, d) or a ragged TokenBatch."""
+    return embed_features(embedder, prompts, input_kind)
+
+
+def fit_router(
+    matrix: QualityMatrix,
+    costs: np.ndarray,
+    cost_unit: str,
+    train: np.ndarray,
+    calibration: np.ndarray,
+    *,
+    estimator: str = "auto",
+    estimator_params: dict[str, Any] | None = None,
+    embedder: Embedder | str = "minilm",
+    embedder_params: dict[str, Any] | None = None,
+    features: FeatureCache | None = None,
+    fit_estimator: EstimatorFit | None = None,
+    notes: Sequence[str] = (),
+) -> RouterModel:
+    """The fit pipeline: split given -> scaler -> embedder fit -> embed -> estimator fit -> calibration.
+
+    `train` / `calibration`: prompt indices of `matrix` (disjoint; test prompts are in neither).
+    `features` caches embeddings across calls (pass one per table when fitting many splits).
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    train, calibration = np.asarray(train, dtype=np.int64), np.asarray(calibration, dtype=np.int64)
+    if costs.shape != (len(matrix.candidates),):
+        raise CatimageError(
+            f"{len(matrix.candidates)} candidates {matrix.candidates} but {costs.size} costs; give one per candidate"
+        )
+    if calibration.size == 0:
+        raise CatimageError("the fit needs held-out calibration prompts (val_frac > 0) to map budgets to lambda")
+    if np.intersect1d(train, calibration).size:
+        raise CatimageError("training and calibration prompts overlap; they must be disjoint")
+    features = features if features is not None else FeatureCache()
+    scaler = MetricScaler.fit(matrix.mean[train])
+    if isinstance(embedder, str):
+        embedder = make_embedder(embedder, **(embedder_params or {}))
+    embedder.fit([matrix.prompts[i] for i in train])
+    est = make_estimator(estimator, **(estimator_params or {}))
+    X = features.get(embedder, matrix.prompts, est.input_kind)
+    Y = scaler.transform(matrix.mean)
+    var = matrix.var / (scaler.high - scaler.low) ** 2
+    data = FitData(X[train], Y[train], matrix.count[train].astype(np.float64), var[train], costs)
+    log.info("fitting %s on %d prompts x %d candidates (%d held out for calibration)",
+             estimator, train.size, len(matrix.candidates), calibration.size)
+    if fit_estimator is not None:
+        est = fit_estimator(est, data)
+    else:
+        est.fit(data.X, data.Y, data.counts, costs=data.costs, var=data.var)
+    calibration_pred = scaler.inverse_transform(est.predict(X[calibration]))
+    pooled = X if est.input_kind == "pooled" else features.get(embedder, matrix.prompts, "pooled")
+    centroids = profile_clusters(pooled[train])
+    selection = getattr(est, "explanation_", None)
+    return RouterModel(
+        matrix.candidates, costs, cost_unit, matrix.metric, scaler, embedder, est, calibration_pred,
+        notes=notes, calibration_pooled=pooled[calibration], centroids=centroids, selection=selection,
+    )
 
 
 class RouterModel:
@@ -96,7 +157,16 @@ class RouterModel:
         estimator: QualityEstimator,
         calibration_pred: np.ndarray,
         notes: Sequence[str] = (),
+        calibration_pooled: np.ndarray | None = None,
+        centroids: np.ndarray | None = None,
+        selection: str | None = None,
+        added: Sequence[AddedCandidate] = (),
     ) -> None:
+        self.base_candidates = list(candidates)
+        self.added = list(added)
+        candidates = [*self.base_candidates, *(a.name for a in self.added)]
+        costs = np.concatenate([np.asarray(costs, dtype=np.float64)[: len(self.base_candidates)],
+                                [a.cost for a in self.added]]) if self.added else costs
         self.candidates = list(candidates)
         self.costs = np.asarray(costs, dtype=np.float64)
         if self.costs.shape != (len(self.candidates),):
@@ -106,17 +176,26 @@ class RouterModel:
         self.scaler = scaler
         self.embedder = embedder
         self.estimator = estimator
-        self.calibration_pred = np.asarray(calibration_pred, dtype=np.float64)
-        if self.calibration_pred.ndim != 2 or self.calibration_pred.shape[1] != len(self.candidates):
-            raise CatimageError("calibration predictions must be (n, M) with one column per candidate")
         self.notes = list(notes)
+        self.calibration_pooled = None if calibration_pooled is None else np.asarray(calibration_pooled, np.float32)
+        self.centroids = None if centroids is None else np.asarray(centroids, np.float32)
+        self.selection = selection
+        self.base_calibration_pred = np.asarray(calibration_pred, dtype=np.float64)
+        if self.base_calibration_pred.ndim != 2 or self.base_calibration_pred.shape[1] != len(self.base_candidates):
+            raise CatimageError("calibration predictions must be (n, M) with one column per (fitted) candidate")
+        self.calibration_pred = self._calibration_with_added()
 
-    # --- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_parts(cls, *args: Any, **kwargs: Any) -> RouterModel:
-        """Assemble a bundle from already-fitted parts (what the Ray Train job does)."""
-        return cls(*args, **kwargs)
+    def _calibration_with_added(self) -> np.ndarray:
+        """Calibration predictions of every candidate: the fitted ones, then each added one."""
+        if not self.added:
+            return self.base_calibration_pred
+        self._check_profile()
+        base = self.scaler.transform(self.base_calibration_pred)
+        member = memberships(self.calibration_pooled, self.centroids)
+        cols = [self.scaler.inverse_transform(a.predict_scaled(base, member))[:, None] for a in self.added]
+        return np.concatenate([self.base_calibration_pred, *cols], axis=1)
 
+    # --- construction ------------------------------------------------------------------------
     @classmethod
     def fit(
         cls,
@@ -125,26 +204,21 @@ class RouterModel:
         cost_unit: str,
         embedder_name: str = "minilm",
         embedder_params: dict[str, Any] | None = None,
-        estimator_name: str = "knn",
+        estimator_name: str = "auto",
         estimator_params: dict[str, Any] | None = None,
         val_frac: float = 0.1,
         seed: int = 0,
         notes: Sequence[str] = (),
+        fit_estimator: EstimatorFit | None = None,
+        embedder: Embedder | None = None,
     ) -> RouterModel:
-        """Fit in-process on all prompts but a validation split (early stopping + lambda calibration)."""
+        """Fit on all prompts but a calibration split (`fit_router` with a train / calibration split)."""
         split = split_prompts(matrix.n_prompts, test_frac=0.0, val_frac=val_frac, seed=seed)
-        scaler = MetricScaler.fit(matrix.mean[split.train])
-        embedder = make_embedder(embedder_name, **(embedder_params or {}))
-        embedder.fit([matrix.prompts[i] for i in split.train])
-        estimator = make_estimator(estimator_name, **(estimator_params or {}))
-        data = prepare_training_data(matrix, embedder, estimator.input_kind, split, scaler)
-        estimator.fit(
-            data["train"].X, data["train"].Y, counts=data["train"].counts,
-            X_val=data["val"].X, Y_val=data["val"].Y, counts_val=data["val"].counts,
+        return fit_router(
+            matrix, costs, cost_unit, split.train, split.val, estimator=estimator_name,
+            estimator_params=estimator_params, embedder=embedder if embedder is not None else embedder_name,
+            embedder_params=embedder_params, fit_estimator=fit_estimator, notes=notes,
         )
-        calibration = scaler.inverse_transform(estimator.predict(data["val"].X))
-        log.info("fitted %s on %d prompts (%d held out for calibration)", estimator_name, len(split.train), len(split.val))
-        return cls(matrix.candidates, costs, cost_unit, matrix.metric, scaler, embedder, estimator, calibration, notes)
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -152,16 +226,27 @@ class RouterModel:
         path.mkdir(parents=True, exist_ok=True)
         self.estimator.save(path / "estimator")
         self.embedder.save(path / "embedder")
-        save_file({"pred": np.ascontiguousarray(self.calibration_pred)}, str(path / "calibration.safetensors"))
+        calib = {"pred": np.ascontiguousarray(self.base_calibration_pred)}
+        if self.calibration_pooled is not None:
+            calib["pooled"] = np.ascontiguousarray(self.calibration_pooled)
+        save_file(calib, str(path / "calibration.safetensors"))
+        profile = {f"added.{i}.coef": np.ascontiguousarray(a.coef) for i, a in enumerate(self.added)}
+        if self.centroids is not None:
+            profile["centroids"] = np.ascontiguousarray(self.centroids)
+        if profile:
+            save_file(profile, str(path / "profile.safetensors"))
         meta = {
             "format_version": FORMAT_VERSION,
-            "candidates": self.candidates,
-            "costs": self.costs.tolist(),
+            "candidates": self.base_candidates,
+            "costs": self.costs[: len(self.base_candidates)].tolist(),
             "cost_unit": self.cost_unit,
             "metric": self.metric,
             "scaler": self.scaler.to_dict(),
             "embedder": self.embedder.spec,
             "estimator": type(self.estimator).__name__,
+            "estimator_kind": self.estimator.kind,
+            "selection": self.selection,
+            "added": [a.to_json() for a in self.added],
             "notes": self.notes,
         }
         (path / "router.json").write_text(json.dumps(meta, indent=2))
@@ -177,8 +262,15 @@ class RouterModel:
                 "`catimage fit TABLE --pool POOL.yaml --out DIR` or `catimage train`"
             )
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CatimageError(f"{path}: model format {meta.get('format_version')} is not {FORMAT_VERSION}; refit it")
+        version = meta.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise CatimageError(
+                f"{path}: model format {version} is not one this catimage reads {list(READABLE_VERSIONS)}; "
+                "refit it with `catimage fit` (or use the catimage version that wrote it)"
+            )
+        calib = load_file(str(path / "calibration.safetensors"))
+        profile = load_file(str(path / "profile.safetensors")) if (path / "profile.safetensors").is_file() else {}
+        added = [AddedCandidate.from_json(doc, profile[f"added.{i}.coef"]) for i, doc in enumerate(meta.get("added", []))]
         return cls(
             candidates=meta["candidates"],
             costs=np.asarray(meta["costs"], dtype=np.float64),
@@ -187,18 +279,69 @@ class RouterModel:
             scaler=MetricScaler.from_dict(meta["scaler"]),
             embedder=load_embedder(path / "embedder"),
             estimator=load_estimator(path / "estimator"),
-            calibration_pred=load_file(str(path / "calibration.safetensors"))["pred"],
+            calibration_pred=calib["pred"],
             notes=meta.get("notes", []),
+            calibration_pooled=calib.get("pooled"),
+            centroids=profile.get("centroids"),
+            selection=meta.get("selection"),
+            added=added,
         )
 
+    # --- adding candidates ---------------------------------------------------------------------
+    def _check_profile(self) -> None:
+        if self.centroids is None or self.calibration_pooled is None:
+            raise CatimageError(
+                "this model was saved before candidates could be added (format 1, no prompt profile); "
+                "refit it with `catimage fit` first"
+            )
+
+    def add_candidate(
+        self, name: str, cost: float, prompts: Sequence[str], labels: np.ndarray,
+        counts: np.ndarray | None = None, base_labels: np.ndarray | None = None, interactions: bool = True,
+    ) -> AddedCandidate:
+        """Add a generator from its labels (metric units) on a few prompts; no retraining.
+
+        `base_labels` (n, M_base, metric units, NaN = unknown): the existing candidates' labels on
+        the same prompts, when known. See catimage.add_candidate for the model.
+        """
+        from catimage.add_candidate import fit_added_candidate
+
+        self._check_profile()
+        if name in self.candidates:
+            raise CatimageError(f"candidate {name!r} is already in this router ({self.candidates})")
+        if not np.isfinite(cost) or cost < 0:
+            raise CatimageError(f"the cost of {name!r} must be a number >= 0; got {cost}")
+        base, member = self._base_scaled(prompts)
+        scaled_base = None if base_labels is None else np.where(
+            np.isfinite(base_labels), self.scaler.transform(base_labels), np.nan)
+        added = fit_added_candidate(name, float(cost), base, member, self.scaler.transform(labels), counts, scaled_base,
+                                    interactions=interactions)
+        self.added.append(added)
+        self.candidates.append(name)
+        self.costs = np.append(self.costs, float(cost))
+        self.calibration_pred = self._calibration_with_added()
+        log.info("added %s from %d labelled prompts (ridge alpha %.3g)", name, added.n_labels, added.alpha)
+        return added
+
     # --- inference ----------------------------------------------------------------------------
+    def _base_scaled(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scaled base predictions and (when a profile exists) cluster memberships of `prompts`."""
+        X = embed_for(self.embedder, prompts, self.estimator.input_kind)
+        base = self.estimator.predict(X)
+        if self.centroids is None:
+            return base, None
+        pooled = X if self.estimator.input_kind == "pooled" else self.embedder.encode(list(prompts))
+        return base, memberships(pooled, self.centroids)
+
     def predict(self, prompts: Sequence[str]) -> np.ndarray:
         """Predicted quality of every candidate for each prompt, in the metric's own units."""
         prompts = list(prompts)
         if not prompts:
             return np.zeros((0, len(self.candidates)))
-        X = embed_for(self.embedder, prompts, self.estimator.input_kind)
-        return self.scaler.inverse_transform(self.estimator.predict(X))
+        base, member = self._base_scaled(prompts)
+        if self.added:
+            base = np.concatenate([base, *(a.predict_scaled(base, member)[:, None] for a in self.added)], axis=1)
+        return self.scaler.inverse_transform(base)
 
     def lambda_for_budget(self, budget: float) -> float:
         """The smallest lambda whose average cost on the calibration prompts meets `budget`."""

@@ -234,6 +234,9 @@ class QualityMatrix:
     count: np.ndarray  # (n, M) int64
     var: np.ndarray  # (n, M) float64
     cost: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (M,) mean measured cost or NaN
+    # Split-half means (2, n, M): each cell's samples alternately assigned to two halves, NaN below
+    # two samples; None when the matrix was not built from per-sample rows. For label-noise estimates.
+    half: np.ndarray | None = None
 
     @property
     def n_prompts(self) -> int:
@@ -250,6 +253,7 @@ class QualityMatrix:
             count=self.count[idx],
             var=self.var[idx],
             cost=self.cost.copy(),
+            half=None if self.half is None else self.half[:, idx],
         )
 
     def measured_costs(self) -> dict[str, float]:
@@ -315,6 +319,7 @@ def aggregate(table: pa.Table, metric: str | None = None, candidates: Sequence[s
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         var = np.where(count > 1, (total_sq - count * mean**2) / np.maximum(count - 1, 1), np.nan)
     var = np.where(np.isnan(var), var, np.maximum(var, 0.0))
+    half = _split_half_means(rows, cols, values, count, n, m)
     cost = np.full(m, np.nan)
     if "cost" in table.column_names:
         cvals = table.column("cost").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -322,7 +327,31 @@ def aggregate(table: pa.Table, metric: str | None = None, candidates: Sequence[s
             sel = (cols == j) & np.isfinite(cvals)
             if sel.any():
                 cost[j] = float(cvals[sel].mean())
-    return QualityMatrix(list(prompt_index), prompt_text, list(candidates), metric, mean, count, var, cost)
+    return QualityMatrix(list(prompt_index), prompt_text, list(candidates), metric, mean, count, var, cost, half)
+
+
+def _split_half_means(
+    rows: np.ndarray, cols: np.ndarray, values: np.ndarray, count: np.ndarray, n: int, m: int
+) -> np.ndarray | None:
+    """(2, n, M) means of each cell's even- and odd-numbered samples (in table order); NaN where a
+    cell has fewer than two samples; None when no cell has two."""
+    if not (count >= 2).any():
+        return None
+    cell = rows * m + cols
+    order = np.argsort(cell, kind="stable")
+    sorted_cell = cell[order]
+    first = np.searchsorted(sorted_cell, sorted_cell, side="left")
+    parity = np.empty_like(cell)
+    parity[order] = (np.arange(cell.size) - first) % 2
+    out = np.full((2, n, m), np.nan)
+    for h in (0, 1):
+        sel = parity == h
+        tot = np.zeros((n, m))
+        cnt = np.zeros((n, m))
+        np.add.at(tot, (rows[sel], cols[sel]), values[sel])
+        np.add.at(cnt, (rows[sel], cols[sel]), 1)
+        out[h] = np.where((count >= 2) & (cnt > 0), tot / np.maximum(cnt, 1), np.nan)
+    return out
 
 
 @dataclass

@@ -12,11 +12,10 @@ workers, `val` whole on each). Each epoch every worker reports its validation lo
 Train keeps the two best by validation loss, retries failed workers (`FailureConfig`) and the loop
 resumes from the latest checkpoint. The best checkpoint becomes the bundle's estimator.
 
-knn and linear are cheap: they fit in-process through the same entry point (`RouterModel.fit`), no Ray.
-
-The split, scaler, embedder and calibration set follow `RouterModel.fit` exactly (train / val split
-with the same seed; calibration = predictions on the validation prompts), so a Train-fitted bundle
-is interchangeable with an in-process one.
+Every other estimator is cheap and fits in-process. Either way the whole fit is
+`catimage.router_model.fit_router` (the pipeline `catimage fit` and `catimage evaluate` use): this
+job only supplies its `fit_estimator` hook, so the split, scaler, embedder and calibration set are
+the same as an in-process fit's and a Train-fitted bundle is interchangeable with one.
 """
 
 from __future__ import annotations
@@ -46,7 +45,8 @@ from catimage.errors import CatimageError  # noqa: E402
 log = logging.getLogger("catimage.jobs.train")
 
 RAY_TRAINED = ("transformer",)
-IN_PROCESS = ("knn", "linear")
+IN_PROCESS = ("knn", "linear", "twoway-knn", "twoway-ridge", "ensemble", "auto")
+ESTIMATOR_CHOICES = RAY_TRAINED + IN_PROCESS
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ESTIMATOR_SUBDIR = "estimator"
@@ -289,118 +289,133 @@ def run_train(
 ) -> TrainOutcome:
     """Fit an estimator on a quality table and write the router bundle to `out_dir`.
 
-    transformer: a Ray Train job (`num_workers` workers, 0 = in the driver process; `use_gpu`
-    gives each a GPU); knn / linear: in-process. `max_failures` worker failures are retried from
-    the latest checkpoint. Checkpoints live under `storage_path` (default: `<out_dir>/ray_train`;
-    use shared storage on a multi-node cluster). `fail_at_epoch` is a test hook: the worker raises
-    once at that epoch so the retry path can be checked.
+    The fit is `catimage.router_model.fit_router` (the pipeline `fit` and `evaluate` use), with
+    the estimator fit handed to Ray Train for the transformer: `num_workers` workers (0 = in the
+    driver process; `use_gpu` gives each a GPU); every other estimator fits in-process.
+    `max_failures` worker failures are retried from the latest checkpoint. Checkpoints live under
+    `storage_path` (default: `<out_dir>/ray_train`; use shared storage on a multi-node cluster).
+    `fail_at_epoch` is a test hook: the worker raises once at that epoch so the retry path can be
+    checked.
     """
-    from catimage.router_model import RouterModel, prepare_training_data
-    from catimage.table import MetricScaler, load_pool_matrix, split_prompts
+    from catimage.estimators import ESTIMATOR_KINDS
+    from catimage.router_model import RouterModel
+    from catimage.table import load_pool_matrix, split_prompts
 
     start = time.perf_counter()
     estimator = estimator.lower()
-    if estimator not in RAY_TRAINED + IN_PROCESS:
-        raise CatimageError(f"unknown estimator {estimator!r}; choose one of {list(RAY_TRAINED + IN_PROCESS)}")
+    if estimator not in ESTIMATOR_KINDS:
+        raise CatimageError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATOR_KINDS)}")
     if num_workers < 0:
         raise CatimageError(f"num_workers must be >= 0, got {num_workers}")
     out_dir = Path(out_dir)
     pool, matrix, costs = load_pool_matrix(table_path, pool_path, metric=metric)
-    notes = pool.report_notes()
-
-    if estimator in IN_PROCESS:
-        params = dict(estimator_params or {})
-        model = RouterModel.fit(
-            matrix, costs, pool.cost_unit, embedder_name=embedder, embedder_params=embedder_params,
-            estimator_name=estimator, estimator_params=params, val_frac=val_frac, seed=seed, notes=notes,
-        )
-        model.save(out_dir)
-        split = split_prompts(matrix.n_prompts, test_frac=0.0, val_frac=val_frac, seed=seed)
-        outcome = TrainOutcome(str(out_dir), estimator, embedder, len(split.train), len(split.val))
-        outcome.seconds = time.perf_counter() - start
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(asdict(outcome), indent=2))
-        return outcome
-
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from catimage.embed import make_embedder
-    from catimage.estimators import load_estimator
-    from catimage.estimators.base import label_weights
-    from catimage.estimators.transformer import loss_weights, trim_padding
-
-    params = _transformer_params(estimator_params, max_epochs)
     split = split_prompts(matrix.n_prompts, test_frac=0.0, val_frac=val_frac, seed=seed)
-    scaler = MetricScaler.fit(matrix.mean[split.train])
-    emb = make_embedder(embedder, **(embedder_params or {}))
-    emb.fit([matrix.prompts[i] for i in split.train])
-    data = prepare_training_data(matrix, emb, "tokens", split, scaler)
-    train, val = data["train"], data["val"]
-    counts, counts_val = (train.counts, val.counts) if params.get("use_counts", True) else (None, None)
-    count_scale = 1.0  # weights average to 1 over labelled training entries, as in TransformerEstimator.fit
-    if counts is not None:
-        labelled = label_weights(train.Y, counts)
-        count_scale = float(labelled[labelled > 0].mean()) if (labelled > 0).any() else 1.0
-    w = loss_weights(train.Y, counts, count_scale)
-    w_val = loss_weights(val.Y, counts_val, count_scale)
-    X_train, X_val = trim_padding(train.X), trim_padding(val.X)
-
-    _init_ray(num_cpus)
-    storage = Path(storage_path) if storage_path is not None else out_dir / "ray_train"
-    storage.mkdir(parents=True, exist_ok=True)
-    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    loop_config = {
-        "params": params, "d_in": int(train.X.shape[-1]), "n_outputs": len(matrix.candidates),
-        "max_epochs": int(params["max_epochs"]), "count_scale": count_scale,
-        "fail_at_epoch": fail_at_epoch, "fail_marker": str(storage / f"{run_name}.injected-failure"),
-        "local_checkpoint_root": str(storage / run_name / "local_checkpoints") if num_workers == 0 else None,
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=str(storage.resolve()),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-            ),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        ),
-        datasets={"train": _to_dataset(X_train, train.Y, w), "val": _to_dataset(X_val, val.Y, w_val)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    log.info("Ray Train: %d train / %d val prompts, %d worker(s), gpu=%s", len(split.train), len(split.val), num_workers, use_gpu)
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"Ray Train run failed after {max_failures} retries: {result.error}") from result.error
-    last_state = result.return_value
-    if not last_state or last_state.get("best_epoch") is None:
-        raise RuntimeError("Ray Train finished without a validated epoch; max_epochs must be >= 1")
-    if num_workers == 0:
-        best_dir = Path(loop_config["local_checkpoint_root"]) / f"epoch_{last_state['best_epoch']:04d}"
-        est = load_estimator(best_dir / ESTIMATOR_SUBDIR)
-    else:
-        best = result.get_best_checkpoint(metric="val_loss", mode="min")
-        with best.as_directory() as best_dir:
-            est = load_estimator(Path(best_dir) / ESTIMATOR_SUBDIR)
-    est.best_epoch_ = int(last_state["best_epoch"])
-    est.train_loss_ = [h["train_loss"] for h in last_state["history"]]
-    est.val_loss_ = [h["val_loss"] for h in last_state["history"]]
-    calibration = scaler.inverse_transform(est.predict(val.X))
-    model = RouterModel.from_parts(
-        matrix.candidates, costs, pool.cost_unit, matrix.metric, scaler, emb, est, calibration, notes=notes
+    outcome = TrainOutcome(str(out_dir), estimator, embedder, len(split.train), len(split.val))
+    hook = None
+    if estimator in RAY_TRAINED:
+        hook = _RayTrainFit(
+            outcome, out_dir, num_workers=num_workers, use_gpu=use_gpu, max_epochs=max_epochs,
+            max_failures=max_failures, storage_path=storage_path, num_cpus=num_cpus, fail_at_epoch=fail_at_epoch,
+        )
+    params = dict(estimator_params or {})
+    if estimator in RAY_TRAINED and max_epochs is not None:
+        params["max_epochs"] = int(max_epochs)
+    model = RouterModel.fit(
+        matrix, costs, pool.cost_unit, embedder_name=embedder, embedder_params=embedder_params,
+        estimator_name=estimator, estimator_params=params, val_frac=val_frac, seed=seed,
+        notes=pool.report_notes(), fit_estimator=hook,
     )
     model.save(out_dir)
-    outcome = TrainOutcome(
-        model_dir=str(out_dir), estimator=estimator, embedder=embedder, n_train=len(split.train), n_val=len(split.val),
-        best_epoch=int(last_state["best_epoch"]), best_val_loss=float(last_state["best_val_loss"]),
-        epochs_run=len(last_state["history"]), history=last_state["history"], resumed_at=last_state["resumed_at"],
-        ray_run_path=str(result.path), seconds=time.perf_counter() - start,
-    )
+    outcome.seconds = time.perf_counter() - start
     (out_dir / SUMMARY_FILE).write_text(json.dumps(asdict(outcome), indent=2))
-    log.info("best epoch %d, val loss %.4f; model written to %s", outcome.best_epoch, outcome.best_val_loss, out_dir)
+    if outcome.best_epoch is not None:
+        log.info("best epoch %d, val loss %.4f; model written to %s", outcome.best_epoch, outcome.best_val_loss, out_dir)
     return outcome
+
+
+class _RayTrainFit:
+    """The `fit_estimator` hook of `fit_router` that trains the transformer on Ray Train.
+
+    Early stopping holds out the same prompts TransformerEstimator.fit would (its
+    `validation_fraction`, permuted with its `random_state`), so a Train-fitted bundle matches an
+    in-process one; the calibration prompts stay out of training entirely.
+    """
+
+    def __init__(self, outcome: TrainOutcome, out_dir: Path, **options: Any) -> None:
+        self.outcome = outcome
+        self.out_dir = out_dir
+        self.options = options
+
+    def __call__(self, est: Any, data: Any) -> Any:
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        from catimage.estimators import load_estimator
+        from catimage.estimators.transformer import as_token_batch, early_stopping_split, loss_weights
+
+        o = self.options
+        params = _transformer_params(est.get_params(), o["max_epochs"])
+        X = as_token_batch(data.X)
+        batch_size, max_epochs = est._schedule(len(X))
+        params["batch_size"], params["max_epochs"] = batch_size, max_epochs
+        tr, va = early_stopping_split(len(X), float(params["validation_fraction"]), int(params["random_state"]))
+        if va.size == 0:
+            raise CatimageError("Ray Train needs validation prompts for early stopping: use at least 20 training prompts")
+        counts = data.counts if params.get("use_counts", True) else None
+        count_scale = est._mean_count(data.Y[tr], counts[tr]) if counts is not None else 1.0
+        w = loss_weights(data.Y[tr], None if counts is None else counts[tr], count_scale)
+        w_val = loss_weights(data.Y[va], None if counts is None else counts[va], count_scale)
+        X_train, X_val = X[tr].padded(), X[va].padded()
+
+        _init_ray(o["num_cpus"])
+        storage = Path(o["storage_path"]) if o["storage_path"] is not None else self.out_dir / "ray_train"
+        storage.mkdir(parents=True, exist_ok=True)
+        run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        num_workers = o["num_workers"]
+        loop_config = {
+            "params": params, "d_in": int(X.shape[-1]), "n_outputs": int(data.Y.shape[1]),
+            "max_epochs": int(params["max_epochs"]), "count_scale": count_scale,
+            "fail_at_epoch": o["fail_at_epoch"], "fail_marker": str(storage / f"{run_name}.injected-failure"),
+            "local_checkpoint_root": str(storage / run_name / "local_checkpoints") if num_workers == 0 else None,
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=o["use_gpu"]),
+            run_config=ray.train.RunConfig(
+                name=run_name,
+                storage_path=str(storage.resolve()),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+                ),
+                failure_config=ray.train.FailureConfig(max_failures=o["max_failures"]),
+            ),
+            datasets={"train": _to_dataset(X_train, data.Y[tr], w), "val": _to_dataset(X_val, data.Y[va], w_val)},
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        log.info("Ray Train: %d train / %d early-stopping prompts, %d worker(s), gpu=%s",
+                 tr.size, va.size, num_workers, o["use_gpu"])
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"Ray Train run failed after {o['max_failures']} retries: {result.error}") from result.error
+        last_state = result.return_value
+        if not last_state or last_state.get("best_epoch") is None:
+            raise RuntimeError("Ray Train finished without a validated epoch; max_epochs must be >= 1")
+        if num_workers == 0:
+            best_dir = Path(loop_config["local_checkpoint_root"]) / f"epoch_{last_state['best_epoch']:04d}"
+            fitted = load_estimator(best_dir / ESTIMATOR_SUBDIR)
+        else:
+            best = result.get_best_checkpoint(metric="val_loss", mode="min")
+            with best.as_directory() as best_dir:
+                fitted = load_estimator(Path(best_dir) / ESTIMATOR_SUBDIR)
+        fitted.best_epoch_ = int(last_state["best_epoch"])
+        fitted.train_loss_ = [h["train_loss"] for h in last_state["history"]]
+        fitted.val_loss_ = [h["val_loss"] for h in last_state["history"]]
+        oc = self.outcome
+        oc.best_epoch, oc.best_val_loss = int(last_state["best_epoch"]), float(last_state["best_val_loss"])
+        oc.epochs_run, oc.history = len(last_state["history"]), last_state["history"]
+        oc.resumed_at, oc.ray_run_path = last_state["resumed_at"], str(result.path)
+        return fitted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("table", help="quality table (Parquet / CSV)")
     parser.add_argument("--pool", required=True, help="pool YAML (costs, cost unit)")
     parser.add_argument("--out", required=True, help="model directory to write")
-    parser.add_argument("--estimator", default="transformer", choices=RAY_TRAINED + IN_PROCESS)
-    parser.add_argument("--embedder", default="minilm", choices=("minilm", "clip", "tfidf"))
+    parser.add_argument("--estimator", default="transformer", choices=ESTIMATOR_CHOICES)
+    parser.add_argument("--embedder", default="minilm", choices=("minilm", "clip", "tfidf", "combined"))
     parser.add_argument("--metric", default=None, help="quality column (default: the only one)")
     parser.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (0: in the driver)")
     parser.add_argument("--use-gpu", action="store_true")

@@ -57,6 +57,23 @@ def test_evaluate_writes_the_three_report_files(table_and_pool):
     assert (out / "report.md").stat().st_size > 0 and (out / "deferral.png").stat().st_size > 0
 
 
+def test_evaluate_auto_says_what_it_picked_and_how_sure(table_and_pool):
+    table, pool, root = table_and_pool
+    out = root / "eval-auto"
+    result = _ok(runner.invoke(app, ["evaluate", str(table), "--pool", str(pool), "--out", str(out), "--embedder",
+                                     "tfidf", "--estimator", "auto", "--trials", "2", "--test-frac", "0.25",
+                                     "--bootstrap", "50",
+                                     "--estimator-params", '{"members": ["twoway-knn", "twoway-ridge"], "folds": 3}']))
+    text = " ".join(result.output.split())  # rich wraps long lines
+    assert "auto picked" in text and "inner 3-fold CV" in text
+    assert "trial 2/2 done" in text  # progress while it runs
+    assert "Beats the prompt-agnostic mixture hull?" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["estimator_selection"].startswith("auto picked")
+    assert report["summary"]["trials"]["intervals"]["area_over_hull"][0] is not None
+    assert "**Verdict**" in (out / "report.md").read_text()
+
+
 def test_fit_then_route_prints_choice_and_json(table_and_pool):
     table, pool, root = table_and_pool
     model = root / "model"

@@ -246,3 +246,108 @@ def test_genai_bench_end_to_end(shared_data, tmp_path):
     assert s["trials"]["n"] == 2
     paths = write_report(rep, tmp_path)
     _strict_json(paths["json"].read_text())
+
+
+# --- confidence, misses, label noise ------------------------------------------------------------
+
+
+def test_fast_figures_match_the_full_evaluation():
+    from catimage.evaluation import BOOTSTRAP_FIGURES, fast_figures
+
+    rng = np.random.default_rng(7)
+    costs = np.array([0.5, 1.0, 2.0, 4.0])
+    for _ in range(5):
+        pred, true = rng.random((40, 4)), rng.random((40, 4))
+        s = evaluate_predictions(pred, true, costs, list("abcd")).summary
+        fast = dict(zip(BOOTSTRAP_FIGURES, fast_figures(pred, true, costs)))
+        for key in BOOTSTRAP_FIGURES:
+            want = s[key] if s[key] is not None else np.nan
+            assert fast[key] == pytest.approx(want, nan_ok=True), key
+
+
+def test_a_miss_counts_as_the_worst_ratio():
+    # The router always picks the cheap candidate: it never reaches the dear one's quality.
+    true = np.array([[0.2, 0.9], [0.3, 0.8]])
+    pred = np.array([[0.9, 0.1], [0.9, 0.1]])
+    s = evaluate_predictions(pred, true, [1.0, 4.0], ["cheap", "dear"]).summary
+    assert s["cost_ratio_to_match_best_fixed"] is None and s["missed_best_fixed"]
+    assert s["cost_ratio_or_miss"] == 1.0  # the best fixed is the dearest: ratio 4 / 4
+    recs = [{"gain_at_best_fixed_cost": 0.1, "quality_at_best_fixed_cost": 1, "area_over_hull": 0.1,
+             "cost_ratio_to_match_best_fixed": 0.5, "cost_ratio_or_miss": 0.5, "oracle_gain_fraction": 0.5},
+            {"gain_at_best_fixed_cost": -0.1, "quality_at_best_fixed_cost": 1, "area_over_hull": 0.0,
+             "cost_ratio_to_match_best_fixed": None, "cost_ratio_or_miss": 1.0, "oracle_gain_fraction": 0.0}]
+    t = summarize_trials(recs)
+    assert t["mean_cost_ratio_to_match_best_fixed"] == 0.5  # the reached trials only (flattering)
+    # mean 0.75, sample std 0.3536, t(0.975, 1) = 12.706: 0.75 +- 12.706 * 0.3536 / sqrt(2)
+    assert t["trial_intervals"]["cost_ratio_or_miss"] == pytest.approx([0.75 - 3.1766, 0.75 + 3.1766], abs=1e-3)
+    assert t["mean_cost_ratio_or_miss"] == 0.75 and t["misses"] == 1  # what the report leads with
+
+
+def test_bootstrap_interval_brackets_a_planted_gain():
+    from catimage.evaluation import BOOTSTRAP_FIGURES, bootstrap_figures, intervals
+
+    rng = np.random.default_rng(0)
+    n = 300
+    kind = rng.integers(0, 2, n)
+    true = np.stack([np.where(kind, 0.2, 0.8), np.full(n, 0.6)], axis=1) + rng.normal(0, 0.05, (n, 2))
+    perfect = evaluate_predictions(true, true, [1.0, 2.0], ["a", "b"]).summary
+    point = [perfect[k] for k in BOOTSTRAP_FIGURES]
+    ci = intervals(bootstrap_figures(true, true, np.array([1.0, 2.0]), 200, seed=1), point)
+    lo, hi = ci["area_over_hull"]
+    assert 0 < lo <= perfect["area_over_hull"] <= hi
+    assert set(ci) == set(BOOTSTRAP_FIGURES)
+
+
+def test_verdict_words():
+    from catimage.evaluation import verdict
+
+    trials = {"n": 10, "mean_area_over_hull": 0.1, "mean_gain_at_best_fixed_cost": 0.01, "mean_cost_ratio_or_miss": 0.6,
+              "misses": 1, "intervals": {"area_over_hull": [0.05, 0.15], "gain_at_best_fixed_cost": [-0.02, 0.04],
+                                         "cost_ratio_or_miss": [0.5, 0.8]},
+              "trial_intervals": {"area_over_hull": [0.02, 0.18], "gain_at_best_fixed_cost": [0.001, 0.02],
+                                  "cost_ratio_or_miss": [0.4, 0.9]}}
+    lines = verdict(trials, "big", "quality")
+    assert "hull? yes, with confidence" in lines[0] and "+0.02 to +0.18" in lines[0]  # the wider interval
+    assert "not distinguishable" in lines[1]  # the bootstrap interval includes zero
+    assert "for less? yes, with confidence" in lines[2] and "1 of 10" in lines[2]
+    trials["trial_intervals"]["area_over_hull"] = [-0.01, 0.2]  # training noise alone can make it doubtful
+    assert "not distinguishable" in verdict(trials, "big", "quality")[0]
+
+
+def test_label_noise_separates_signal_from_noise():
+    from catimage.evaluation import label_noise
+
+    rng = np.random.default_rng(0)
+    n, costs = 400, np.array([1.0, 2.0])
+    kind = rng.integers(0, 2, n)
+    signal = np.stack([np.where(kind, 0.3, 0.7), np.full(n, 0.5)], axis=1)
+
+    def matrix(strength: float) -> QualityMatrix:
+        a = strength * signal + rng.normal(0, 0.2, (n, 2))
+        b = strength * signal + rng.normal(0, 0.2, (n, 2))
+        return QualityMatrix([str(i) for i in range(n)], ["p"] * n, ["c", "d"], "q", (a + b) / 2,
+                             np.full((n, 2), 2), np.zeros((n, 2)), np.full(2, np.nan), half=np.stack([a, b]))
+
+    pure_noise = label_noise(matrix(0.0), costs)
+    assert pure_noise["available"] and abs(pure_noise["interaction_split_half_corr"]) < 0.15
+    assert pure_noise["noise_share_of_oracle_lead"] > 0.7  # nearly all of the oracle's lead is noise
+    strong = label_noise(matrix(3.0), costs)
+    # By hand: interaction +-0.3 (variance 0.09); a half's interaction noise (e_c - e_d) / 2 has variance
+    # 0.02, so the split-half correlation is 0.09 / 0.11 = 0.82 and Spearman-Brown gives 0.90.
+    assert strong["interaction_split_half_corr"] == pytest.approx(0.82, abs=0.05)
+    assert strong["interaction_reliability_full_means"] == pytest.approx(0.90, abs=0.03)
+    assert strong["noise_share_of_oracle_lead"] < 0.3
+    single = QualityMatrix(["0"], ["p"], ["c"], "q", np.zeros((1, 1)), np.ones((1, 1), int), np.zeros((1, 1)),
+                           np.full(1, np.nan))
+    assert label_noise(single, np.array([1.0]))["available"] is False
+
+
+def test_evaluate_table_reports_intervals_verdict_and_budget_check(planted_report):
+    s = planted_report["summary"]
+    assert set(s["intervals"]) and set(s["trials"]["intervals"])
+    lo, hi = s["intervals"]["area_over_hull"]
+    assert lo <= s["area_over_hull"] <= hi
+    assert s["verdict"] and "hull?" in s["verdict"][0]
+    checks = s["budget_check"]
+    assert [c["budget"] for c in checks] == [1.0, 3.0]
+    assert checks[-1]["lambda"] == 0.0

@@ -182,3 +182,17 @@ def test_load_pool_matrix_restricts_pool_to_the_table_and_rejects_strangers(tmp_
     pool.write_text("cost_unit: s\ncandidates:\n  - {name: slow, cost: 4}\n")
     with pytest.raises(TableError, match=r"\['fast'\] that the pool does not declare"):
         load_pool_matrix(path, pool)
+
+
+def test_split_half_means_by_hand():
+    import pyarrow as pa
+
+    from catimage.table import aggregate
+
+    t = pa.table({"prompt_id": ["p"] * 5 + ["q"], "prompt": ["p"] * 5 + ["q"], "candidate": ["a"] * 3 + ["b"] * 2 + ["a"],
+                  "quality": [1.0, 2.0, 4.0, 3.0, 5.0, 7.0]})
+    m = aggregate(t, "quality")
+    # cell (p, a): samples 1, 2, 4 -> halves {1, 4} and {2}; (p, b): {3} and {5}; (q, a): one sample -> NaN
+    np.testing.assert_allclose(m.half[0], [[2.5, 3.0], [np.nan, np.nan]])
+    np.testing.assert_allclose(m.half[1], [[2.0, 5.0], [np.nan, np.nan]])
+    assert m.subset([1]).half.shape == (2, 1, 2)

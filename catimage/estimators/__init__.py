@@ -1,7 +1,9 @@
 """Quality estimators: prompt embedding -> expected [0, 1]-scaled quality of each candidate.
 
-``make_estimator(name, **params)`` builds one of ``knn`` / ``linear`` (pooled embeddings) or
-``transformer`` (per-token embeddings; check ``est.input_kind``); ``load_estimator(dir)`` reads one
+``make_estimator(name, **params)`` builds one of the paper's ``knn`` / ``transformer`` (per-token
+embeddings; check ``est.input_kind``), the ``linear`` ridge baseline, the decision-focused
+``twoway-knn`` / ``twoway-ridge`` (candidate means + shrunk interactions, hyper-parameters by the
+routing objective), or ``ensemble`` / ``auto`` (chosen by inner cross-validation); ``load_estimator(dir)`` reads one
 written by ``est.save(dir)``. The transformer module (and torch) is imported only when asked for, so
 commands that use the cheap estimators start fast.
 """
@@ -26,6 +28,10 @@ _KINDS: dict[str, tuple[str, str]] = {
     "knn": ("catimage.estimators.knn", "KNNEstimator"),
     "linear": ("catimage.estimators.linear", "LinearEstimator"),
     "transformer": ("catimage.estimators.transformer", "TransformerEstimator"),
+    "twoway-knn": ("catimage.estimators.twoway", "TwoWayKNNEstimator"),
+    "twoway-ridge": ("catimage.estimators.twoway", "TwoWayRidgeEstimator"),
+    "ensemble": ("catimage.estimators.ensemble", "EnsembleEstimator"),
+    "auto": ("catimage.estimators.ensemble", "AutoEstimator"),
 }
 
 ESTIMATOR_KINDS = tuple(_KINDS)

@@ -29,8 +29,23 @@ class EstimatorError(CatimageError):
     """Bad estimator input (shapes, labels) or use before fitting."""
 
 
-def check_X(X: Any, input_kind: str, what: str = "X") -> np.ndarray:
-    """X as float32 of the shape `input_kind` needs: (n, d) pooled or (n, T, d) tokens."""
+def check_X(X: Any, input_kind: str, what: str = "X") -> Any:
+    """X as float32 of the shape `input_kind` needs: (n, d) pooled or (n, T, d) tokens.
+
+    Token inputs may also be a `catimage.features.TokenBatch` (ragged float16 tokens): it is
+    passed through without a copy, which is what keeps 10,000-prompt tables in memory.
+    """
+    from catimage.features import TokenBatch
+
+    if isinstance(X, TokenBatch):
+        if input_kind != "tokens":
+            raise EstimatorError(
+                f"{what} is per-token (TokenBatch), but this estimator takes {input_kind} embeddings of 2 "
+                "dimensions ((n, d)); build it with embedder.encode(prompts)"
+            )
+        if len(X) == 0:
+            raise EstimatorError(f"{what} has no rows")
+        return X
     try:
         arr = np.asarray(X, dtype=np.float32)
     except (TypeError, ValueError) as err:
@@ -150,15 +165,28 @@ class QualityEstimator(BaseEstimator, ABC):
         X_val: Any = None,
         Y_val: Any = None,
         counts_val: Any = None,
+        *,
+        costs: Any = None,
+        var: Any = None,
     ) -> QualityEstimator:
-        """Fit on prompts' embeddings X and their scaled mean qualities Y (NaN = missing)."""
+        """Fit on prompts' embeddings X and their scaled mean qualities Y (NaN = missing).
+
+        `costs` (M,): the candidates' costs; estimators that select hyper-parameters use them to
+        score settings by the routing objective (area over the mixture hull) instead of MSE.
+        `var` (n, M): per-cell sample variance of the labels in scaled units (NaN below two
+        samples), for noise-aware shrinkage. Estimators that do not use them ignore them.
+        """
         self.is_fitted_ = False
+        self._fit_costs = None if costs is None else _check_costs(costs, np.shape(Y)[-1] if np.ndim(Y) == 2 else None)
+        self._fit_var = None if var is None else np.asarray(var, dtype=np.float64)
         X = check_X(X, self.input_kind)
         Y = check_Y(Y, X.shape[0])
         counts = check_counts(counts, Y)
         require_labels_per_candidate(Y, counts)
         if (X_val is None) != (Y_val is None):
             raise EstimatorError("pass X_val and Y_val together (or neither)")
+        if self._fit_var is not None and self._fit_var.shape != Y.shape:
+            raise EstimatorError(f"var has shape {self._fit_var.shape}; it must match the labels' {Y.shape}")
         if X_val is not None:
             X_val = check_X(X_val, self.input_kind, "X_val")
             if X_val.shape[-1] != X.shape[-1]:
@@ -227,6 +255,15 @@ class QualityEstimator(BaseEstimator, ABC):
         est._restore(doc.get("meta", {}), tensors)
         est.is_fitted_ = True
         return est
+
+
+def _check_costs(costs: Any, m: int | None) -> np.ndarray:
+    arr = np.asarray(costs, dtype=np.float64)
+    if arr.ndim != 1 or (m is not None and arr.size != m):
+        raise EstimatorError(f"costs must be one number per candidate ({m}); got shape {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise EstimatorError(f"costs must be finite and >= 0; got {arr.tolist()}")
+    return arr
 
 
 def _json_default(value: Any) -> Any:

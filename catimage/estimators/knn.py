@@ -6,8 +6,10 @@ label counts in proportion to the number of samples behind it (a 3-sample mean i
 1-sample one, so it gets 3x the weight). If no neighbour has a label for a candidate, the candidate's
 count-weighted training mean is used.
 
-``k="auto"`` picks k from `k_grid` by (count-weighted) validation MSE when validation data are passed
-to `fit`, and uses 20 otherwise (capped at the number of training prompts either way).
+``k="auto"`` picks k from `k_grid` by (count-weighted) MSE: on the validation data when they are
+passed to `fit`, else by exact leave-one-out on the training prompts (each prompt left out of its
+own neighbours); k is capped at the number of training prompts. This is the paper's estimator and
+selection rule; `twoway-knn` is the decision-focused variant.
 """
 
 from __future__ import annotations
@@ -53,8 +55,18 @@ class KNNEstimator(QualityEstimator):
         self.val_mse_: dict[int, float] = {}
         if self.k != "auto":
             self.k_ = min(int(self.k), n)
-        elif X_val is None:
+        elif X_val is None and n < 3:
             self.k_ = min(DEFAULT_K, n)
+        elif X_val is None:  # leave-one-out: the nearest neighbour of a training prompt is itself
+            grid = sorted({min(int(k), n - 1) for k in self.k_grid})
+            idx, dist = self._neighbours(X, max(grid) + 1)
+            not_self = idx != np.arange(n)[:, None]
+            keep = np.argsort(~not_self, axis=1, kind="stable")[:, : max(grid)]  # drop self, keep order
+            idx, dist = np.take_along_axis(idx, keep, axis=1), np.take_along_axis(dist, keep, axis=1)
+            for k in grid:
+                pred = self._combine(idx[:, :k], dist[:, :k])
+                self.val_mse_[k] = masked_mse(pred, Y, counts if self.use_counts else None)
+            self.k_ = min(self.val_mse_, key=lambda k: (self.val_mse_[k], k))
         else:
             grid = sorted({min(int(k), n) for k in self.k_grid})
             idx, dist = self._neighbours(X_val, max(grid))

@@ -15,11 +15,13 @@ mean count; averaged over prompts. AdamW, mini-batches, early stopping on the va
 The epoch-level pieces (`build_module`, `make_loader`, `train_epoch`, `evaluate_loss`,
 `TransformerEstimator.from_module`) are public so that a Ray Train worker can drive the same loop and
 still produce an estimator that saves in the common format. Nothing here touches global torch
-settings (threads, seeds): fitting runs inside `torch.random.fork_rng`.
+settings for good (threads, seeds): fitting runs inside `torch.random.fork_rng` and with `n_threads`
+intra-op threads (1 by default), the previous count restored afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from typing import Any
@@ -28,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from catimage.estimators.base import EstimatorError, QualityEstimator, label_weights
+from catimage.features import TokenBatch
 
 log = logging.getLogger(__name__)
 
@@ -125,24 +127,58 @@ def trim_padding(X: np.ndarray) -> np.ndarray:
     return X[:, : (int(used[-1]) + 1 if used.size else 1)]
 
 
+def as_token_batch(X: np.ndarray | TokenBatch) -> TokenBatch:
+    """Ragged float16 tokens (a TokenBatch passes through; a padded array is packed once)."""
+    return X if isinstance(X, TokenBatch) else TokenBatch.from_padded(X)
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Batches of row positions with similar lengths (little padding), in random order when `rng`.
+
+    Rows are sorted by length plus a random jitter of up to two tokens, cut into batches, and the
+    batches shuffled: every epoch sees different batches, yet a batch of short prompts is not padded
+    to the longest prompt of the table.
+    """
+    key = lengths + (rng.uniform(0, 2, lengths.size) if rng is not None else 0.0)
+    order = np.argsort(key, kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, order.size, batch_size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+class TokenLoader:
+    """Re-iterable (x, y, w) float32 tensor batches over ragged tokens; reshuffled every pass."""
+
+    def __init__(self, X: np.ndarray | TokenBatch, Y: np.ndarray, weights: np.ndarray, batch_size: int = 32,
+                 shuffle: bool = True, seed: int = 0) -> None:
+        self.X = as_token_batch(X)
+        self.Y = torch.from_numpy(np.nan_to_num(Y).astype(np.float32))
+        self.w = torch.from_numpy(np.asarray(weights, dtype=np.float32))
+        self.batch_size = int(batch_size)
+        self.rng = np.random.default_rng(seed) if shuffle else None
+
+    def __len__(self) -> int:
+        return -(-len(self.X) // self.batch_size)
+
+    def __iter__(self):
+        for idx in length_batches(self.X.lengths, self.batch_size, self.rng):
+            yield torch.from_numpy(self.X.padded(idx)), self.Y[idx], self.w[idx]
+
+
 def make_loader(
-    X: np.ndarray, Y: np.ndarray, weights: np.ndarray, batch_size: int = 32, shuffle: bool = True, seed: int = 0
-) -> DataLoader:
+    X: np.ndarray | TokenBatch, Y: np.ndarray, weights: np.ndarray, batch_size: int = 32, shuffle: bool = True,
+    seed: int = 0,
+) -> TokenLoader:
     """Batches of (x, y, w) float32 tensors; NaN labels become 0 (their weight is 0)."""
-    data = TensorDataset(
-        torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)),
-        torch.from_numpy(np.nan_to_num(Y).astype(np.float32)),
-        torch.from_numpy(weights.astype(np.float32)),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return TokenLoader(X, Y, weights, batch_size, shuffle, seed)
 
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def train_epoch(module: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer) -> float:
+def train_epoch(module: nn.Module, loader: Any, optimizer: torch.optim.Optimizer) -> float:
     """One pass over `loader`; returns the mean per-prompt training loss."""
     module.train()
     device = _device_of(module)
@@ -158,17 +194,17 @@ def train_epoch(module: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     return total / max(n, 1)
 
 
-def predict_module(module: nn.Module, X: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """(n, M) float64 probabilities, in eval mode and without gradients."""
+def predict_module(module: nn.Module, X: np.ndarray | TokenBatch, batch_size: int = 256) -> np.ndarray:
+    """(n, M) float64 probabilities, in eval mode and without gradients (length-bucketed batches)."""
     module.eval()
     device = _device_of(module)
-    X = trim_padding(X)
-    out = []
+    tokens = as_token_batch(X)
+    out = np.empty((len(tokens), module.n_outputs))
     with torch.no_grad():
-        for start in range(0, X.shape[0], batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(X[start : start + batch_size], dtype=np.float32)).to(device)
-            out.append(module(x).double().cpu().numpy())
-    return np.concatenate(out)
+        for idx in length_batches(tokens.lengths, batch_size, None):
+            x = torch.from_numpy(tokens.padded(idx)).to(device)
+            out[idx] = module(x).double().cpu().numpy()
+    return out
 
 
 def evaluate_loss(
@@ -184,6 +220,35 @@ def evaluate_loss(
     probs = torch.from_numpy(predict_module(module, X, batch_size))
     y = torch.from_numpy(np.nan_to_num(Y))
     return float(masked_bce_loss(probs, y, torch.from_numpy(w)))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run with `n` torch intra-op threads, then restore the previous setting (None: leave it).
+
+    This network is small (tens of thousands of weights, batches of ~20-token prompts): its ops are
+    too short to split across threads, and on a 2-core machine two threads spent several times the
+    CPU of one (and far more wall time whenever another process ran). One thread is the default.
+    """
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def early_stopping_split(n: int, fraction: float, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, early-stopping rows) of n training prompts: `fraction` of them, none below 20
+    prompts. The in-process fit and the Ray Train job both use it, so they hold out the same prompts."""
+    if fraction <= 0 or n < 20:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    perm = np.random.default_rng(random_state).permutation(n)
+    n_val = max(1, int(round(fraction * n)))
+    return perm[n_val:], perm[:n_val]
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -211,13 +276,14 @@ class TransformerEstimator(QualityEstimator):
         ff_mult: int = 4,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
-        batch_size: int = 32,
-        max_epochs: int = 200,
+        batch_size: int | str = "auto",
+        max_epochs: int | str = "auto",
         patience: int = 20,
         validation_fraction: float = 0.1,
         use_counts: bool = True,
         random_state: int = 0,
         device: str = "cpu",
+        n_threads: int | None = 1,
     ) -> None:
         self.width = width
         self.layers = layers
@@ -233,18 +299,25 @@ class TransformerEstimator(QualityEstimator):
         self.use_counts = use_counts
         self.random_state = random_state
         self.device = device
+        self.n_threads = n_threads
 
     def _fit(self, X, Y, counts, X_val, Y_val, counts_val) -> None:
+        with torch_threads(self.n_threads):
+            self._fit_module(X, Y, counts, X_val, Y_val, counts_val)
+
+    def _fit_module(self, X, Y, counts, X_val, Y_val, counts_val) -> None:
+        X = as_token_batch(X)
+        X_val = as_token_batch(X_val) if X_val is not None else None
+        self.batch_size_, self.max_epochs_ = self._schedule(len(X))
         if not self.use_counts:
             counts = counts_val = None
-        if X_val is None and self.validation_fraction > 0 and X.shape[0] >= 20:
-            perm = np.random.default_rng(self.random_state).permutation(X.shape[0])
-            n_val = max(1, int(round(self.validation_fraction * X.shape[0])))
-            val, tr = perm[:n_val], perm[n_val:]
-            X_val, Y_val = X[val], Y[val]
-            counts_val = counts[val] if counts is not None else None
-            X, Y = X[tr], Y[tr]
-            counts = counts[tr] if counts is not None else None
+        if X_val is None:
+            tr, val = early_stopping_split(len(X), self.validation_fraction, self.random_state)
+            if val.size:
+                X_val, Y_val = X[val], Y[val]
+                counts_val = counts[val] if counts is not None else None
+                X, Y = X[tr], Y[tr]
+                counts = counts[tr] if counts is not None else None
         self.count_scale_ = 1.0 if counts is None else self._mean_count(Y, counts)
         w = loss_weights(Y, counts, self.count_scale_)
         device = _resolve_device(self.device)
@@ -253,12 +326,13 @@ class TransformerEstimator(QualityEstimator):
             torch.manual_seed(self.random_state)
             module = build_module(X.shape[-1], Y.shape[1], **arch_params(self.get_params())).to(device)
             optimizer = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            loader = make_loader(trim_padding(X), Y, w, self.batch_size, shuffle=True, seed=self.random_state)
+            loader = make_loader(X, Y, w, self.batch_size_, shuffle=True, seed=self.random_state)
             self.train_loss_: list[float] = []
             self.val_loss_: list[float] = []
             best_loss, best_state, self.best_epoch_, waited = np.inf, None, -1, 0
-            for epoch in range(int(self.max_epochs)):
+            for epoch in range(self.max_epochs_):
                 self.train_loss_.append(train_epoch(module, loader, optimizer))
+                log.info("transformer epoch %d/%d: train loss %.4f", epoch + 1, self.max_epochs_, self.train_loss_[-1])
                 if X_val is None:
                     continue
                 val_loss = evaluate_loss(module, X_val, Y_val, counts_val, self.count_scale_)
@@ -280,13 +354,29 @@ class TransformerEstimator(QualityEstimator):
         )
         self.module_ = module.eval()
 
+    def _schedule(self, n: int) -> tuple[int, int]:
+        """(batch size, max epochs). "auto" scales with the table so that a fit costs about the same
+        number of optimizer steps on 500 and on 10,000 prompts: batches of 32 up to 128 prompts,
+        and at most 200 epochs, fewer (down to 15) when epochs are long."""
+        batch = self.batch_size
+        if batch == "auto":
+            batch = int(np.clip(2 ** np.round(np.log2(max(n, 1) / 64)), 32, 128))
+        epochs = self.max_epochs
+        if epochs == "auto":
+            epochs = int(np.clip(40_000 * batch // max(n * 32, 1), 15, 200))
+        if not isinstance(batch, int | np.integer) or batch < 1 or not isinstance(epochs, int | np.integer) or epochs < 1:
+            raise EstimatorError(f"transformer batch_size / max_epochs must be positive integers or 'auto'; "
+                                 f"got {self.batch_size!r} / {self.max_epochs!r}")
+        return int(batch), int(epochs)
+
     @staticmethod
     def _mean_count(Y: np.ndarray, counts: np.ndarray) -> float:
         w = label_weights(Y, counts)
         return float(w[w > 0].mean()) if (w > 0).any() else 1.0
 
     def _predict(self, X: np.ndarray) -> np.ndarray:
-        return predict_module(self.module_, X)
+        with torch_threads(getattr(self, "n_threads", None)):
+            return predict_module(self.module_, X)
 
     @classmethod
     def from_module(

@@ -1,0 +1,75 @@
+"""Time and peak memory of `evaluate` on a 10,000-prompt table (prints; asserts nothing).
+
+    python benchmarks/synthetic_table.py --out runs/synth10k          # once
+    python benchmarks/evaluate_scale.py --table runs/synth10k/quality.parquet --pool runs/synth10k/pool.yaml \\
+        --estimator transformer --trials 2 [--torch-threads 1]
+
+Runs `catimage.evaluation.evaluate_table` exactly as `catimage evaluate` does (MiniLM through the
+on-disk embedding cache: the first run embeds, later ones read the cache) and prints, per trial,
+wall seconds and CPU seconds, then the process's peak resident memory. The issue's target: under
+2 minutes per trial and under 3 GB on 2 cores. Wall time depends on what else runs on the machine:
+CPU seconds are printed beside it, and the figure to quote is a median over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", type=Path, required=True)
+    parser.add_argument("--pool", type=Path, required=True)
+    parser.add_argument("--estimator", default="transformer")
+    parser.add_argument("--embedder", default="minilm")
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+
+    import torch
+
+    from catimage.embed import CachedEmbedder, make_embedder
+    from catimage.evaluation import evaluate_table
+    from catimage.table import load_pool_matrix
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    pool, matrix, costs = load_pool_matrix(args.table, args.pool)
+    embedder = CachedEmbedder(make_embedder(args.embedder))
+    marks = [(time.perf_counter(), time.process_time())]
+
+    def progress(line: str) -> None:
+        print(f"  {line}", flush=True)
+        if " done in " in line:
+            marks.append((time.perf_counter(), time.process_time()))
+
+    start = time.perf_counter()
+    report = evaluate_table(
+        matrix, costs, args.estimator, {}, embedder, trials=args.trials, cost_unit=pool.cost_unit,
+        bootstrap=args.bootstrap, progress=progress,
+    )
+    total = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"{args.estimator} + {args.embedder} on {matrix.n_prompts} prompts x {len(matrix.candidates)} candidates, "
+          f"torch threads {torch.get_num_threads()}")
+    for t in range(1, len(marks)):
+        wall = marks[t][0] - marks[t - 1][0]
+        cpu = marks[t][1] - marks[t - 1][1]
+        print(f"trial {t}: {wall:.0f} s wall, {cpu:.0f} s CPU (trial 1 includes reading/embedding the prompts)")
+    print(f"total {total:.0f} s; peak resident memory {peak_gb:.2f} GB")
+    t = report["summary"]["trials"]
+    print(f"area over hull {t['mean_area_over_hull']:+.4f}, cost ratio (misses counted) {t['mean_cost_ratio_or_miss']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
