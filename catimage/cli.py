@@ -185,7 +185,7 @@ def evaluate(
 def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimator_params, test_frac, val_frac, seed,
               trials, embed_cache, bootstrap=200):
     from catimage.evaluation import evaluate_table
-    from catimage.report import plot_deferral, write_report
+    from catimage.report import write_report
 
     pool, matrix, costs = _load_matrix(table, pool_path, fmt, metric)
     params = _parse_params(estimator_params, "--estimator-params")
@@ -205,11 +205,23 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
     if len(reports) > 1:
         first = dict(first)
         first["routers"] = {k: {"router": r["router"], "summary": r["summary"]} for k, r in reports.items()}
-    paths = write_report(first, out)
-    if len(reports) > 1:
-        plot_deferral(reports, out / "deferral.png")
+    paths = write_report(first, out, gallery=_gallery(first, table, fmt), curves=reports if len(reports) > 1 else None)
     _print_summary(reports, pool.cost_unit)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _gallery(report: dict, table: Path, fmt: Any) -> Any:
+    """report.html's gallery when the table has images (a build folder): trial 0's test prompts at a
+    tight and a loose budget (1/8 and 1/2 of the best fixed candidate's cost, at least the cheapest)."""
+    from catimage.report_html import gallery_from_report
+    from catimage.table import read_quality_table
+
+    raw = read_quality_table(table, fmt.value)
+    if "image_path" not in raw.column_names:
+        return None
+    best, cheapest = report["summary"]["best_fixed_cost"], min(report["meta"]["costs"])
+    budgets = {f"budget {b:.3g}": b for b in (max(best / 8, cheapest), max(best / 2, cheapest))}
+    return gallery_from_report(report, raw, budgets)
 
 
 def _print_summary(reports: dict[str, dict], cost_unit: str) -> None:

@@ -508,6 +508,7 @@ def evaluate_table(
                  result.summary["area_over_hull"])
         if t == 0:
             first, dropped0 = result, int((~keep).sum())
+            first_test = {"prompt_ids": [matrix.prompt_ids[i] for i in te[keep]], "pred": pred[keep]}
     assert first is not None
     report = first.to_dict()
     summary = report["summary"]
@@ -522,6 +523,8 @@ def evaluate_table(
     summary["verdict"] = verdict(trials_summary, summary["best_fixed"], matrix.metric) if boots else []
     summary["budget_check"] = budget_checks[0]
     report["per_trial"] = to_jsonable(per_trial)
+    # Trial 0's test predictions, so a report can show (report.html) what the router chose per prompt.
+    report["test_predictions"] = to_jsonable(first_test)
     report["noise"] = label_noise(matrix, costs)
     all_notes = list(notes)
     if dropped0:

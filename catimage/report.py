@@ -1,6 +1,6 @@
 """Report files of an evaluation: report.json, report.md and deferral.png.
 
-`write_report` takes the dict that catimage.evaluation.evaluate_table returns (keys `fixed`,
+`write_report` (which also writes report.html, catimage.report_html) takes the dict that catimage.evaluation.evaluate_table returns (keys `fixed`,
 `router`, `oracle`, `hull`, `summary`, `meta`, optionally `routers` = {label: {router, summary}}
 when several estimators were compared) and writes all three. The notes (assumed costs, noise
 images, ...) go first in the Markdown and under the plot, because they decide how far the figures
@@ -14,11 +14,14 @@ import logging
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from catimage.evaluation import to_jsonable
+
+if TYPE_CHECKING:
+    from catimage.report_html import Gallery
 from catimage.routing import cost_to_reach, curve_arrays, interpolate_curve
 
 log = logging.getLogger(__name__)
@@ -26,19 +29,31 @@ log = logging.getLogger(__name__)
 LOG_SCALE_SPAN = 100.0  # costs spanning more than this factor are plotted on a log axis
 
 
-def write_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and deferral.png into `out_dir`; returns their paths by kind."""
+def write_report(
+    report: Mapping[str, Any],
+    out_dir: str | Path,
+    gallery: Gallery | None = None,
+    curves: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """Write report.json, report.md, deferral.png and report.html into `out_dir`; returns their paths.
+
+    `curves` (label -> report) are the routers drawn on the plot (default: the report's own, or its
+    `routers`); `gallery` is the picture gallery of report.html (catimage.report_html).
+    """
+    from catimage.report_html import write_html_report
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "deferral.png"}
     paths["json"].write_text(json.dumps(to_jsonable(report), indent=2))
     paths["markdown"].write_text(render_markdown(report))
     meta = report.get("meta", {})
-    if report.get("routers"):
+    if curves is None and report.get("routers"):
         curves = {label: {**report, **sub} for label, sub in report["routers"].items()}
-    else:
+    elif curves is None:
         curves = {str(meta.get("estimator", "router")): report}
     plot_deferral(curves, paths["plot"])
+    paths["html"] = write_html_report(report, out, gallery)
     return paths
 
 

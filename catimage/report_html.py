@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 
 from catimage import __version__
 from catimage.errors import CatimageError
-from catimage.routing import route
+from catimage.routing import calibrate_lambda, route
 from catimage.table import aggregate, metric_columns, split_prompts, validate_table
 
 if TYPE_CHECKING:
@@ -264,6 +264,37 @@ def gallery_from_router(
     )
     gallery.n_total = len(prompt_ids)
     return gallery
+
+
+def gallery_from_report(
+    report: Mapping[str, Any],
+    table: pa.Table,
+    budgets: Mapping[str, float],
+    *,
+    note: str | None = None,
+    max_rows: int | None = DEFAULT_MAX_ROWS,
+) -> Gallery:
+    """The gallery of an evaluation's trial 0: its test prompts, the predictions it measured, and the
+    choice at each labelled budget (lambda calibrated on those same predictions, since the report
+    carries no calibration set). `table` supplies images and per-sample scores."""
+    tests = report.get("test_predictions") or {}
+    meta = report.get("meta") or {}
+    if not tests.get("prompt_ids"):
+        raise CatimageError("the report has no test_predictions (written by catimage.evaluation.evaluate_table)")
+    pred = np.asarray(tests["pred"], dtype=np.float64)
+    costs = np.asarray(meta["costs"], dtype=np.float64)
+    marks, chosen = [], {}
+    for label, value in budgets.items():
+        lam = calibrate_lambda(pred, costs, value)
+        marks.append(Budget(label, float(value), lam))
+        chosen[label] = route(pred, costs, lam)
+    return gallery_from_predictions(
+        table, tests["prompt_ids"], pred, meta["candidates"], chosen, budgets=marks, costs=list(costs),
+        metric=meta.get("metric"), cost_unit=meta.get("cost_unit", "cost"),
+        note=note or "Trial 0's test prompts (never seen by the router that predicted them); lambda for each "
+        "budget calibrated on these predictions.",
+        max_rows=max_rows,
+    )
 
 
 def report_test_prompt_ids(report: Mapping[str, Any], table: pa.Table) -> list[str]:

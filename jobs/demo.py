@@ -197,7 +197,7 @@ def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Pa
     from catimage.embed import make_embedder
     from catimage.evaluation import evaluate_predictions, evaluate_table, to_jsonable
     from catimage.report import write_report
-    from catimage.report_html import gallery_from_router, write_html_report
+    from catimage.report_html import gallery_from_router
     from catimage.router_model import RouterModel
     from catimage.table import load_pool_matrix, read_quality_table
 
@@ -219,14 +219,12 @@ def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Pa
             f"'fresh_prompts': the router fitted on {fit_table.name} routing {int(keep.sum())} prompts built by this "
             "run, none of which it saw; the gallery shows them."
         )
-    paths = write_report(report, report_dir)
     gallery = gallery_from_router(
         read_quality_table(fresh_table), router, {f"budget {b:.3g}": b for b in budgets}, metric=metric,
         note="Prompts built by this run; the router never saw them." if fresh_table != fit_table else
         "Prompts of the fitted table (the router was trained on most of them).",
     )
-    paths["html"] = write_html_report(report, report_dir, gallery)
-    return report, paths
+    return report, write_report(report, report_dir, gallery=gallery)
 
 
 def _serve_and_ask(console, timings, model_dir, pool_path, pool, port, budgets) -> list[dict[str, Any]]:

@@ -201,7 +201,8 @@ def test_evaluate_table_rejects_wrong_costs():
 
 def test_write_report_files(planted_report, tmp_path):
     paths = write_report(planted_report, tmp_path / "out")
-    assert set(paths) == {"json", "markdown", "plot"}
+    assert set(paths) == {"json", "markdown", "plot", "html"}
+    assert paths["html"].name == "report.html" and paths["html"].parent == paths["markdown"].parent
     data = _strict_json(paths["json"].read_text())
     assert REQUIRED <= set(data)
     md = paths["markdown"].read_text()
