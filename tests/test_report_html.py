@@ -31,6 +31,7 @@ from catimage.report_html import (
     GalleryCell,
     GalleryRow,
     gallery_from_predictions,
+    gallery_from_report,
     gallery_from_router,
     render_html,
     report_test_prompt_ids,
@@ -224,6 +225,21 @@ def test_gallery_from_router_routes_with_the_router_calibration(tmp_path: Path) 
         best = max(r.cells, key=lambda c: (c.predicted, -g.costs[g.candidates.index(c.candidate)]))
         assert r.chosen["loose"] == best.candidate
     assert g.budgets[1].lam == 0.0
+
+
+def test_gallery_from_report_shows_trial_zero_test_prompts_and_routes_them(tmp_path: Path) -> None:
+    """The gallery's rows are exactly the report's test prompts; at the cheapest cost every prompt goes
+    to the cheapest candidate, at the dearest cost (lambda 0) to its best predicted one."""
+    report = {
+        "meta": {"candidates": ["a", "b"], "costs": [1.0, 3.0], "metric": "clip_score", "cost_unit": "tflops"},
+        "test_predictions": {"prompt_ids": ["p2", "p1"], "pred": [[0.2, 0.1], [0.3, 0.6]]},
+    }
+    g = gallery_from_report(report, _table(tmp_path), {"tight": 1.0, "loose": 3.0})
+    assert [r.prompt for r in g.rows] == ["two", "one"]
+    assert [r.chosen["tight"] for r in g.rows] == ["a", "a"]
+    assert [r.chosen["loose"] for r in g.rows] == ["a", "b"] and g.budgets[1].lam == 0.0
+    with pytest.raises(CatimageError, match="test_predictions"):
+        gallery_from_report({"meta": report["meta"]}, _table(tmp_path), {"tight": 1.0})
 
 
 def test_report_test_prompt_ids_name_the_prompts_the_figures_used() -> None:
