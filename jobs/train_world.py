@@ -36,6 +36,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from catimage.world.models import MODELS  # noqa: E402
 from catimage.world.training import TrainSettings  # noqa: E402
 
 log = logging.getLogger("catimage.jobs.train_world")
@@ -156,7 +157,7 @@ def run(settings: TrainSettings, out: Path, storage: Path, report_every: int = 5
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, choices=["small", "large"])
+    parser.add_argument("--model", required=True, choices=sorted(MODELS))
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)

@@ -56,6 +56,7 @@ class WorldModelSpec:
 
 
 MODELS: dict[str, WorldModelSpec] = {
+    "mini": WorldModelSpec("mini", (16, 32, 32), (False, True, True), cross_attention_dim=32, attention_head_dim=16),
     "small": WorldModelSpec("small", (32, 64, 64), (False, True, True), cross_attention_dim=64, attention_head_dim=16),
     "large": WorldModelSpec("large", (64, 128, 128), (False, True, True), cross_attention_dim=128, attention_head_dim=32),
 }
