@@ -92,12 +92,14 @@ def test_big_route_batch_does_not_stall_generate(app):
     thread = threading.Thread(target=big)
     thread.start()
     time.sleep(1.0)  # the batch is on the model thread by now
+    gen_start = time.monotonic()
     gen = app.post("/v1/generate", json={"prompt": "a photo of a heron in the reeds", "return": "none"})
-    gen_end = time.monotonic()
     thread.join(timeout=280)
     assert out["route"].status_code == 200 and len(out["route"].json()["decisions"]) == 256
     assert gen.status_code == 200, gen.text
-    assert gen_end < out["route_end"], "generate waited for the whole /v1/route batch"
+    assert gen_start < out["route_end"], "the batch had finished before generate was sent: nothing was tested"
+    # The router's share of generate (embedding + decision, including any wait for the model thread)
+    # is one chunk at most, not the whole batch; drawing the image afterwards is not the router's.
     assert gen.json()["router_ms"] / 1000 < out["route_s"] / 2, (gen.json()["router_ms"], out["route_s"])
 
 

@@ -28,7 +28,7 @@ def pool():
 
 
 def test_shipped_generators_load_and_are_deterministic_per_seed():
-    for name in ("small", "large"):
+    for name in ("mini", "small"):
         gen = make_generator({"model": f"world:{name}", "steps": 4, "scheduler": "ddim", "guidance_scale": 2.0}, device="cpu")
         a = gen.generate(["a red circle", "two blue squares"], [3, 4])
         b = gen.generate(["two blue squares"], [4])
@@ -42,7 +42,7 @@ def test_trained_generator_draws_what_a_simple_prompt_asks(pool):
     """A trained model, unlike a random one, draws "a red circle" well: the verifier agrees on most seeds."""
     from catimage.metrics import make_scorer
 
-    gen = make_generator(pool.get("large-16").generator, device="cpu")
+    gen = make_generator(pool.get("small-16-g3").generator, device="cpu")
     prompts = ["a red circle", "a blue square", "a green triangle", "two yellow circles"]
     images = gen.generate(prompts * 2, list(range(8)))
     scores = make_scorer("scene_score").score(prompts * 2, images)

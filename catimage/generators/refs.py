@@ -2,7 +2,7 @@
 
 * ``tiny:sd`` / ``tiny:sdxl``: random-weight pipelines built locally on first use (tests, dry runs);
   see `catimage.generators.tiny`.
-* ``world:small`` / ``world:large``: the scene world's trained generators, shipped inside the package
+* ``world:mini`` / ``world:small``: the scene world's trained generators, shipped inside the package
   (``catimage/data/world/<name>``); see `catimage.world`.
 
 `resolve_model(ref)` turns any of them into a `from_pretrained` argument; other refs pass through.

@@ -51,7 +51,8 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
 
 
-def write_model_card(world_dir: str | Path) -> Path:
+def write_model_card(world_dir: str | Path, history: str = "") -> Path:
+    """`history`: a Markdown paragraph on what else was trained or tried (kept out of the package)."""
     world_dir = Path(world_dir)
     logs = _logs(world_dir)
     if not logs:
@@ -74,11 +75,12 @@ def write_model_card(world_dir: str | Path) -> Path:
     )
     text = f"""# Scene-world generators: model card
 
-Two small text-to-image diffusion models that draw the scene world of `catimage.world`: flat
+Small text-to-image diffusion models that draw the scene world of `catimage.world`: flat
 {", ".join(SHAPES)} in {", ".join(COLOURS)} on a {"/".join(BACKGROUNDS)} background, 1-4 objects with counts,
 sizes, positions on a 3x3 grid and relations ({", ".join(RELATIONS)}). They exist so that routing can
-be measured for real on a CPU with nothing downloaded: cheap candidates (few steps, small model) draw
-simple scenes well, complex scenes need the expensive ones.
+be measured for real on a CPU with nothing downloaded, by a verifier that knows what each prompt asks
+for. Whether cheap candidates suffice for some prompts is measured, not assumed: see the README's
+scene-world section for the per-complexity table and what routing earns.
 
 **Not** photographic generators: 32 x 32 images of shapes. Prompts outside the world's vocabulary give
 meaningless pictures.
@@ -95,8 +97,8 @@ Weights are the EMA of training, stored as float16 safetensors (loaded as float3
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Train time is the sum of the logged seconds per step on the machine that trained them (2 CPU cores
-shared with other work, one core per model, both models side by side).
+Train time is the sum of the logged seconds per step on the machine that trained them (2 CPU cores,
+often shared with other work).
 
 ![loss curves]({CURVES})
 
@@ -112,15 +114,14 @@ prompts are dropped to the empty prompt (classifier-free guidance).
 AdamW (weight decay {first['weight_decay']}), {first['warmup_steps']} warm-up steps then cosine decay to
 {first['min_lr']:g}, gradient clipping {first['grad_clip']}, Min-SNR-{first['min_snr_gamma']:g} loss weights,
 EMA decay {first['ema_decay']} with warm-up. Each step's batch, timesteps and noise are a pure function of
-(seed, step), so a run resumed from a checkpoint continues exactly. Reproduce (Ray Train; one Ray head,
-both side by side):
+(seed, step), so a run resumed from a checkpoint continues exactly. Reproduce (Ray Train, one worker per run):
 
 ```bash
 ray start --head --num-cpus 2
 {commands}
 ```
 
-## Evaluation
+{("## What else was tried" + chr(10) + chr(10) + history + chr(10) + chr(10)) if history else ""}## Evaluation
 See `catimage/data/world_table.parquet` (held-out prompts x every candidate x 4 seeds, scored by
 `scene_score`) and `benchmarks/world_routing.py`, whose per-complexity table is in the README.
 """
