@@ -426,12 +426,16 @@ def load_pool_matrix(
     order, cost vector). What `fit`, `evaluate`, `train` and the demo all start from.
 
     A candidate in the table but not in the pool is an error (aggregate says so); pool candidates
-    without rows are left out, so one pool file serves tables that cover part of it.
+    without rows are left out, so one pool file serves tables that cover part of it. Without
+    `metric`, a table with several metric columns is read on the pool's first listed metric (the
+    one its builds score first), so `fit`/`evaluate` on a table the pool built need no --metric.
     """
     from catimage.pool import load_pool
 
     pool = load_pool(pool_path)
     table = read_quality_table(table_path, fmt)
+    if metric is None and len(metric_columns(table)) > 1 and pool.metrics:
+        metric = pool.metrics[0].name
     present = set(table.column("candidate").to_pylist())
     matrix = aggregate(table, metric=metric, candidates=[n for n in pool.names if n in present])
     pool = pool.select(matrix.candidates)

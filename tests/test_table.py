@@ -196,3 +196,17 @@ def test_split_half_means_by_hand():
     np.testing.assert_allclose(m.half[0], [[2.5, 3.0], [np.nan, np.nan]])
     np.testing.assert_allclose(m.half[1], [[2.0, 5.0], [np.nan, np.nan]])
     assert m.subset([1]).half.shape == (2, 1, 2)
+
+
+def test_load_pool_matrix_reads_the_pools_first_metric_when_the_table_has_several(tmp_path):
+    from catimage.table import load_pool_matrix
+
+    path = write_quality_table(_table(sharpness=[0.5] * 6), tmp_path / "t.parquet")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("cost_unit: s\nmetrics:\n  - {name: sharpness}\n  - {name: clip_score}\n"
+                    "candidates:\n  - {name: slow, cost: 4}\n  - {name: fast, cost: 1}\n")
+    _, m, _ = load_pool_matrix(path, pool)
+    assert m.metric == "sharpness" and np.allclose(m.mean, 0.5)
+    pool.write_text("cost_unit: s\ncandidates:\n  - {name: slow, cost: 4}\n  - {name: fast, cost: 1}\n")
+    with pytest.raises(TableError, match="--metric"):  # no metrics listed: still the user's choice
+        load_pool_matrix(path, pool)
