@@ -476,12 +476,13 @@ def demo(
     seeds: Annotated[int, typer.Option(min=1)] = 2,
     trials: Annotated[int, typer.Option(min=1, help="Re-drawn splits of the evaluation")] = 5,
     metric: Annotated[str | None, typer.Option(help="Default: the pool's first metric")] = None,
-    estimator: Annotated[EstimatorOpt, typer.Option()] = EstimatorOpt.transformer,
+    estimator: Annotated[EstimatorOpt, typer.Option(
+        help="twoway-ridge: what `auto` picks on the world table; transformer: fitted on Ray Train")] = EstimatorOpt.twoway_ridge,
     embedder: Annotated[EmbedderOpt, typer.Option()] = EmbedderOpt.minilm,
     port: Annotated[int | None, typer.Option(help="HTTP port of the Serve app (default: a free one)")] = None,
     num_cpus: Annotated[int, typer.Option(min=1, help="CPUs of the local Ray")] = 2,
 ) -> None:
-    """The whole loop on one machine: build (Ray Data), train (Ray Train), evaluate, serve (Ray Serve)."""
+    """The whole loop on one machine: build (Ray Data), fit (Ray Train for the transformer), evaluate, serve (Ray Serve)."""
     _setup_logging(False)
     _offline_defaults()
 

@@ -1,8 +1,9 @@
 """The main job on the embedded default: the whole catimage loop on one machine, nothing downloaded.
 
-local Ray -> the scene-world pool (two trained generators at several step counts, shipped in the
-package) -> Ray Data build job on fresh held-out prompts (images kept) -> Ray Train fit of the
-router on the shipped world table (1,000+ prompts x every candidate x 4 seeds, scores only) ->
+local Ray -> the scene-world pool (two trained generators at several step counts and guidance
+scales, shipped in the package) -> Ray Data build job on fresh held-out prompts (images kept) -> fit
+of the router (twoway-ridge in-process by default; `--estimator transformer` fits on Ray Train)
+on the shipped world table (1,000+ prompts x every candidate x 4 seeds, scores only) ->
 evaluation over re-drawn splits + the fitted router on the fresh prompts it never saw ->
 report.{json,md,html} + deferral.png -> Ray Serve app -> routed requests at two budgets -> clean
 shutdown.
@@ -120,7 +121,7 @@ def run_demo(
     prompts_path: Path | None = None,
     seeds: int = 2,
     metric: str | None = None,
-    estimator: str = "transformer",
+    estimator: str = "twoway-ridge",
     embedder: str = "minilm",
     port: int | None = None,
     num_cpus: int = 2,
@@ -167,7 +168,8 @@ def run_demo(
             raise CatimageError(f"the build wrote no rows; see the errors table {build.errors_path}")
         fit_table = Path(table_path) if table_path else build.table_path
 
-        with _stage(console, f"2/5 fit the router on {fit_table.name} (Ray Train)", timings):
+        where = "Ray Train" if estimator == "transformer" else "in-process"
+        with _stage(console, f"2/5 fit the router ({estimator}) on {fit_table.name} ({where})", timings):
             run_train(fit_table, pool_path, model_dir, estimator=estimator, embedder=embedder, metric=metric,
                       num_workers=1, max_epochs=max_epochs)
 

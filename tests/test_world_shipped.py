@@ -83,17 +83,29 @@ def test_routing_beats_the_mixture_hull_on_every_split(pool):
     assert min(areas) > 0, areas
 
 
-def test_shipped_router_sends_simple_scenes_cheaper_than_complex_ones(pool):
+def test_shipped_router_learned_the_tables_guidance_by_object_count_interaction(pool):
+    """At two steps, guidance makes lone objects vanish but helps crowded scenes: in the shipped table
+    (read here with the verifier's parser, which the router never sees) small-2's lead over
+    small-2-g2 is far larger on one-object prompts than on four-object ones. The router, fitted on
+    prompt text alone, must predict the same direction on prompts it never saw."""
     from catimage.router_model import RouterModel
+    from catimage.table import aggregate, read_quality_table
+    from catimage.world import parse
+
+    matrix = aggregate(read_quality_table(TABLE), metric="scene_score", candidates=pool.names)
+    objects = np.array([parse(p).n_objects for p in matrix.prompts])
+    i, j = matrix.candidates.index("small-2"), matrix.candidates.index("small-2-g2")
+    lead = matrix.mean[:, i] - matrix.mean[:, j]
+    assert lead[objects == 1].mean() > lead[objects == 4].mean() + 0.05  # the world's fact, from the table
 
     router = RouterModel.load(ROUTER)
-    simple = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-    complex_ = [
-        "a yellow triangle to the left of a green circle above a purple square",
+    lone = ["a red circle", "a blue square", "a green triangle", "a small yellow circle", "one purple triangle"]
+    crowded = [
         "two small blue squares, a red circle and a large green triangle",
         "a blue circle in the top left corner, a red square below a yellow triangle and a purple circle",
-        "three green triangles and a small red square at the bottom on a white background",
+        "three green triangles and a small red square",
+        "a yellow square, a purple circle, a red triangle and a blue circle",
     ]
-    budget = float(np.median(router.costs))
-    cost = lambda prompts: np.mean([d.cost for d in router.decide(prompts, budget=budget)])  # noqa: E731
-    assert cost(simple) < cost(complex_)
+    pred_lead = lambda prompts: float(np.mean(router.predict(prompts)[:, [i, j]] @ [1.0, -1.0]))  # noqa: E731
+    assert router.candidates == matrix.candidates
+    assert pred_lead(lone) > pred_lead(crowded)
