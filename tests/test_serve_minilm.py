@@ -80,7 +80,10 @@ def test_router_is_warm_before_it_reports_ready(app):
 def test_big_route_batch_does_not_stall_generate(app):
     """A 256-prompt /v1/route runs in chunks on the model thread; a /v1/generate sent meanwhile waits
     for one chunk, not for the whole batch."""
-    prompts = [f"a watercolour of a lighthouse number {i} on a cliff at dusk, seagulls" for i in range(256)]
+    # Long prompts (about 120 tokens each) so that embedding the batch takes seconds, not a fraction of one.
+    scene = ("a watercolour of a lighthouse on a cliff at dusk, seagulls over the waves, a fishing boat with red "
+             "sails, rain clouds over the hills, a stone path winding up to a cottage with a blue door and ")
+    prompts = [f"{scene * 2}number {i}" for i in range(256)]
     out: dict = {}
 
     def big() -> None:
@@ -91,7 +94,7 @@ def test_big_route_batch_does_not_stall_generate(app):
 
     thread = threading.Thread(target=big)
     thread.start()
-    time.sleep(1.0)  # the batch is on the model thread by now
+    time.sleep(0.3)  # the batch is on the model thread by now
     gen_start = time.monotonic()
     gen = app.post("/v1/generate", json={"prompt": "a photo of a heron in the reeds", "return": "none"})
     thread.join(timeout=280)
