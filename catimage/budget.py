@@ -19,8 +19,8 @@ proportional term on the sliding window's mean reacts to a sudden shift faster t
 alone. The window (the last `window` realised costs) is also what the controller reports.
 
 Pure Python + numpy (no Ray): the Serve app keeps one controller per key in a small coordinator
-deployment shared by every router replica (serve/app.py); benchmarks/budget_drift.py drives it in a
-simulation against the offline optimum.
+deployment shared by every router replica (serve/budget_coordinator.py); benchmarks/budget_drift.py
+drives it in a simulation against the offline optimum.
 """
 
 from __future__ import annotations

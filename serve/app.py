@@ -14,6 +14,11 @@ or it runs past its `request_timeout_s`, the router retries (a dead replica) or 
 next candidate of the decision's ranking and says so in the answer; only when every candidate fails
 does it answer 503 (with Retry-After).
 
+This module holds the Router and the application builder (`build_app`); the Generator deployment
+is in serve/generator_deployment.py, the BudgetCoordinator in serve/budget_coordinator.py and the
+HTTP error answers (exception handlers, body-size limit) in serve/errors.py. Those names stay
+importable from here.
+
 Run it with `serve run serve/config.yaml` (see docs/serving.md) or `build_app(AppArgs(...))`.
 """
 
@@ -23,10 +28,8 @@ Run it with `serve run serve/config.yaml` (see docs/serving.md) or `build_app(Ap
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import logging
-import re
 import secrets
 import time
 from collections.abc import Iterator, Mapping
@@ -46,6 +49,15 @@ from ray.serve.handle import DeploymentHandle
 from catimage.errors import CatimageError, PoolError
 from catimage.pool import Candidate, load_pool
 from serve.auth import ApiKeys
+from serve.budget_coordinator import BudgetCoordinator
+from serve.errors import (
+    BodyLimit,
+    _http_error,
+    _public_reason,
+    _replica_died,
+    _validation_error,
+)
+from serve.generator_deployment import Generator, deployment_name
 from serve.schemas import (
     MAX_BODY_BYTES,
     AppArgs,
@@ -70,57 +82,6 @@ GLOBAL_KEY = "*"
 WARMUP_PROMPTS = ["a photo of a cat", 'a neon sign that reads "OPEN" above a rainy street at night, photo']
 
 
-def deployment_name(candidate: str) -> str:
-    """The Serve deployment that draws `candidate` (Serve forbids '#' in names)."""
-    return "Generator-" + candidate.replace("#", "_")
-
-
-def _png_bytes(image: Any) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
-_QUALIFIED = re.compile(r"^(?:[A-Za-z_][\w]*\.)+[A-Za-z_]\w*: ")
-_HOST_PORT = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\blocalhost(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
-
-
-def _clean(text: str) -> str:
-    """Text safe to send: no lone surrogates (they cannot be encoded as UTF-8 JSON)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _public_reason(err: BaseException) -> str:
-    """One line for the client about a failed generator call, without internal addresses.
-
-    Ray wraps replica errors in a long traceback: keep its last line, then replace every URL and
-    host:port by a placeholder (the full error goes to the router's log, not to the client).
-    """
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(err, BackPressureError):
-        return "overloaded: its request queue is full (max_queued_requests)"
-    if isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError):
-        return "its replica died or became unreachable (Serve replaces it)"
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    text = _QUALIFIED.sub("", lines[-1] if lines else "")
-    text = _HOST_PORT.sub("<host>", _URL.sub("<endpoint>", text))
-    if isinstance(err, CatimageError):  # our own message already says what went wrong (also through Ray)
-        return _clean(text)[:300]
-    name = type(err).__name__
-    if name.startswith("RayTaskError"):
-        name = "GeneratorError"
-    return _clean(f"{name}: {text}")[:300]
-
-
-def _replica_died(err: BaseException) -> bool:
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-    return isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError)
-
-
 def _native_size(cand: Candidate) -> str | None:
     """WIDTHxHEIGHT a candidate draws at, when its generator block says (for the OpenAI `size`)."""
     gen = cand.generator
@@ -138,154 +99,6 @@ async def _resolve(response: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Generator deployment
-# ---------------------------------------------------------------------------------------------
-
-
-@serve.deployment
-class Generator:
-    """One candidate's text-to-image model. Returns PNG bytes, or None when the caller wants none.
-
-    In-process pipelines are drawn one call at a time per replica (a diffusers pipeline keeps
-    per-call scheduler state), so concurrency comes from replicas; with `max_batch_size > 1`
-    concurrent requests are drawn as one batch through `@serve.batch`. Hosted (http) generators
-    are I/O-bound and thread-safe, so their calls run concurrently.
-
-    When the caller gives up (the router's `request_timeout_s`), Serve cancels the request here:
-    the pipeline is told to stop after its current denoising step (diffusers' `_interrupt`) and
-    the replica takes the next request as soon as that step ends, instead of finishing a drawing
-    nobody waits for.
-    """
-
-    def __init__(
-        self, candidate: str, spec: dict[str, Any], device: str | None = None,
-        max_batch_size: int = 1, batch_wait_timeout_s: float = 0.01,
-    ) -> None:
-        from catimage.generators import make_generator
-        from catimage.generators.spec import parse_generator_spec
-
-        self.candidate = candidate
-        self._generator = make_generator(parse_generator_spec(spec), device=device)
-        self._exclusive = getattr(self._generator, "pipe", None) is not None
-        self._lock = asyncio.Lock()
-        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "interrupted": 0, "busy": 0}
-        self._batched = max_batch_size > 1
-        if self._batched:
-            self._draw_batch.set_max_batch_size(max_batch_size)
-            self._draw_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("generator %s ready (max_batch_size=%d)", candidate, max_batch_size)
-
-    def _draw(self, prompts: list[str], seeds: list[int]) -> list[Any]:
-        self._stats["batches"] += 1
-        self._stats["largest_batch"] = max(self._stats["largest_batch"], len(prompts))
-        self._stats["busy"] += 1
-        try:
-            images = self._generator.generate(prompts, seeds)
-        finally:
-            self._stats["busy"] -= 1
-        if len(images) != len(prompts):
-            raise RuntimeError(f"generator {self.candidate} returned {len(images)} images for {len(prompts)} prompts")
-        return images
-
-    def _interrupt(self) -> None:
-        pipe = getattr(self._generator, "pipe", None)
-        if pipe is not None:
-            pipe._interrupt = True  # diffusers checks it before every denoising step
-
-    async def _draw_cancellable(self, prompts: list[str], seeds: list[int]) -> list[Any]:
-        """Draw in a thread; if this request is cancelled, stop the pipeline and wait for the thread
-        (so the pipeline is never used by two threads), then let the cancellation through."""
-        task = asyncio.ensure_future(asyncio.to_thread(self._draw, prompts, seeds))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            self._stats["interrupted"] += 1
-            while not task.done():
-                # Re-assert: a pipeline call that had not started yet resets the flag when it does.
-                self._interrupt()
-                await asyncio.wait({task}, timeout=0.05)
-            raise
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _draw_batch(self, items: list[tuple[str, int]]) -> list[Any]:
-        prompts = [p for p, _ in items]
-        seeds = [s for _, s in items]
-        return await asyncio.to_thread(self._draw, prompts, seeds)
-
-    def stats(self) -> dict[str, Any]:
-        """Requests and generate() calls this replica served, and where it draws (`.stats.remote()`)."""
-        return {**self._stats, "device": str(getattr(self._generator, "device", "remote"))}
-
-    async def __call__(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
-        self._stats["requests"] += 1
-        if self._batched:
-            image = await self._draw_batch((prompt, seed))
-        elif self._exclusive:
-            async with self._lock:
-                image = (await self._draw_cancellable([prompt], [seed]))[0]
-        else:
-            image = (await asyncio.to_thread(self._draw, [prompt], [seed]))[0]
-        if not want_image:
-            return None
-        return await asyncio.to_thread(_png_bytes, image)
-
-
-# ---------------------------------------------------------------------------------------------
-# Budget coordinator: one controller per key, shared by every router replica
-# ---------------------------------------------------------------------------------------------
-
-
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-class BudgetCoordinator:
-    """Holds the online budget controllers (catimage.budget) for the whole application.
-
-    Router replicas call `sync` every `sync_interval_s` with the realised costs they routed since the
-    last call and get every key's current lambda back, so the deployment-wide average is held however
-    many router replicas share the traffic. If this replica restarts, controllers start again from
-    the offline lambda (their state is a few numbers, rebuilt within one window).
-    """
-
-    def __init__(self, model_dir: str, targets: dict[str, float], config: dict[str, Any]) -> None:
-        from ray.serve.metrics import Gauge
-
-        from catimage.budget import BudgetController, ControllerConfig, lambda_scale
-        from catimage.router_model import RouterModel
-
-        model = RouterModel.load(model_dir)
-        scale = lambda_scale(model.calibration_pred, model.costs)
-        self.controllers = {
-            key: BudgetController(
-                ControllerConfig(target=float(t), **config), lam0=float(model.lambda_for_budget(t)), scale=scale
-            )
-            for key, t in targets.items()
-        }
-        tags = ("key",)
-        self.g_lambda = Gauge("catimage_budget_lambda", "Current lambda of the online budget controller.", tags)
-        self.g_window = Gauge("catimage_budget_window_cost", "Mean realised cost over the controller's window.", tags)
-        self.g_target = Gauge("catimage_budget_target", "Target average cost of the controller.", tags)
-        self._export()
-
-    def _export(self) -> None:
-        for key, ctrl in self.controllers.items():
-            state = ctrl.state()
-            self.g_lambda.set(state["lambda"], tags={"key": key})
-            self.g_target.set(state["target"], tags={"key": key})
-            if state["window_mean_cost"] is not None:
-                self.g_window.set(state["window_mean_cost"], tags={"key": key})
-
-    def sync(self, observed: dict[str, list[float]]) -> dict[str, float]:
-        for key, costs in observed.items():
-            ctrl = self.controllers.get(key)
-            if ctrl is not None and costs:
-                ctrl.observe(costs)
-        self._export()
-        return {key: ctrl.lam for key, ctrl in self.controllers.items()}
-
-    def state(self) -> dict[str, dict[str, Any]]:
-        return {key: ctrl.state() for key, ctrl in self.controllers.items()}
-
-
-# ---------------------------------------------------------------------------------------------
 # Router deployment (FastAPI ingress)
 # ---------------------------------------------------------------------------------------------
 
@@ -299,101 +112,8 @@ fastapi_app = FastAPI(
     ),
 )
 
-
-def _is_openai_path(request: Request) -> bool:
-    return request.url.path.endswith("/v1/images/generations")
-
-
-def _error(request: Request, status: int, message: str, headers: Mapping[str, str] | None = None,
-           extra: dict[str, Any] | None = None) -> JSONResponse:
-    """Our error body, `{"detail": ...}`; on the OpenAI path also OpenAI's `{"error": {...}}`, which
-    OpenAI clients turn into their exception message."""
-    message = _clean(message)
-    content: dict[str, Any] = {"detail": message, **(extra or {})}
-    if _is_openai_path(request):
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        content["error"] = {"message": message, "type": kind, "param": None, "code": str(status)}
-    return JSONResponse(status_code=status, content=content, headers=dict(headers or {}))
-
-
-@fastapi_app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """One readable sentence per problem; malformed JSON is a 400, a well-formed but invalid body a 422."""
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return _error(request, 400, "the request body is not valid JSON", extra={"errors": _jsonable(errors)})
-    parts = []
-    for e in errors:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
-        if e.get("type") == "extra_forbidden":
-            msg = "unknown field (see /docs for the fields this endpoint takes)"
-        elif e.get("type") == "string_unicode":
-            msg = "not valid Unicode text: it holds a lone surrogate (half of a JSON \\ud83d\\ude00 pair); send UTF-8 text"
-        parts.append(f"{where}: {msg}")
-    return _error(request, 422, "; ".join(parts), extra={"errors": _jsonable(errors)})
-
-
-@fastapi_app.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(request, exc.status_code, str(exc.detail), headers=exc.headers)
-
-
-def _jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pydantic's errors without the echoed input (a 2000-character prompt does not need to come back)."""
-    return [
-        {"type": str(e.get("type")), "loc": [_clean(str(p)) for p in e.get("loc", ())], "msg": _clean(str(e.get("msg")))}
-        for e in errors
-    ]
-
-
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets 413 before it is read (Content-Length) or as
-    soon as it streams past the limit (chunked)."""
-
-    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = f"the request body is larger than {self.max_bytes} bytes; send fewer or shorter prompts"
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _send_json(send, 413, {"detail": message})
-                return
-        seen = 0
-        too_big = False
-
-        async def limited_receive() -> dict:
-            nonlocal seen, too_big
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    too_big = True
-                    raise _BodyTooLarge(message)
-            return msg
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _send_json(send, 413, {"detail": message})
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _send_json(send: Any, status: int, content: dict[str, Any]) -> None:
-    body = json.dumps(content).encode("utf-8")
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
+fastapi_app.add_exception_handler(RequestValidationError, _validation_error)
+fastapi_app.add_exception_handler(HTTPException, _http_error)
 fastapi_app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
 

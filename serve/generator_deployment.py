@@ -1,0 +1,112 @@
+"""The Generator deployment: one candidate's text-to-image model behind Ray Serve, and the name
+of the Serve deployment that draws a candidate."""
+
+# No `from __future__ import annotations` here, as in serve/app.py: Ray Serve and FastAPI read
+# annotations at runtime.
+import asyncio
+import io
+import logging
+from typing import Any
+
+from ray import serve
+
+log = logging.getLogger("catimage.serve")
+
+
+def deployment_name(candidate: str) -> str:
+    """The Serve deployment that draws `candidate` (Serve forbids '#' in names)."""
+    return "Generator-" + candidate.replace("#", "_")
+
+
+def _png_bytes(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@serve.deployment
+class Generator:
+    """One candidate's text-to-image model. Returns PNG bytes, or None when the caller wants none.
+
+    In-process pipelines are drawn one call at a time per replica (a diffusers pipeline keeps
+    per-call scheduler state), so concurrency comes from replicas; with `max_batch_size > 1`
+    concurrent requests are drawn as one batch through `@serve.batch`. Hosted (http) generators
+    are I/O-bound and thread-safe, so their calls run concurrently.
+
+    When the caller gives up (the router's `request_timeout_s`), Serve cancels the request here:
+    the pipeline is told to stop after its current denoising step (diffusers' `_interrupt`) and
+    the replica takes the next request as soon as that step ends, instead of finishing a drawing
+    nobody waits for.
+    """
+
+    def __init__(
+        self, candidate: str, spec: dict[str, Any], device: str | None = None,
+        max_batch_size: int = 1, batch_wait_timeout_s: float = 0.01,
+    ) -> None:
+        from catimage.generators import make_generator
+        from catimage.generators.spec import parse_generator_spec
+
+        self.candidate = candidate
+        self._generator = make_generator(parse_generator_spec(spec), device=device)
+        self._exclusive = getattr(self._generator, "pipe", None) is not None
+        self._lock = asyncio.Lock()
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "interrupted": 0, "busy": 0}
+        self._batched = max_batch_size > 1
+        if self._batched:
+            self._draw_batch.set_max_batch_size(max_batch_size)
+            self._draw_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        log.info("generator %s ready (max_batch_size=%d)", candidate, max_batch_size)
+
+    def _draw(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+        self._stats["batches"] += 1
+        self._stats["largest_batch"] = max(self._stats["largest_batch"], len(prompts))
+        self._stats["busy"] += 1
+        try:
+            images = self._generator.generate(prompts, seeds)
+        finally:
+            self._stats["busy"] -= 1
+        if len(images) != len(prompts):
+            raise RuntimeError(f"generator {self.candidate} returned {len(images)} images for {len(prompts)} prompts")
+        return images
+
+    def _interrupt(self) -> None:
+        pipe = getattr(self._generator, "pipe", None)
+        if pipe is not None:
+            pipe._interrupt = True  # diffusers checks it before every denoising step
+
+    async def _draw_cancellable(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+        """Draw in a thread; if this request is cancelled, stop the pipeline and wait for the thread
+        (so the pipeline is never used by two threads), then let the cancellation through."""
+        task = asyncio.ensure_future(asyncio.to_thread(self._draw, prompts, seeds))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._stats["interrupted"] += 1
+            while not task.done():
+                # Re-assert: a pipeline call that had not started yet resets the flag when it does.
+                self._interrupt()
+                await asyncio.wait({task}, timeout=0.05)
+            raise
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _draw_batch(self, items: list[tuple[str, int]]) -> list[Any]:
+        prompts = [p for p, _ in items]
+        seeds = [s for _, s in items]
+        return await asyncio.to_thread(self._draw, prompts, seeds)
+
+    def stats(self) -> dict[str, Any]:
+        """Requests and generate() calls this replica served, and where it draws (`.stats.remote()`)."""
+        return {**self._stats, "device": str(getattr(self._generator, "device", "remote"))}
+
+    async def __call__(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
+        self._stats["requests"] += 1
+        if self._batched:
+            image = await self._draw_batch((prompt, seed))
+        elif self._exclusive:
+            async with self._lock:
+                image = (await self._draw_cancellable([prompt], [seed]))[0]
+        else:
+            image = (await asyncio.to_thread(self._draw, [prompt], [seed]))[0]
+        if not want_image:
+            return None
+        return await asyncio.to_thread(_png_bytes, image)
