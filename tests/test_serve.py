@@ -146,12 +146,11 @@ def test_rayjob_entrypoint_parses():
 
 @pytest.mark.slow
 def test_serve_run_config(files):
-    """`serve run serve/config.yaml` (with model, pool and port overridden) gets healthy and stops on SIGINT."""
+    """`serve run serve/config.yaml` as shipped (only the port changed: the world router and pool in the
+    package, no demo run first) gets healthy, draws a routed image, and stops on SIGINT."""
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
-    args = config["applications"][0]["args"]
-    args["model_dir"], args["pool"] = str(files["model"]), str(files["broken_pool"])
     path = files["root"] / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -174,7 +173,13 @@ def test_serve_run_config(files):
                 pass
             time.sleep(1)
         assert health is not None and health.status_code == 200, log_path.read_text()[-3000:]
-        assert health.json()["candidates"] == ["tiny-sd-2", "tiny-sd-8", "tiny-sdxl-4"]
+        world = yaml.safe_load((REPO / "catimage" / "data" / "world_pool.yaml").read_text())
+        names = [c["name"] for c in world["candidates"]]
+        assert health.json()["candidates"] == names
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "two red squares above a blue circle"},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["candidate"] in names and len(base64.b64decode(r.json()["image"])) > 100
         proc.send_signal(signal.SIGINT)  # only after readiness (NOTES.md: earlier SIGINTs may be lost)
         assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]  # a clean shutdown, not a crash
     finally:
