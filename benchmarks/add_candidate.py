@@ -31,13 +31,9 @@ from catimage.embed import CachedEmbedder, make_embedder  # noqa: E402
 from catimage.evaluation import evaluate_predictions  # noqa: E402
 from catimage.features import FeatureCache  # noqa: E402
 from catimage.router_model import fit_router  # noqa: E402
-from catimage.table import QualityMatrix, load_pool_matrix, split_prompts  # noqa: E402
+from catimage.table import QualityMatrix, split_prompts  # noqa: E402
+from rated_sets import SETS, SHARED_DATA, load_set  # noqa: E402  (benchmarks/, the script's own folder)
 
-ROOT = Path(__file__).resolve().parents[1]
-SETS = {
-    "genai-bench": ("genai-bench-527/genai_image.json", "configs/genai_bench_pool.yaml", "quality"),
-    "agiqa-3k": ("agiqa-3k/data.csv", "configs/agiqa3k_pool.yaml", "mos_quality"),
-}
 FIGURES = ("area_over_hull", "gain_at_best_fixed_cost", "cost_ratio_or_miss")
 
 
@@ -57,8 +53,7 @@ def figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray, names: list[s
 
 
 def run_set(name: str, data: Path, trials: int, labels: list[int], estimator: str) -> dict[str, list[list[float]]]:
-    rel, pool_file, metric = SETS[name]
-    pool, matrix, costs = load_pool_matrix(data / rel, ROOT / pool_file, metric=metric)
+    pool, matrix, costs, _ = load_set(name, data)
     embedder = CachedEmbedder(make_embedder("minilm"))
     features = FeatureCache()
     out: dict[str, list[list[float]]] = {}
@@ -107,7 +102,7 @@ def _copy(model):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--labels", type=int, nargs="+", default=[25, 50, 100])
     parser.add_argument("--estimator", default="twoway-knn")

@@ -31,13 +31,8 @@ from rich.table import Table  # noqa: E402
 
 from catimage.embed import CachedEmbedder, make_embedder  # noqa: E402
 from catimage.evaluation import combined_interval, evaluate_table, label_noise  # noqa: E402
-from catimage.table import load_pool_matrix  # noqa: E402
+from rated_sets import SETS, SHARED_DATA, load_set  # noqa: E402  (benchmarks/, the script's own folder)
 
-ROOT = Path(__file__).resolve().parents[1]
-SETS = {
-    "genai-bench": ("genai-bench-527/genai_image.json", "configs/genai_bench_pool.yaml", "quality"),
-    "agiqa-3k": ("agiqa-3k/data.csv", "configs/agiqa3k_pool.yaml", "mos_quality"),
-}
 ESTIMATORS = ("knn", "linear", "transformer", "twoway-knn", "twoway-ridge", "ensemble", "auto")
 EMBEDDERS = ("minilm",)
 
@@ -50,7 +45,7 @@ def _embedder(name: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
@@ -61,8 +56,7 @@ def main() -> None:
     console = Console(width=240)
     md_rows = []
     for set_name in args.sets:
-        rel, pool_file, metric = SETS[set_name]
-        pool, matrix, costs = load_pool_matrix(args.data / rel, ROOT / pool_file, metric=metric)
+        pool, matrix, costs, metric = load_set(set_name, args.data)
         table = Table(title=f"{set_name}: {matrix.n_prompts} prompts x {len(matrix.candidates)} candidates, metric "
                       f"{metric}, {args.trials} trials, costs ASSUMED ({pool.cost_unit}); mean over trials [95% interval: "
                       "the wider of the test-prompt bootstrap and mean +- t std/sqrt(T)] (std over trials)")
