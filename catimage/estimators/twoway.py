@@ -96,6 +96,8 @@ class _TwoWayBase(QualityEstimator):
     input_kind = "pooled"
 
     def _decompose(self, Y: np.ndarray, counts: np.ndarray | None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        if Y.shape[0] < 3:
+            raise EstimatorError(f"{self.kind} needs at least 3 training prompts; got {Y.shape[0]}")
         w = label_weights(Y, counts if self.use_counts else None)
         tw = two_way(Y, w)
         cnt = counts if (counts is not None and self.use_counts) else np.isfinite(Y).astype(np.float64)
@@ -152,10 +154,8 @@ class TwoWayKNNEstimator(_TwoWayBase):
         self.use_counts = use_counts
 
     def _fit(self, X, Y, counts, X_val, Y_val, counts_val) -> None:
-        n = X.shape[0]
-        if n < 3:
-            raise EstimatorError(f"twoway-knn needs at least 3 training prompts; got {n}")
         tw, shrunk, omega, w = self._decompose(Y, counts)
+        n = X.shape[0]
         self.train_X_ = _normalise(X)
         self.values_ = shrunk.astype(np.float32)
         self.weights_ = omega.astype(np.float32)
@@ -228,10 +228,8 @@ class TwoWayRidgeEstimator(_TwoWayBase):
         self.use_counts = use_counts
 
     def _fit(self, X, Y, counts, X_val, Y_val, counts_val) -> None:
-        n = X.shape[0]
-        if n < 3:
-            raise EstimatorError(f"twoway-ridge needs at least 3 training prompts; got {n}")
         tw, shrunk, omega, w = self._decompose(Y, counts)
+        n = X.shape[0]
         X = X.astype(np.float64)
         self.x_mean_ = X.mean(axis=0)
         Xc = X - self.x_mean_
