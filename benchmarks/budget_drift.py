@@ -13,7 +13,7 @@ configs/genai_bench_pool.yaml), for each trial:
 4. stream `--requests` requests: the first half drawn from the phase-1 mix, the second half from a
    harder mix (80 % hard);
 5. route the same stream twice: at the fixed offline lambda, and with the controller
-   (catimage.budget, the same code the Serve app runs; lambda refreshed every `--sync-every`
+   (catimage.policy.budget, the same code the Serve app runs; lambda refreshed every `--sync-every`
    requests as the Serve routers do);
 6. print the realised mean cost and mean rating per window, and for the controller's phase-2
    windows after the first, the offline optimum: the router's own deferral curve on those very
@@ -40,11 +40,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from catimage.budget import BudgetController, ControllerConfig, lambda_scale  # noqa: E402
-from catimage.embed import CachedEmbedder, make_embedder  # noqa: E402
 from catimage.estimators import make_estimator  # noqa: E402
-from catimage.routing import calibrate_lambda, deferral_curve, interpolate_curve, route  # noqa: E402
-from catimage.table import MetricScaler, load_pool_matrix  # noqa: E402
+from catimage.features.cache import CachedEmbedder
+from catimage.features.registry import make_embedder
+from catimage.policy.budget import BudgetController, ControllerConfig, lambda_scale  # noqa: E402
+from catimage.policy.routing import calibrate_lambda, deferral_curve, interpolate_curve, route  # noqa: E402
+from catimage.tables.table import MetricScaler, load_pool_matrix  # noqa: E402
 
 
 def _stream(rng: np.random.Generator, easy: np.ndarray, hard: np.ndarray, n: int, hard_share: float) -> np.ndarray:

@@ -51,8 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from catimage.build import BuildConfig, part_files, read_prompts  # noqa: E402
-from catimage.pool import load_pool  # noqa: E402
+from catimage.tables.build import BuildConfig, part_files, read_prompts  # noqa: E402
+from catimage.tables.pool import load_pool  # noqa: E402
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange", "pink", "gray"]
 THINGS = ["cat", "dog", "car", "house", "tree", "boat", "bird", "chair", "lamp", "cup"]
@@ -81,9 +81,9 @@ def plain_loop(pool_path: Path, prompts_path: Path, seeds: int) -> dict[str, flo
     """Generate and score every (prompt, seed) in this process; seconds for load and for the loop."""
     import torch
 
-    from catimage.build import decode_image, encode_image
     from catimage.generators import generation_seed, make_generator
     from catimage.metrics import make_scorer
+    from catimage.tables.build import decode_image, encode_image
 
     torch.set_num_threads(1)
     start = time.perf_counter()

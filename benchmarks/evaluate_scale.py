@@ -4,7 +4,7 @@
     python benchmarks/evaluate_scale.py --table runs/synth10k/quality.parquet --pool runs/synth10k/pool.yaml \\
         --estimator transformer --trials 2 [--torch-threads 1]
 
-Runs `catimage.evaluation.evaluate_table` exactly as `catimage evaluate` does (MiniLM through the
+Runs `catimage.evaluation.trials.evaluate_table` exactly as `catimage evaluate` does (MiniLM through the
 on-disk embedding cache: the first run embeds, later ones read the cache) and prints, per trial,
 wall seconds and CPU seconds, then the process's peak resident memory. The issue's target: under
 2 minutes per trial and under 3 GB on 2 cores. Wall time depends on what else runs on the machine:
@@ -38,9 +38,10 @@ def main() -> None:
 
     import torch
 
-    from catimage.embed import CachedEmbedder, make_embedder
-    from catimage.evaluation import evaluate_table
-    from catimage.table import load_pool_matrix
+    from catimage.evaluation.trials import evaluate_table
+    from catimage.features.cache import CachedEmbedder
+    from catimage.features.registry import make_embedder
+    from catimage.tables.table import load_pool_matrix
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -53,7 +53,7 @@ def gpu_pool(src: Path, dst: Path, share: float) -> Path:
 def stage_build(pool: Path, prompts: Path, out: Path, seeds: int, limit: int) -> Path:
     import pyarrow.parquet as pq
 
-    from catimage.build import BuildConfig
+    from catimage.tables.build import BuildConfig
     from jobs.build_dataset import run_build
 
     shutil.rmtree(out, ignore_errors=True)
@@ -87,9 +87,9 @@ def stage_train(table: Path, pool: Path, out: Path, epochs: int) -> Path:
 def stage_serve(model: Path, pool: Path, requests: int) -> None:
     import httpx
     from ray import serve
+    from train_serve_fixtures import free_port
 
     from serve.app import AppArgs, build_app, deployment_name
-    from train_serve_fixtures import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

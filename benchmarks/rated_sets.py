@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from catimage.table import QualityMatrix, load_pool_matrix
+from catimage.tables.table import QualityMatrix, load_pool_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -29,10 +29,10 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from catimage.embed import make_embedder  # noqa: E402
 from catimage.estimators import make_estimator  # noqa: E402
-from catimage.routing import calibrate_lambda, route  # noqa: E402
-from catimage.table import MetricScaler, aggregate, read_quality_table  # noqa: E402
+from catimage.features.registry import make_embedder
+from catimage.policy.routing import calibrate_lambda, route  # noqa: E402
+from catimage.tables.table import MetricScaler, aggregate, read_quality_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

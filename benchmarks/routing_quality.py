@@ -4,7 +4,7 @@
         [--estimators knn linear transformer twoway-knn twoway-ridge ensemble auto] [--embedders minilm combined]
 
 For each set (GenAI-Bench: human alignment ratings 1-5; AGIQA-3K: quality MOS) and each estimator x
-embedder, `catimage.evaluation.evaluate_table` (what `catimage evaluate` runs) fits on >= 10 re-drawn
+embedder, `catimage.evaluation.trials.evaluate_table` (what `catimage evaluate` runs) fits on >= 10 re-drawn
 splits (10 % test, 10 % calibration, the rest training; every hyper-parameter chosen inside the
 training prompts) and prints the mean over trials of: area over the prompt-agnostic hull, gain and
 cost ratio at the best fixed candidate's cost (a trial that never reaches it counts as the worst
@@ -26,12 +26,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rated_sets import SETS, SHARED_DATA, load_set  # noqa: E402  (benchmarks/, the script's own folder)
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from catimage.embed import CachedEmbedder, make_embedder  # noqa: E402
-from catimage.evaluation import combined_interval, evaluate_table, label_noise  # noqa: E402
-from rated_sets import SETS, SHARED_DATA, load_set  # noqa: E402  (benchmarks/, the script's own folder)
+from catimage.evaluation.confidence import combined_interval
+from catimage.evaluation.noise import label_noise
+from catimage.evaluation.trials import evaluate_table
+from catimage.features.cache import CachedEmbedder
+from catimage.features.registry import make_embedder
 
 ESTIMATORS = ("knn", "linear", "transformer", "twoway-knn", "twoway-ridge", "ensemble", "auto")
 EMBEDDERS = ("minilm",)

@@ -116,8 +116,9 @@ class ReplicaPoller(threading.Thread):
 
 
 def _prepare(workdir: Path, embedder: str, max_replicas: int) -> tuple[Path, Path, str, float]:
-    from jobs.train_estimator import run_train
     from train_serve_fixtures import tiny_pool_dict, write_planted_table, write_pool
+
+    from jobs.train_estimator import run_train
 
     table = write_planted_table(workdir / "table.parquet")
     pool = tiny_pool_dict()
@@ -277,10 +278,10 @@ BURST_QUALITY = {
 def _burst_world(workdir: Path) -> tuple[list[tuple[str, str]], dict[str, Path]]:
     import numpy as np
     import pyarrow as pa
-
-    from catimage.table import stable_prompt_id, write_quality_table
-    from jobs.train_estimator import run_train
     from train_serve_fixtures import planted_prompts, tiny_pool_dict, write_pool
+
+    from catimage.tables.table import stable_prompt_id, write_quality_table
+    from jobs.train_estimator import run_train
 
     rng = np.random.default_rng(0)
     rows: dict[str, list] = {k: [] for k in ("prompt_id", "prompt", "candidate", "seed", "quality")}
@@ -376,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     # Serve warns that a 2 s look-back is below the deprecated 10 s metrics_interval_s; the push
     # intervals above are what actually apply.
     warnings.filterwarnings("ignore", message=".*look_back_period_s.*")
-    from serve.app import AppArgs, build_app, deployment_name
     from train_serve_fixtures import ANIMALS, PLACES, free_port
+
+    from serve.app import AppArgs, build_app, deployment_name
 
     with tempfile.TemporaryDirectory(prefix="catimage-serve-load-") as tmp:
         t = time.perf_counter()

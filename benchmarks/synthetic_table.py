@@ -89,7 +89,7 @@ def planted_interaction(props: dict[str, np.ndarray]) -> np.ndarray:
 
 def make_table(n: int = 10_000, seed: int = 0, data: Path | None = None, noise: float = 0.6) -> pa.Table:
     """The long-form quality table (one row per prompt x candidate)."""
-    from catimage.table import stable_prompt_id
+    from catimage.tables.table import stable_prompt_id
 
     data = data if data is not None else ROOT.parent / "shared" / "data"
     prompts = make_prompts(n, seed, data)

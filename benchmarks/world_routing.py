@@ -47,7 +47,7 @@ TABLE_SEED = 2027
 
 
 def build(args: argparse.Namespace) -> None:
-    from catimage.build import BuildConfig
+    from catimage.tables.build import BuildConfig
     from catimage.world import heldout_prompts
     from jobs.build_dataset import print_summary, run_build
 
@@ -69,8 +69,8 @@ def build(args: argparse.Namespace) -> None:
 
 
 def complexity_table(console: Console) -> None:
-    from catimage.pool import load_pool
-    from catimage.table import aggregate, read_quality_table
+    from catimage.tables.pool import load_pool
+    from catimage.tables.table import aggregate, read_quality_table
     from catimage.world import parse
 
     pool = load_pool(POOL)
@@ -92,9 +92,9 @@ def complexity_table(console: Console) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from catimage.embed import make_embedder
-    from catimage.evaluation import evaluate_table
-    from catimage.table import load_pool_matrix
+    from catimage.evaluation.trials import evaluate_table
+    from catimage.features.registry import make_embedder
+    from catimage.tables.table import load_pool_matrix
 
     console = Console(width=200)
     complexity_table(console)
@@ -118,10 +118,10 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def foreign(args: argparse.Namespace) -> None:
-    from catimage.build import BuildConfig
-    from catimage.evaluation import evaluate_predictions
-    from catimage.router_model import RouterModel
-    from catimage.table import load_pool_matrix
+    from catimage.evaluation.figures import evaluate_predictions
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.build import BuildConfig
+    from catimage.tables.table import load_pool_matrix
     from jobs.build_dataset import print_summary, run_build
 
     out = Path(args.work) / f"foreign-{Path(args.prompts).stem}"

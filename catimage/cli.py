@@ -62,7 +62,8 @@ class EmbedderOpt(str, Enum):
 def _make_embedder(name: str, cache: bool) -> Any:
     """The embedder, behind the on-disk embedding cache when asked. The combined embedder caches
     its text part itself (its TF-IDF part is refitted per split and must not be cached)."""
-    from catimage.embed import CachedEmbedder, make_embedder
+    from catimage.features.cache import CachedEmbedder
+    from catimage.features.registry import make_embedder
 
     if name == "combined":
         return make_embedder("combined", cache=cache)
@@ -141,7 +142,7 @@ def _parse_params(text: str | None, flag: str) -> dict[str, Any]:
 
 
 def _load_matrix(table_path: Path, pool_path: Path, fmt: TableFormatOpt, metric: str | None):
-    from catimage.table import load_pool_matrix
+    from catimage.tables.table import load_pool_matrix
 
     return load_pool_matrix(table_path, pool_path, fmt.value, metric)
 
@@ -184,8 +185,8 @@ def evaluate(
 
 def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimator_params, test_frac, val_frac, seed,
               trials, embed_cache, bootstrap=200):
-    from catimage.evaluation import evaluate_table
-    from catimage.report import write_report
+    from catimage.evaluation.report import write_report
+    from catimage.evaluation.trials import evaluate_table
 
     pool, matrix, costs = _load_matrix(table, pool_path, fmt, metric)
     params = _parse_params(estimator_params, "--estimator-params")
@@ -213,8 +214,8 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
 def _gallery(report: dict, table: Path, fmt: Any) -> Any:
     """report.html's gallery when the table has images (a build folder): trial 0's test prompts at a
     tight and a loose budget (1/8 and 1/2 of the best fixed candidate's cost, at least the cheapest)."""
-    from catimage.report_html import gallery_from_report
-    from catimage.table import read_quality_table
+    from catimage.evaluation.gallery import gallery_from_report
+    from catimage.tables.table import read_quality_table
 
     raw = read_quality_table(table, fmt.value)
     if "image_path" not in raw.column_names:
@@ -227,7 +228,7 @@ def _gallery(report: dict, table: Path, fmt: Any) -> Any:
 def _print_summary(reports: dict[str, dict], cost_unit: str) -> None:
     for name, report in reports.items():
         summary = report["summary"]
-        from catimage.evaluation import combined_interval
+        from catimage.evaluation.confidence import combined_interval
 
         trials = summary.get("trials", {})
         tab = Table(title=f"router: {name} (costs in {cost_unit}); mean over {trials.get('n')} trial(s) [95% interval: the "
@@ -288,7 +289,7 @@ def fit(
     _offline_defaults()
 
     def _fit() -> None:
-        from catimage.router_model import RouterModel
+        from catimage.model.router_model import RouterModel
 
         pool_obj, matrix, costs = _load_matrix(table, pool, fmt, metric)
         with _progress(f"fitting {estimator.value} on {matrix.n_prompts} prompts"):
@@ -317,7 +318,7 @@ def route_cmd(
     _offline_defaults()
 
     def _route() -> None:
-        from catimage.router_model import RouterModel
+        from catimage.model.router_model import RouterModel
 
         if any(not p.strip() for p in prompts):
             raise CatimageError("empty prompt: give non-empty prompt text")
@@ -358,10 +359,10 @@ def add_candidate_cmd(
     _offline_defaults()
 
     def _add() -> None:
-        from catimage.add_candidate import add_from_table
-        from catimage.pool import load_pool
-        from catimage.router_model import RouterModel
-        from catimage.table import read_quality_table
+        from catimage.model.add_candidate import add_from_table
+        from catimage.model.router_model import RouterModel
+        from catimage.tables.pool import load_pool
+        from catimage.tables.table import read_quality_table
 
         model = RouterModel.load(model_dir)
         added = add_from_table(model, read_quality_table(table, fmt.value), load_pool(pool), names=candidate)
@@ -385,8 +386,8 @@ def cost(
     _offline_defaults()
 
     def _cost() -> None:
-        from catimage.cost import count_pool_costs
-        from catimage.pool import load_pool
+        from catimage.tables.cost import count_pool_costs
+        from catimage.tables.pool import load_pool
 
         pool_obj = load_pool(pool)
         costs = count_pool_costs(pool_obj, unit=unit, n_images=images)
@@ -424,9 +425,8 @@ def build(
     def _build() -> None:
         from pydantic import ValidationError
 
+        from catimage.tables.build import BuildConfig
         from jobs.build_dataset import print_summary, run_build
-
-        from catimage.build import BuildConfig
 
         try:
             config = BuildConfig(

@@ -22,7 +22,7 @@ local Ray is started (`address="local"`), never one that another `ray start` lef
 
 Images travel between stages as PNG bytes (never pixel arrays) and are dropped before the write.
 A row whose generation or scoring keeps failing is kept with its error and lands in errors.parquet.
-The per-row logic lives in `catimage.build` (pure, tested without Ray); this file only wires Ray.
+The per-row logic lives in `catimage.tables.build` (pure, tested without Ray); this file only wires Ray.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ import ray
 from pydantic import ValidationError
 from ray.data import DataContext
 
-from catimage.build import (
+from catimage.errors import CatimageError
+from catimage.tables.build import (
     BuildConfig,
     BuildResult,
     GenerateStage,
@@ -54,15 +55,14 @@ from catimage.build import (
     done_keys,
     expand_work,
     keys_of,
-    record_lost,
     new_run_dir,
     pending,
     read_prompts,
+    record_lost,
     split_blocks,
     write_run_manifest,
 )
-from catimage.errors import CatimageError
-from catimage.pool import Pool
+from catimage.tables.pool import Pool
 
 log = logging.getLogger("catimage.jobs.build")
 

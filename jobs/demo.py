@@ -135,8 +135,8 @@ def run_demo(
     The router is fitted and evaluated on `table_path`: by default the shipped world table when the
     pool is the embedded world pool, else the table this run builds.
     """
-    from catimage.build import BuildConfig
-    from catimage.pool import load_pool
+    from catimage.tables.build import BuildConfig
+    from catimage.tables.pool import load_pool
     from jobs.build_dataset import print_summary, run_build
     from jobs.train_estimator import run_train
 
@@ -196,12 +196,14 @@ def _budgets(report: dict[str, Any]) -> tuple[float, float]:
 def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Path, report_dir: Path,
               metric: str | None, estimator: str, embedder: str, max_epochs: int, trials: int) -> tuple[dict[str, Any], dict[str, Path]]:
     """Re-drawn splits of the fit table, then the fitted router on the fresh build (which it never saw)."""
-    from catimage.embed import make_embedder
-    from catimage.evaluation import evaluate_predictions, evaluate_table, to_jsonable
-    from catimage.report import write_report
-    from catimage.report_html import gallery_from_router
-    from catimage.router_model import RouterModel
-    from catimage.table import load_pool_matrix, read_quality_table
+    from catimage.evaluation.figures import evaluate_predictions
+    from catimage.evaluation.gallery import gallery_from_router
+    from catimage.evaluation.jsonable import to_jsonable
+    from catimage.evaluation.report import write_report
+    from catimage.evaluation.trials import evaluate_table
+    from catimage.features.registry import make_embedder
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.table import load_pool_matrix, read_quality_table
 
     pool, matrix, costs = load_pool_matrix(fit_table, pool_path, metric=metric)
     params = {"max_epochs": max_epochs} if estimator == "transformer" else {}

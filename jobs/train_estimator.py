@@ -298,8 +298,8 @@ def run_train(
     checked.
     """
     from catimage.estimators import ESTIMATOR_KINDS
-    from catimage.router_model import RouterModel
-    from catimage.table import load_pool_matrix, split_prompts
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.table import load_pool_matrix, split_prompts
 
     start = time.perf_counter()
     estimator = estimator.lower()

@@ -50,10 +50,10 @@ def bank_dir(storage: Path, settings: TrainSettings) -> Path:
 
 def ensure_bank(storage: Path, settings: TrainSettings) -> Path:
     """Build the prompt bank once (MiniLM on every training prompt); later runs reload it."""
-    from catimage.embed import make_embedder
-    from catimage.world.training import PromptBank, build_prompt_bank
-
     from filelock import FileLock
+
+    from catimage.features.registry import make_embedder
+    from catimage.world.training import PromptBank, build_prompt_bank
 
     path = bank_dir(storage, settings)
     with FileLock(str(path) + ".lock"):  # two runs started side by side build it once

@@ -47,15 +47,15 @@ from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from catimage.errors import CatimageError, PoolError
-from catimage.pool import Candidate, load_pool
+from catimage.tables.pool import Candidate, load_pool
 from serve.auth import ApiKeys
 from serve.budget_coordinator import BudgetCoordinator
 from serve.errors import (
     BodyLimit,
-    _http_error,
-    _public_reason,
-    _replica_died,
-    _validation_error,
+    http_error,
+    public_reason,
+    replica_died,
+    validation_error,
 )
 from serve.generator_deployment import Generator, deployment_name
 from serve.schemas import (
@@ -112,8 +112,8 @@ fastapi_app = FastAPI(
     ),
 )
 
-fastapi_app.add_exception_handler(RequestValidationError, _validation_error)
-fastapi_app.add_exception_handler(HTTPException, _http_error)
+fastapi_app.add_exception_handler(RequestValidationError, validation_error)
+fastapi_app.add_exception_handler(HTTPException, http_error)
 fastapi_app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 
 
@@ -152,9 +152,9 @@ class Router:
     ) -> None:
         from ray.serve.metrics import Counter, Gauge, Histogram
 
-        from catimage.embed import make_embedder
-        from catimage.router_model import RouterModel
-        from catimage.routing import max_precise_lambda
+        from catimage.features.registry import make_embedder
+        from catimage.model.router_model import RouterModel
+        from catimage.policy.routing import max_precise_lambda
         from serve.embedding_cache import LruEmbeddingCache
 
         self.args = AppArgs.model_validate(args)
@@ -320,7 +320,7 @@ class Router:
 
     def _penalty(self) -> np.ndarray | None:
         """mu * expected wait per candidate, in quality units (None when load-aware routing is off)."""
-        from catimage.routing import expected_wait_s
+        from catimage.policy.routing import expected_wait_s
 
         mu = self.args.load_aware.mu
         if mu <= 0:
@@ -336,7 +336,7 @@ class Router:
         return mu * wait
 
     def _choices(self, pred: np.ndarray, lam: float, penalty: np.ndarray | None, ctrl_key: str | None) -> list[Choice]:
-        from catimage.routing import utility_ranking
+        from catimage.policy.routing import utility_ranking
 
         order = utility_ranking(pred, self.model.costs, lam, penalty)
         names = self.model.candidates
@@ -391,9 +391,9 @@ class Router:
                 except asyncio.TimeoutError:
                     reason = f"timed out after {self.timeouts[candidate]:g} s (request_timeout_s)"
                 except Exception as err:  # noqa: BLE001 - any generator failure is a reason to fall back
-                    reason = _public_reason(err)
+                    reason = public_reason(err)
                     log.warning("generator %s failed: %s", candidate, err)
-                    if _replica_died(err) and attempt < self.args.replica_death_retries:
+                    if replica_died(err) and attempt < self.args.replica_death_retries:
                         tried.append({"candidate": candidate, "reason": reason + "; retried"})
                         continue
                 else:
@@ -427,7 +427,7 @@ class Router:
     async def generate(self, req: GenerateRequest, request: Request) -> GenerateResponse:
         """Route one prompt, draw it with the chosen candidate (falling back down the ranking on failure)."""
         from catimage.generators import generation_seed
-        from catimage.table import stable_prompt_id
+        from catimage.tables.table import stable_prompt_id
 
         key = self._authorize(request)
         self._ensure_background()
@@ -480,7 +480,7 @@ class Router:
     # --- the OpenAI Images API --------------------------------------------------------------
     def _parse_model(self, model: str, header_budget: str | None) -> tuple[str | None, float | None, float | None]:
         """(pinned candidate or None, budget, lambda) from `model` and the X-Catimage-Budget header."""
-        from serve.schemas import _BudgetOrLambda
+        from serve.schemas import BudgetOrLambda
 
         budget = lam = None
         name, _, suffix = model.partition(":")
@@ -510,7 +510,7 @@ class Router:
                 raise HTTPException(status_code=422, detail="give the budget once: in the model suffix or in X-Catimage-Budget")
             budget = number
         try:  # the same checks as /v1/generate's budget and lambda (finite, >= 0)
-            checked = _BudgetOrLambda.model_validate({"budget": budget, "lambda": lam})
+            checked = BudgetOrLambda.model_validate({"budget": budget, "lambda": lam})
         except ValueError as err:
             raise HTTPException(status_code=422, detail=f"model {model!r}: {err}") from None
         return None, checked.budget, checked.lambda_
@@ -534,7 +534,7 @@ class Router:
                 raise HTTPException(status_code=400, detail=f"size {req.size!r} is not offered; this pool draws {sizes}")
             order = fits
         from catimage.generators import generation_seed
-        from catimage.table import stable_prompt_id
+        from catimage.tables.table import stable_prompt_id
 
         base = int(generation_seed(stable_prompt_id(req.prompt), 0))
         # The first image decides the candidate (and its fallbacks); the others follow it.

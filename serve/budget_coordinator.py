@@ -10,7 +10,7 @@ from ray import serve
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class BudgetCoordinator:
-    """Holds the online budget controllers (catimage.budget) for the whole application.
+    """Holds the online budget controllers (catimage.policy.budget) for the whole application.
 
     Router replicas call `sync` every `sync_interval_s` with the realised costs they routed since the
     last call and get every key's current lambda back, so the deployment-wide average is held however
@@ -21,8 +21,8 @@ class BudgetCoordinator:
     def __init__(self, model_dir: str, targets: dict[str, float], config: dict[str, Any]) -> None:
         from ray.serve.metrics import Gauge
 
-        from catimage.budget import BudgetController, ControllerConfig, lambda_scale
-        from catimage.router_model import RouterModel
+        from catimage.model.router_model import RouterModel
+        from catimage.policy.budget import BudgetController, ControllerConfig, lambda_scale
 
         model = RouterModel.load(model_dir)
         scale = lambda_scale(model.calibration_pred, model.costs)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from catimage.embed import pad_token_arrays
+from catimage.features.base import pad_token_arrays
 
 
 class LruEmbeddingCache:

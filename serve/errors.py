@@ -27,7 +27,7 @@ def _clean(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _public_reason(err: BaseException) -> str:
+def public_reason(err: BaseException) -> str:
     """One line for the client about a failed generator call, without internal addresses.
 
     Ray wraps replica errors in a long traceback: keep its last line, then replace every URL and
@@ -51,7 +51,7 @@ def _public_reason(err: BaseException) -> str:
     return _clean(f"{name}: {text}")[:300]
 
 
-def _replica_died(err: BaseException) -> bool:
+def replica_died(err: BaseException) -> bool:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     return isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError)
@@ -73,7 +73,7 @@ def _error(request: Request, status: int, message: str, headers: Mapping[str, st
     return JSONResponse(status_code=status, content=content, headers=dict(headers or {}))
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """One readable sentence per problem; malformed JSON is a 400, a well-formed but invalid body a 422."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -90,7 +90,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error(request, 422, "; ".join(parts), extra={"errors": _jsonable(errors)})
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
 

@@ -67,7 +67,7 @@ def _check_finite(value: float | None, what: str) -> float | None:
     return value
 
 
-class _BudgetOrLambda(BaseModel):
+class BudgetOrLambda(BaseModel):
     """Either a cost budget (mean cost per prompt, in the pool's cost unit) or a lambda, never both."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -100,13 +100,13 @@ class _BudgetOrLambda(BaseModel):
         return _check_finite(v, "lambda")
 
     @model_validator(mode="after")
-    def _not_both(self) -> _BudgetOrLambda:
+    def _not_both(self) -> BudgetOrLambda:
         if self.budget is not None and self.lambda_ is not None:
             raise ValueError("give either budget or lambda, not both")
         return self
 
 
-class GenerateRequest(_BudgetOrLambda):
+class GenerateRequest(BudgetOrLambda):
     """`POST /v1/generate`: route one prompt and draw it."""
 
     prompt: str = Field(description=f"Text to draw (1..{MAX_PROMPT_CHARS} characters).")
@@ -137,7 +137,7 @@ class GenerateRequest(_BudgetOrLambda):
         return None if v is None else _check_text(v, "candidate")
 
 
-class RouteRequest(_BudgetOrLambda):
+class RouteRequest(BudgetOrLambda):
     """`POST /v1/route`: decisions for a batch of prompts, no generation."""
 
     prompts: list[str] = Field(min_length=1, max_length=MAX_ROUTE_PROMPTS)
@@ -256,7 +256,7 @@ class ImagesRequest(BaseModel):
 
 
 class BudgetControllerArgs(BaseModel):
-    """The online budget controller (catimage.budget): holds the app's default budget over live traffic.
+    """The online budget controller (catimage.policy.budget): holds the app's default budget over live traffic.
 
     Only requests that give neither `budget` nor `lambda` are controlled. `per_key_targets` gives an
     API key (by its name, see `auth_token_env`) its own target; other keys share the '*' controller.

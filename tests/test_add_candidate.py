@@ -10,11 +10,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from catimage.add_candidate import _ridge_loo, add_from_table
 from catimage.cli import app
 from catimage.errors import CatimageError
-from catimage.router_model import RouterModel
-from catimage.table import QualityMatrix, write_quality_table
+from catimage.model.add_candidate import add_from_table, ridge_loo
+from catimage.model.router_model import RouterModel
+from catimage.tables.table import QualityMatrix, write_quality_table
 
 CATS = ["a cat sleeping on a sofa", "a kitten playing with yarn", "a tabby cat on a windowsill", "a cat in a box"]
 SHIPS = ["a sailing ship in a storm", "a pirate ship at sea", "an old ship in the harbour", "a ship under full sail"]
@@ -85,7 +85,7 @@ def test_ridge_loo_recovers_a_linear_rule():
     rng = np.random.default_rng(0)
     F = rng.normal(size=(60, 3))
     y = F @ np.array([0.5, -0.2, 0.0]) + 0.1 + rng.normal(0, 0.01, 60)
-    alpha, coef, intercept = _ridge_loo(F, y, np.ones(60))
+    alpha, coef, intercept = ridge_loo(F, y, np.ones(60))
     np.testing.assert_allclose(coef, [0.5, -0.2, 0.0], atol=0.02)
     assert intercept == pytest.approx(0.1, abs=0.01) and alpha < 1
 

@@ -1,13 +1,13 @@
-"""The online budget controller (catimage.budget) on planted streams, against hand computations."""
+"""The online budget controller (catimage.policy.budget) on planted streams, against hand computations."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from catimage.budget import BudgetController, ControllerConfig, lambda_scale
 from catimage.errors import BudgetError
-from catimage.routing import calibrate_lambda, route
+from catimage.policy.budget import BudgetController, ControllerConfig, lambda_scale
+from catimage.policy.routing import calibrate_lambda, route
 
 
 def _planted(n: int, rng: np.random.Generator, hard_share: float) -> np.ndarray:

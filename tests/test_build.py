@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catimage.build import (
+from catimage.errors import CatimageError
+from catimage.tables.build import (
     ERRORS_FILE,
     TABLE_FILE,
     BuildConfig,
@@ -36,8 +37,7 @@ from catimage.build import (
     record_lost,
     score_batch,
 )
-from catimage.errors import CatimageError
-from catimage.table import read_quality_table, stable_prompt_id
+from catimage.tables.table import read_quality_table, stable_prompt_id
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `jobs/` is a top-level folder of the checkout, not an installed package
@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:  # `jobs/` is a top-level folder of the checkout, 
 # and one taken while `capsys` is active is closed by the next test ("I/O operation on closed file").
 from jobs.build_dataset import main as build_main  # noqa: E402
 from jobs.build_dataset import run_build  # noqa: E402
+
 TINY_POOL = ROOT / "configs" / "tiny_pool.yaml"
 MARKER = "PLANTED-FAILURE"
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange"]
@@ -352,7 +353,7 @@ def test_cli_reports_bad_input_without_starting_ray(tmp_path: Path, capsys: pyte
 def small_pool(path: Path, candidates: list[str], batch_size: int = 4) -> Path:
     """The tiny pool cut to `candidates` and the weight-free `sharpness` metric: fewer actor processes
     to start (each costs seconds of imports on 2 cores), same job."""
-    from catimage.pool import load_pool
+    from catimage.tables.pool import load_pool
 
     pool = load_pool(TINY_POOL).select(candidates)
     cands = [c.model_copy(update={"build": c.build.model_copy(update={"batch_size": batch_size})}) for c in pool.candidates]

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from catimage.cli import app
-from catimage.table import write_quality_table
+from catimage.tables.table import write_quality_table
 
 runner = CliRunner()
 WORDS = ["cat", "dog", "castle", "robot", "river", "forest", "city", "boat", "tree", "clock"]

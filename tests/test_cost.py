@@ -9,19 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from catimage.cost import (
+from catimage.errors import CatimageError
+from catimage.generators import make_generator
+from catimage.generators.spec import DiffusersSpec
+from catimage.tables.cost import (
     CONFIG_DIR,
     FlopCounter,
-    count_flops,
     count_pool_costs,
     load_architecture,
     measure_seconds,
     write_pool_costs,
 )
-from catimage.errors import CatimageError
-from catimage.generators import make_generator
-from catimage.generators.spec import DiffusersSpec
-from catimage.pool import load_pool, pool_from_dict
+from catimage.tables.pool import load_pool, pool_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"

@@ -11,14 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from catimage.embed import (
-    CachedEmbedder,
-    TfidfEmbedder,
-    load_embedder,
-    make_embedder,
-    pad_token_arrays,
-)
 from catimage.errors import CatimageError
+from catimage.features.base import pad_token_arrays
+from catimage.features.cache import CachedEmbedder
+from catimage.features.registry import load_embedder, make_embedder
+from catimage.features.tfidf import TfidfEmbedder
 
 PROMPTS = [
     "a red car",
@@ -175,7 +172,7 @@ def test_pad_token_arrays():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from catimage.tiny_clip import build_tiny_clip
+    from catimage.features.tiny_clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
@@ -220,7 +217,7 @@ def test_tiny_clip_works_in_a_fresh_process(tiny_clip):
     """A spec naming catimage-tiny-clip must work where nothing registered it (e.g. a Ray actor)."""
     code = (
         "import sys, numpy as np\n"
-        "from catimage.embed import make_embedder\n"
+        "from catimage.features.registry import make_embedder\n"
         "e = make_embedder('clip', model='catimage-tiny-clip', pretrained=sys.argv[1])\n"
         "print(np.round(e.encode(['a red car'])[0, :3], 5).tolist())\n"
     )

@@ -258,11 +258,11 @@ def test_linear_ridge_path_matches_sklearn_ridge():
     """The one-SVD alpha sweep must give exactly what sklearn's weighted Ridge gives."""
     from sklearn.linear_model import Ridge
 
-    from catimage.estimators.linear import _ridge_path
+    from catimage.estimators.linear import ridge_path
 
     rng = np.random.default_rng(0)
     X, y, w = rng.normal(size=(60, 8)), rng.normal(size=60), rng.integers(1, 4, size=60).astype(float)
-    for alpha, coef, intercept in _ridge_path(X, y, w, [0.01, 1.0, 30.0]):
+    for alpha, coef, intercept in ridge_path(X, y, w, [0.01, 1.0, 30.0]):
         ref = Ridge(alpha=alpha).fit(X, y, sample_weight=w)
         np.testing.assert_allclose(coef, ref.coef_, rtol=1e-8, atol=1e-10)
         assert intercept == pytest.approx(ref.intercept_, rel=1e-8, abs=1e-10)

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catimage.embed import make_embedder
 from catimage.errors import CatimageError
-from catimage.evaluation import area_between, evaluate_predictions, evaluate_table, summarize_trials
-from catimage.report import plot_deferral, render_markdown, write_report
-from catimage.table import QualityMatrix, aggregate, read_quality_table
+from catimage.evaluation.confidence import summarize_trials
+from catimage.evaluation.figures import area_between, evaluate_predictions
+from catimage.evaluation.plot import plot_deferral
+from catimage.evaluation.report import render_markdown, write_report
+from catimage.evaluation.trials import evaluate_table
+from catimage.features.registry import make_embedder
+from catimage.tables.table import QualityMatrix, aggregate, read_quality_table
 
 REQUIRED = {"fixed", "router", "oracle", "hull", "summary", "meta"}
 SUMMARY_KEYS = {
@@ -253,7 +256,7 @@ def test_genai_bench_end_to_end(shared_data, tmp_path):
 
 
 def test_fast_figures_match_the_full_evaluation():
-    from catimage.evaluation import BOOTSTRAP_FIGURES, fast_figures
+    from catimage.evaluation.figures import BOOTSTRAP_FIGURES, fast_figures
 
     rng = np.random.default_rng(7)
     costs = np.array([0.5, 1.0, 2.0, 4.0])
@@ -285,7 +288,8 @@ def test_a_miss_counts_as_the_worst_ratio():
 
 
 def test_bootstrap_interval_brackets_a_planted_gain():
-    from catimage.evaluation import BOOTSTRAP_FIGURES, bootstrap_figures, intervals
+    from catimage.evaluation.confidence import bootstrap_figures, intervals
+    from catimage.evaluation.figures import BOOTSTRAP_FIGURES
 
     rng = np.random.default_rng(0)
     n = 300
@@ -300,7 +304,7 @@ def test_bootstrap_interval_brackets_a_planted_gain():
 
 
 def test_verdict_words():
-    from catimage.evaluation import verdict
+    from catimage.evaluation.confidence import verdict
 
     trials = {"n": 10, "mean_area_over_hull": 0.1, "mean_gain_at_best_fixed_cost": 0.01, "mean_cost_ratio_or_miss": 0.6,
               "misses": 1, "intervals": {"area_over_hull": [0.05, 0.15], "gain_at_best_fixed_cost": [-0.02, 0.04],
@@ -316,7 +320,7 @@ def test_verdict_words():
 
 
 def test_label_noise_separates_signal_from_noise():
-    from catimage.evaluation import label_noise
+    from catimage.evaluation.noise import label_noise
 
     rng = np.random.default_rng(0)
     n, costs = 400, np.array([1.0, 2.0])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from catimage.embed import load_embedder, make_embedder
 from catimage.errors import CatimageError
 from catimage.estimators import make_estimator
-from catimage.features import STAT_NAMES, FeatureCache, TokenBatch, prompt_statistics
+from catimage.features.combined import STAT_NAMES, prompt_statistics
+from catimage.features.registry import load_embedder, make_embedder
+from catimage.features.stage import FeatureCache
+from catimage.features.tokens import TokenBatch
 
 
 def _arrays(seed: int = 0):

@@ -31,7 +31,6 @@ from catimage.generators.diffusers_gen import make_scheduler
 from catimage.generators.spec import SCHEDULERS, parse_generator_spec
 from catimage.generators.tiny import VOCAB_SIZE, build_clip_tokenizer, cache_root
 
-
 pytestmark = pytest.mark.usefixtures("tiny_cache")  # tests/conftest.py
 
 

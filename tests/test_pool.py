@@ -7,7 +7,7 @@ import pytest
 
 from catimage.errors import PoolError
 from catimage.generators.spec import DiffusersSpec, HttpSpec
-from catimage.pool import load_pool, pool_from_dict
+from catimage.tables.pool import load_pool, pool_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from catimage.errors import CatimageError
-from catimage.report_html import (
+from catimage.evaluation.gallery import (
     Budget,
     Gallery,
     GalleryCell,
@@ -33,10 +33,9 @@ from catimage.report_html import (
     gallery_from_predictions,
     gallery_from_report,
     gallery_from_router,
-    render_html,
     report_test_prompt_ids,
-    write_html_report,
 )
+from catimage.evaluation.html import render_html, write_html_report
 
 BOX = 128  # CSS box of a gallery image (px)
 RING = 5  # one budget's ring (px)
@@ -200,8 +199,8 @@ def test_gallery_from_predictions_takes_scores_images_and_choices_from_the_table
 def test_gallery_from_router_routes_with_the_router_calibration(tmp_path: Path) -> None:
     """Cheapest-cost budget: every prompt goes to the cheapest candidate; a budget at the dearest cost
     lets lambda be 0, so each prompt goes to its best predicted candidate."""
-    from catimage.router_model import RouterModel
-    from catimage.table import aggregate
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.table import aggregate
 
     rng = np.random.default_rng(0)
     words = ["cat", "dog", "castle", "river", "chess", "robot", "garden", "storm"]
@@ -244,8 +243,8 @@ def test_gallery_from_report_shows_trial_zero_test_prompts_and_routes_them(tmp_p
 
 def test_report_test_prompt_ids_name_the_prompts_the_figures_used() -> None:
     """The report's fixed-candidate qualities are means over its test prompts: recompute them by hand."""
-    from catimage.evaluation import evaluate_table
-    from catimage.table import aggregate
+    from catimage.evaluation.trials import evaluate_table
+    from catimage.tables.table import aggregate
 
     rng = np.random.default_rng(1)
     n = 60

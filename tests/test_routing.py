@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from catimage.errors import BudgetError, CatimageError
-from catimage.routing import (
+from catimage.policy.routing import (
     calibrate_lambda,
     cost_to_reach,
     deferral_curve,
@@ -260,7 +260,7 @@ def test_cost_to_reach():
 
 def test_interpolation_at_the_cheapest_cost_ignores_summation_rounding():
     """The all-cheapest end of a curve is a mean of n equal costs, which may round an ulp upward."""
-    from catimage.routing import CurvePoint
+    from catimage.policy.routing import CurvePoint
 
     c = 0.0026
     mean_of_equal = float(np.mean(np.full(53, c)))

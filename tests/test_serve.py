@@ -100,7 +100,7 @@ def test_shipped_serve_configs_validate():
     """serve/config.yaml and the RayService's inline config are valid Serve configs with valid AppArgs."""
     from ray.serve.schema import ServeDeploySchema
 
-    from catimage.pool import load_pool
+    from catimage.tables.pool import load_pool
     from serve.schemas import AppArgs
 
     local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
@@ -263,7 +263,7 @@ def test_generate_without_image_and_default_seed(served):
     # lambda 0: the best predicted candidate; the planted table makes tiny-sd-8 best on text.
     assert body["candidate"] == "tiny-sd-8" and body["lambda"] == 0.0
     from catimage.generators import generation_seed
-    from catimage.table import stable_prompt_id
+    from catimage.tables.table import stable_prompt_id
 
     assert body["seed"] == generation_seed(stable_prompt_id(SIGN), 0)
 

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from catimage.embed import make_embedder
 from catimage.errors import CatimageError
-from catimage.routing import expected_wait_s, max_precise_lambda, route, utility_ranking
+from catimage.features.registry import make_embedder
+from catimage.policy.routing import expected_wait_s, max_precise_lambda, route, utility_ranking
 
 
 def test_utility_ranking_matches_a_brute_force_sort_and_route():

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from catimage.errors import TableError
-from catimage.table import (
+from catimage.tables.table import (
     MetricScaler,
     aggregate,
     metric_columns,
@@ -171,7 +171,7 @@ def test_scaler_keeps_missing_labels_missing():
 
 
 def test_load_pool_matrix_restricts_pool_to_the_table_and_rejects_strangers(tmp_path):
-    from catimage.table import load_pool_matrix
+    from catimage.tables.table import load_pool_matrix
 
     path = write_quality_table(_table(), tmp_path / "t.parquet")
     pool = tmp_path / "pool.yaml"
@@ -187,7 +187,7 @@ def test_load_pool_matrix_restricts_pool_to_the_table_and_rejects_strangers(tmp_
 def test_split_half_means_by_hand():
     import pyarrow as pa
 
-    from catimage.table import aggregate
+    from catimage.tables.table import aggregate
 
     t = pa.table({"prompt_id": ["p"] * 5 + ["q"], "prompt": ["p"] * 5 + ["q"], "candidate": ["a"] * 3 + ["b"] * 2 + ["a"],
                   "quality": [1.0, 2.0, 4.0, 3.0, 5.0, 7.0]})
@@ -199,7 +199,7 @@ def test_split_half_means_by_hand():
 
 
 def test_load_pool_matrix_reads_the_pools_first_metric_when_the_table_has_several(tmp_path):
-    from catimage.table import load_pool_matrix
+    from catimage.tables.table import load_pool_matrix
 
     path = write_quality_table(_table(sharpness=[0.5] * 6), tmp_path / "t.parquet")
     pool = tmp_path / "pool.yaml"

@@ -29,7 +29,7 @@ from train_serve_fixtures import (  # noqa: E402
 )
 
 from catimage.errors import CatimageError  # noqa: E402
-from catimage.table import write_quality_table  # noqa: E402
+from catimage.tables.table import write_quality_table  # noqa: E402
 
 PARAMS = {"width": 32, "layers": 1, "heads": 2, "lr": 3e-3, "batch_size": 8, "patience": 4, "dropout": 0.0}
 MAX_EPOCHS = 12
@@ -91,7 +91,7 @@ def test_best_epoch_and_early_stopping_bookkeeping(trained):
 
 
 def test_model_directory_loads_and_learned_the_planted_signal(trained):
-    from catimage.router_model import RouterModel
+    from catimage.model.router_model import RouterModel
 
     model = RouterModel.load(trained.model_dir)
     assert model.candidates == list(CANDIDATES)
@@ -131,7 +131,7 @@ def test_serve_app_routes_with_the_trained_model(trained, pool, tiny_cache):
 
 def test_local_mode_zero_workers(ray_local, table, pool, tmp_path):
     """num_workers=0 runs the loop in the driver; checkpoints must still be kept (Train keeps none)."""
-    from catimage.router_model import RouterModel
+    from catimage.model.router_model import RouterModel
     from jobs.train_estimator import run_train
 
     outcome = run_train(
@@ -144,7 +144,7 @@ def test_local_mode_zero_workers(ray_local, table, pool, tmp_path):
 
 
 def test_knn_fits_in_process_without_ray(table, pool, tmp_path):
-    from catimage.router_model import RouterModel
+    from catimage.model.router_model import RouterModel
     from jobs.train_estimator import main
 
     assert main([str(table), "--pool", str(pool), "--out", str(tmp_path / "knn"), "--estimator", "knn", "--embedder", "tfidf"]) == 0

@@ -22,7 +22,7 @@ from catimage.estimators.selection import (
     size_grid,
     two_way,
 )
-from catimage.evaluation import evaluate_predictions
+from catimage.evaluation.figures import evaluate_predictions
 
 COSTS = np.array([1.0, 3.0])
 GAP = 0.25  # the dear candidate's advantage on "hard" prompts

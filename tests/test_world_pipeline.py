@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from catimage.cost import count_flops
 from catimage.generators import DiffusersSpec, make_generator
+from catimage.tables.cost import count_flops
 from catimage.world.models import WorldModelSpec
 from catimage.world.pipeline import WorldPipeline, pack, unpack, with_coords
 from catimage.world.training import PromptBank, TrainSettings, WorldTrainer, build_prompt_bank, step_generators
@@ -20,7 +20,7 @@ TINY = WorldModelSpec("tiny", (16, 32, 32), (False, True, True), cross_attention
 
 @pytest.fixture(scope="module")
 def bank() -> PromptBank:
-    from catimage.embed import make_embedder
+    from catimage.features.registry import make_embedder
 
     torch.set_num_threads(1)
     return build_prompt_bank(24, seed=5, embedder=make_embedder("minilm"))

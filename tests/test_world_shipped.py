@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from catimage.generators import make_generator
-from catimage.pool import load_pool
+from catimage.tables.pool import load_pool
 
 DATA = Path(str(resources.files("catimage") / "data"))
 POOL = DATA / "world_pool.yaml"
@@ -50,7 +50,7 @@ def test_trained_generator_draws_what_a_simple_prompt_asks(pool):
 
 
 def test_pool_costs_are_the_counted_gflops(pool):
-    from catimage.cost import count_pool_costs
+    from catimage.tables.cost import count_pool_costs
 
     counted = count_pool_costs(pool, unit="gflops")
     assert pool.cost_unit == "gflops"
@@ -59,7 +59,7 @@ def test_pool_costs_are_the_counted_gflops(pool):
 
 
 def test_shipped_table_is_held_out_scenes_times_every_candidate(pool):
-    from catimage.table import aggregate, read_quality_table
+    from catimage.tables.table import aggregate, read_quality_table
     from catimage.world import is_heldout, parse
 
     matrix = aggregate(read_quality_table(TABLE), metric="scene_score", candidates=pool.names)
@@ -70,10 +70,10 @@ def test_shipped_table_is_held_out_scenes_times_every_candidate(pool):
 
 
 def test_routing_beats_the_mixture_hull_on_every_split(pool):
-    from catimage.embed import make_embedder
-    from catimage.evaluation import evaluate_table
-    from catimage.router_model import RouterModel
-    from catimage.table import load_pool_matrix
+    from catimage.evaluation.trials import evaluate_table
+    from catimage.features.registry import make_embedder
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.table import load_pool_matrix
 
     estimator = RouterModel.load(ROUTER).estimator.kind
     _, matrix, costs = load_pool_matrix(TABLE, POOL, metric="scene_score")
@@ -88,8 +88,8 @@ def test_shipped_router_learned_the_tables_guidance_by_object_count_interaction(
     (read here with the verifier's parser, which the router never sees) small-2's lead over
     small-2-g2 is far larger on one-object prompts than on four-object ones. The router, fitted on
     prompt text alone, must predict the same direction on prompts it never saw."""
-    from catimage.router_model import RouterModel
-    from catimage.table import aggregate, read_quality_table
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.table import aggregate, read_quality_table
     from catimage.world import parse
 
     matrix = aggregate(read_quality_table(TABLE), metric="scene_score", candidates=pool.names)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from catimage.table import stable_prompt_id, write_quality_table
+from catimage.tables.table import stable_prompt_id, write_quality_table
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_POOL = REPO / "configs" / "tiny_pool.yaml"

@@ -10,7 +10,6 @@ commands that use the cheap estimators start fast.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,18 +22,11 @@ from catimage.estimators.base import (
     QualityEstimator,
     masked_mse,
 )
+from catimage.estimators.ensemble import AutoEstimator, EnsembleEstimator
+from catimage.estimators.single import SINGLE_KINDS, single_estimator_class
 
-_KINDS: dict[str, tuple[str, str]] = {
-    "knn": ("catimage.estimators.knn", "KNNEstimator"),
-    "linear": ("catimage.estimators.linear", "LinearEstimator"),
-    "transformer": ("catimage.estimators.transformer", "TransformerEstimator"),
-    "twoway-knn": ("catimage.estimators.twoway", "TwoWayKNNEstimator"),
-    "twoway-ridge": ("catimage.estimators.twoway", "TwoWayRidgeEstimator"),
-    "ensemble": ("catimage.estimators.ensemble", "EnsembleEstimator"),
-    "auto": ("catimage.estimators.ensemble", "AutoEstimator"),
-}
+ESTIMATOR_KINDS: tuple[str, ...] = (*SINGLE_KINDS, "ensemble", "auto")
 
-ESTIMATOR_KINDS = tuple(_KINDS)
 
 __all__ = [
     "ESTIMATOR_KINDS",
@@ -48,11 +40,13 @@ __all__ = [
 
 
 def estimator_class(name: str) -> type[QualityEstimator]:
-    try:
-        module_name, cls_name = _KINDS[name]
-    except KeyError:
-        raise EstimatorError(f"unknown estimator {name!r}; choose one of {list(_KINDS)}") from None
-    return getattr(importlib.import_module(module_name), cls_name)
+    if name == "ensemble":
+        return EnsembleEstimator
+    if name == "auto":
+        return AutoEstimator
+    if name not in SINGLE_KINDS:
+        raise EstimatorError(f"unknown estimator {name!r}; choose one of {list(ESTIMATOR_KINDS)}")
+    return single_estimator_class(name)
 
 
 def make_estimator(name: str, **params: Any) -> QualityEstimator:

@@ -32,10 +32,10 @@ class EstimatorError(CatimageError):
 def check_X(X: Any, input_kind: str, what: str = "X") -> Any:
     """X as float32 of the shape `input_kind` needs: (n, d) pooled or (n, T, d) tokens.
 
-    Token inputs may also be a `catimage.features.TokenBatch` (ragged float16 tokens): it is
+    Token inputs may also be a `catimage.features.tokens.TokenBatch` (ragged float16 tokens): it is
     passed through without a copy, which is what keeps 10,000-prompt tables in memory.
     """
-    from catimage.features import TokenBatch
+    from catimage.features.tokens import TokenBatch
 
     if isinstance(X, TokenBatch):
         if input_kind != "tokens":

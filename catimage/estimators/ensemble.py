@@ -27,6 +27,7 @@ import numpy as np
 
 from catimage.estimators.base import EstimatorError, QualityEstimator, label_weights
 from catimage.estimators.selection import kfold, routing_score, two_way
+from catimage.estimators.single import make_single_estimator, single_estimator_class
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,7 @@ DEFAULT_MEMBERS: tuple[str, ...] = ("twoway-knn", "twoway-ridge", "knn")
 
 
 def _make_member(name: str, params: dict[str, Any] | None) -> QualityEstimator:
-    from catimage.estimators import make_estimator
-
-    return make_estimator(name, **(params or {}))
+    return make_single_estimator(name, **(params or {}))
 
 
 def _score(pred: np.ndarray, Y: np.ndarray, costs: np.ndarray | None, w: np.ndarray) -> float:
@@ -178,13 +177,11 @@ class EnsembleEstimator(QualityEstimator):
         return meta, tensors
 
     def _restore(self, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-        from catimage.estimators import estimator_class
-
         self.fitted_members_ = []
         for i, doc in enumerate(meta["members"]):
             prefix = f"m{i}."
             sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            est = estimator_class(doc["kind"])._from_saved(doc, sub)
+            est = single_estimator_class(doc["kind"])._from_saved(doc, sub)
             self.fitted_members_.append((doc["kind"], float(doc["count"]), est))
         self.cv_scores_ = dict(meta.get("cv_scores", {}))
         self.folds_ = meta.get("folds", self.folds)

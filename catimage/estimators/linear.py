@@ -46,7 +46,7 @@ class LinearEstimator(QualityEstimator):
                 # One SVD serves every alpha (the same closed form Ridge solves), so the validation
                 # sweep costs one factorisation per candidate instead of one fit per alpha.
                 best = None
-                for alpha, coef, intercept in _ridge_path(Xj, yj, sw, alphas):
+                for alpha, coef, intercept in ridge_path(Xj, yj, sw, alphas):
                     pred = np.clip(X_val[vrows] @ coef + intercept, 0.0, 1.0)
                     mse = float(np.average((pred - Y_val[vrows, j]) ** 2, weights=w_val[vrows, j]))
                     if best is None or mse < best[0]:
@@ -71,7 +71,7 @@ class LinearEstimator(QualityEstimator):
         self.alpha_ = tensors["alpha"].astype(np.float64)
 
 
-def _ridge_path(X: np.ndarray, y: np.ndarray, w: np.ndarray, alphas: list[float]):
+def ridge_path(X: np.ndarray, y: np.ndarray, w: np.ndarray, alphas: list[float]):
     """Weighted ridge with intercept for each alpha, from one thin SVD of the centred, weighted X.
 
     Matches sklearn's Ridge(alpha).fit(X, y, sample_weight=w) (tested), which centres with the

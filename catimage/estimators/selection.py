@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from catimage.routing import curve_arrays, deferral_curve_arrays, mixture_hull
+from catimage.policy.routing import curve_arrays, deferral_curve_arrays, mixture_hull
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from catimage.estimators.base import EstimatorError, QualityEstimator, label_weights
-from catimage.features import TokenBatch
+from catimage.features.tokens import TokenBatch
 
 log = logging.getLogger(__name__)
 

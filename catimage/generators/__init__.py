@@ -10,8 +10,8 @@ from typing import Any
 
 from catimage.errors import CatimageError
 from catimage.generators.base import PRESETS, DiffusersSettings, Generator, diffusers_settings, generation_seed
-from catimage.generators.spec import DiffusersSpec, GeneratorSpec, HttpSpec, parse_generator_spec
 from catimage.generators.refs import is_world, resolve_model, world_model_dir
+from catimage.generators.spec import DiffusersSpec, GeneratorSpec, HttpSpec, parse_generator_spec
 from catimage.generators.tiny import is_tiny
 
 __all__ = [

@@ -22,8 +22,8 @@ import torch
 
 from catimage.errors import CatimageError
 from catimage.generators.base import Generator, diffusers_settings
-from catimage.generators.spec import DiffusersSpec, scheduler_class_name
 from catimage.generators.refs import resolve_model
+from catimage.generators.spec import DiffusersSpec, scheduler_class_name
 
 if TYPE_CHECKING:
     from PIL import Image

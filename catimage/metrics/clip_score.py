@@ -69,7 +69,7 @@ def load_open_clip(
     file fails with a message that says which param to fix (open_clip's own errors do not)."""
     import open_clip
 
-    from catimage.tiny_clip import ensure_open_clip_model
+    from catimage.features.tiny_clip import ensure_open_clip_model
 
     try:
         name = ensure_open_clip_model(model)

@@ -108,7 +108,7 @@ def _write_aesthetic_head(out: Path, input_size: int) -> str:
 
 
 def _write_assets(out: Path) -> None:
-    from catimage.tiny_clip import TINY_CLIP_CONFIG, build_tiny_clip
+    from catimage.features.tiny_clip import TINY_CLIP_CONFIG, build_tiny_clip
 
     clip = build_tiny_clip(out / "clip", seed=SEED)
     clip_ckpt = str(Path(clip.checkpoint).relative_to(out))

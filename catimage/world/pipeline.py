@@ -88,7 +88,7 @@ class WorldPipeline(DiffusionPipeline):
 
     def text_embedder(self) -> Any:
         if self._text_embedder is None:
-            from catimage.embed import make_embedder
+            from catimage.features.registry import make_embedder
 
             self._text_embedder = make_embedder("minilm")
         return self._text_embedder

@@ -43,14 +43,14 @@ from typing import Any
 
 from catimage.errors import CatimageError
 from catimage.generators.base import diffusers_settings, uses_cfg
+from catimage.generators.refs import resolve_model
 from catimage.generators.spec import DiffusersSpec
 from catimage.generators.tiny import SCHEDULER as RELEASED_SCHEDULE
-from catimage.generators.refs import resolve_model
-from catimage.pool import Pool, load_pool
+from catimage.tables.pool import Pool, load_pool
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 TERA = 1e12
 FLOP_UNITS = {"tflops": 1.0, "gflops": 1e3}  # counted units, per TFLOP (small world models read better in GFLOPs)
 
@@ -371,7 +371,7 @@ def _minilm_flops(cfg: bool) -> int:
     import torch
     from transformers import BertConfig, BertModel
 
-    from catimage.embed import minilm_model_path
+    from catimage.features.text import minilm_model_path
 
     # eager attention: the SDPA mask path inspects mask values, which meta tensors do not have
     config = BertConfig.from_pretrained(minilm_model_path(), attn_implementation="eager")

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from catimage.errors import TableError
 
 if TYPE_CHECKING:
-    from catimage.pool import Pool
+    from catimage.tables.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def load_pool_matrix(
     `metric`, a table with several metric columns is read on the pool's first listed metric (the
     one its builds score first), so `fit`/`evaluate` on a table the pool built need no --metric.
     """
-    from catimage.pool import load_pool
+    from catimage.tables.pool import load_pool
 
     pool = load_pool(pool_path)
     table = read_quality_table(table_path, fmt)

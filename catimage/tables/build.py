@@ -6,7 +6,7 @@ merged lives here so it can be tested without a cluster.
 
 Output layout of one build directory ``OUTPUT``::
 
-    OUTPUT/quality.parquet            the quality table (`catimage.table` schema): what fit/evaluate read
+    OUTPUT/quality.parquet            the quality table (`catimage.tables.table` schema): what fit/evaluate read
     OUTPUT/errors.parquet             rows that kept failing: prompt_id, prompt, candidate, seed, error, attempts
     OUTPUT/parts/run-<id>/*.parquet   raw rows each run wrote (never overwritten; one fresh folder per run)
     OUTPUT/images/<candidate>/...     the images, when `save_images` is on (or `image_dir`)
@@ -45,8 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from catimage.errors import CatimageError
 from catimage.generators.spec import GeneratorSpec
 from catimage.metrics.spec import MetricSpec
-from catimage.pool import Pool, load_pool
-from catimage.table import stable_prompt_id
+from catimage.tables.pool import Pool, load_pool
+from catimage.tables.table import stable_prompt_id
 
 log = logging.getLogger(__name__)
 

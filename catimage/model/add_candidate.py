@@ -16,7 +16,7 @@ the existing candidates' labels for those prompts, their mean replaces the predi
 fit (less noise).
 
 `fit_added_candidate` fits one; `AddedCandidate.predict_scaled` applies it; the router bundle
-stores it beside the base estimator (catimage.router_model).
+stores it beside the base estimator (catimage.model.router_model).
 """
 
 from __future__ import annotations
@@ -124,11 +124,11 @@ def fit_added_candidate(
     if not interactions:
         return AddedCandidate(name, float(cost), np.zeros(F.shape[1]), float(np.average(target, weights=w)),
                               float("inf"), n)
-    alpha, coef, intercept = _ridge_loo(F, target, w)
+    alpha, coef, intercept = ridge_loo(F, target, w)
     return AddedCandidate(name, float(cost), coef, intercept, alpha, n)
 
 
-def _ridge_loo(F: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray, float]:
+def ridge_loo(F: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray, float]:
     """Weighted ridge with intercept; alpha by exact weighted leave-one-out error."""
     sw = np.sqrt(w / w.mean())
     wn = w / w.sum()
@@ -159,7 +159,7 @@ def add_from_table(model: Any, table: Any, pool: Any = None, metric: str | None 
     model's own candidates for the same prompts, when present, give the prompts' level (see
     `fit_added_candidate`). Returns the added candidates (the model is changed in place).
     """
-    from catimage.table import aggregate, metric_columns, validate_table
+    from catimage.tables.table import aggregate, metric_columns, validate_table
 
     table = validate_table(table, "new rows")
     metric = metric or model.metric

@@ -4,7 +4,7 @@
 the training prompts -> embed (through a `FeatureCache`, so `evaluate`'s trials embed once) ->
 estimator fit (hyper-parameters chosen inside the training prompts, by the routing objective when
 the estimator supports it) -> predictions on held-out calibration prompts. `RouterModel.fit`
-(`catimage fit`), `catimage.evaluation.evaluate_table` (`catimage evaluate`, the demo) and
+(`catimage fit`), `catimage.evaluation.trials.evaluate_table` (`catimage evaluate`, the demo) and
 `jobs/train_estimator.py` (`catimage train`, which hands the estimator fit to Ray Train through
 the `fit_estimator` hook) all call it.
 
@@ -17,7 +17,7 @@ A model directory holds::
     calibration.safetensors  predicted quality of held-out prompts (sets lambda from a budget) and
                              their pooled embeddings (to extend it when a candidate is added)
     profile.safetensors      prompt-cluster centroids of the training prompts, and the added
-                             candidates' coefficients (catimage.add_candidate)
+                             candidates' coefficients (catimage.model.add_candidate)
 
 The calibration prompts are held out of everything else: they choose no hyper-parameter, stop no
 training, and only map a budget to lambda, so the lambda chosen for a budget is not fitted to
@@ -37,13 +37,15 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from catimage.add_candidate import AddedCandidate, memberships, profile_clusters
-from catimage.embed import Embedder, load_embedder, make_embedder
 from catimage.errors import BudgetError, CatimageError
 from catimage.estimators import QualityEstimator, load_estimator, make_estimator
-from catimage.features import FeatureCache, TokenBatch, embed_features
-from catimage.routing import calibrate_lambda, route
-from catimage.table import MetricScaler, QualityMatrix, split_prompts
+from catimage.features.base import Embedder
+from catimage.features.registry import load_embedder, make_embedder
+from catimage.features.stage import FeatureCache, embed_features
+from catimage.features.tokens import TokenBatch
+from catimage.model.add_candidate import AddedCandidate, memberships, profile_clusters
+from catimage.policy.routing import calibrate_lambda, route
+from catimage.tables.table import MetricScaler, QualityMatrix, split_prompts
 
 log = logging.getLogger(__name__)
 
@@ -302,9 +304,9 @@ class RouterModel:
         """Add a generator from its labels (metric units) on a few prompts; no retraining.
 
         `base_labels` (n, M_base, metric units, NaN = unknown): the existing candidates' labels on
-        the same prompts, when known. See catimage.add_candidate for the model.
+        the same prompts, when known. See catimage.model.add_candidate for the model.
         """
-        from catimage.add_candidate import fit_added_candidate
+        from catimage.model.add_candidate import fit_added_candidate
 
         self._check_profile()
         if name in self.candidates:

@@ -1,0 +1,221 @@
+"""The figures of one evaluation: deferral curves of a router, the fixed candidates, the oracle
+and the prompt-agnostic mixture hull, and the summary figures of the paper (quality gain at each
+fixed candidate's cost, Table 2; cost ratio to match a candidate, Table 3; area over the hull;
+share of the oracle's gain). Pure numpy on predicted and true quality of test prompts (metric
+units) and the candidates' costs; catimage.policy.routing draws the curves.
+
+A trial whose router never reaches the best fixed candidate's quality is a MISS. There is one
+definition of the cost ratio a report shows, `cost_ratio_or_miss`: the cost at which the router
+first reaches the best fixed candidate's quality over that candidate's cost, and a miss counts as
+the largest ratio a router can have (`miss_ratio`: the dearest candidate's cost over the best fixed
+one's; 1.0 when the best is the dearest). `cost_ratio_to_match_best_fixed` (None on a miss) is kept
+only to say whether a trial missed.
+
+Every figure that reads a curve at a cost uses linear interpolation between consecutive curve points
+(randomising between two deterministic routers), as the paper does; see catimage.policy.routing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from catimage.errors import CatimageError
+from catimage.evaluation.jsonable import to_jsonable
+from catimage.policy.routing import (
+    CurvePoint,
+    HullPoint,
+    cost_to_reach,
+    curve_arrays,
+    deferral_curve,
+    deferral_curve_arrays,
+    interpolate_curve,
+    mixture_hull,
+)
+
+INTERPOLATION = "linear"
+
+# Per-trial figures that the `trials` summary averages.
+TRIAL_FIGURES = (
+    "quality_at_best_fixed_cost",
+    "gain_at_best_fixed_cost",
+    "area_over_hull",
+    "cost_ratio_to_match_best_fixed",
+    "oracle_gain_fraction",
+)
+# Figures with a bootstrap interval; the cost ratio there counts a miss (never reached) as the worst.
+BOOTSTRAP_FIGURES = (
+    "quality_at_best_fixed_cost",
+    "gain_at_best_fixed_cost",
+    "area_over_hull",
+    "cost_ratio_or_miss",
+    "oracle_gain_fraction",
+)
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Always sending every prompt to one candidate."""
+
+    candidate: str
+    cost: float
+    quality: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"candidate": self.candidate, "cost": self.cost, "quality": self.quality}
+
+
+@dataclass
+class EvalResult:
+    """Curves and summary figures of one evaluation, all in the metric's units and the cost unit."""
+
+    candidates: list[str]
+    costs: np.ndarray
+    n_test: int
+    fixed: list[FixedPoint]
+    router: list[CurvePoint]
+    oracle: list[CurvePoint]
+    hull: list[HullPoint]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report layout: `fixed`, `router`, `oracle`, `hull`, `summary` (JSON-able)."""
+        return {
+            "fixed": [p.to_dict() for p in self.fixed],
+            "router": [p.to_dict() for p in self.router],
+            "oracle": [p.to_dict() for p in self.oracle],
+            "hull": [
+                {"cost": p.cost, "quality": p.quality, "candidate": self.candidates[p.index]} for p in self.hull
+            ],
+            "summary": to_jsonable(self.summary),
+        }
+
+
+# --- pure evaluation ----------------------------------------------------------------------------
+
+
+def area_between(upper: Sequence[Any], lower: Sequence[Any], lo: float, hi: float) -> float:
+    """Mean of (upper(c) - lower(c)) over c in [lo, hi], both curves read by linear interpolation.
+
+    Exact: both are piecewise linear, so the trapezoid rule on the union of their breakpoints is the
+    integral. When lo == hi it is the difference at that cost.
+    """
+    if hi < lo:
+        raise CatimageError(f"cost range [{lo}, {hi}] is empty")
+    if hi == lo:
+        return float(interpolate_curve(upper, lo) - interpolate_curve(lower, lo))
+    xs = np.concatenate([curve_arrays(upper)[0], curve_arrays(lower)[0], [lo, hi]])
+    xs = np.unique(xs[(xs >= lo) & (xs <= hi)])
+    diff = np.asarray(interpolate_curve(upper, xs)) - np.asarray(interpolate_curve(lower, xs))
+    if np.isnan(diff).any():
+        raise CatimageError("a curve does not reach down to the cheapest candidate's cost; cannot integrate")
+    return float(np.trapezoid(diff, xs) / (hi - lo))
+
+
+def _snap(diff: float, tol: float = 1e-12) -> float:
+    """A quality difference of pure summation-order noise (the same prompts averaged in another
+    order) is reported as 0, so that a tie does not read as a loss or a win."""
+    return 0.0 if abs(diff) < tol else diff
+
+
+def _ratio(cost: float | None, reference: float) -> float | None:
+    if cost is None:
+        return None
+    if reference <= 0:
+        return 1.0 if cost <= 0 else None
+    return cost / reference
+
+
+def evaluate_predictions(
+    pred_test: Any, true_test: Any, costs: Any, candidates: Sequence[str]
+) -> EvalResult:
+    """Curves and summary figures of routing on `pred_test`, scored with the labels `true_test`.
+
+    Inputs are in the metric's own units; prompts with a missing label must already be dropped.
+    `best_fixed` is the candidate with the highest mean true quality on these prompts (ties: cheaper).
+    """
+    pred = np.asarray(pred_test, dtype=np.float64)
+    true = np.asarray(true_test, dtype=np.float64)
+    costs = np.asarray(costs, dtype=np.float64)
+    candidates = list(candidates)
+    if pred.shape != true.shape:
+        raise CatimageError(f"predictions {pred.shape} and labels {true.shape} differ in shape")
+    if pred.ndim != 2 or pred.shape[1] != len(candidates):
+        raise CatimageError(f"predictions must be (n, {len(candidates)}) for candidates {candidates}, got {pred.shape}")
+    if pred.shape[0] == 0:
+        raise CatimageError("no test prompts to evaluate (all dropped for missing labels?)")
+    router = deferral_curve(pred, costs, true)  # validates shapes, finiteness, costs
+    oracle = deferral_curve(true, costs, true)
+    fixed_q = true.mean(axis=0)
+    fixed = [FixedPoint(c, float(k), float(q)) for c, k, q in zip(candidates, costs, fixed_q)]
+    hull = mixture_hull(costs, fixed_q)
+    best = min(range(len(candidates)), key=lambda j: (-fixed_q[j], costs[j], j))
+    c_best, q_best = float(costs[best]), float(fixed_q[best])
+
+    q_router = float(interpolate_curve(router, c_best))
+    q_oracle = float(interpolate_curve(oracle, c_best))
+    gain = {c: _snap(float(interpolate_curve(router, float(k))) - float(q)) for c, k, q in zip(candidates, costs, fixed_q)}
+    ratio = {c: _ratio(cost_to_reach(router, float(q)), float(k)) for c, k, q in zip(candidates, costs, fixed_q)}
+    lo, hi = float(costs.min()), float(costs.max())
+    denom = q_oracle - q_best
+    ratio_best = ratio[candidates[best]]
+    summary = {
+        "best_fixed": candidates[best],
+        "best_fixed_cost": c_best,
+        "best_fixed_quality": q_best,
+        "quality_at_best_fixed_cost": q_router,
+        "gain_at_best_fixed_cost": _snap(q_router - q_best),
+        "oracle_quality_at_best_fixed_cost": q_oracle,
+        "gain_at_fixed_cost": gain,
+        "cost_ratio_to_match_best_fixed": ratio_best,
+        "missed_best_fixed": ratio_best is None,
+        "cost_ratio_or_miss": ratio_best if ratio_best is not None else miss_ratio(costs, c_best),
+        "cost_ratio_to_match": ratio,
+        "area_over_hull": area_between(router, hull, lo, hi),
+        "oracle_area_over_hull": area_between(oracle, hull, lo, hi),
+        "oracle_gain_fraction": (q_router - q_best) / denom if denom > 1e-12 else None,
+        "router_max_quality": max(p.quality for p in router),
+        "oracle_max_quality": max(p.quality for p in oracle),
+        "n_test": int(pred.shape[0]),
+    }
+    return EvalResult(candidates, costs, int(pred.shape[0]), fixed, router, oracle, hull, summary)
+
+
+def miss_ratio(costs: np.ndarray, best_cost: float) -> float:
+    """The cost ratio a miss counts as: the dearest candidate's cost over the best fixed one's (the
+    largest ratio a router that reaches the quality at all could have; 1.0 when the best is the dearest)."""
+    return float(costs.max() / best_cost) if best_cost > 0 else 1.0
+
+
+def fast_figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """The `BOOTSTRAP_FIGURES` of `evaluate_predictions` (same definitions), without the bookkeeping:
+    one router and one oracle sweep, for resampling test prompts many times."""
+    _, rc, rq = deferral_curve_arrays(pred, costs, true)
+    _, oc, oq = deferral_curve_arrays(true, costs, true)
+    fixed_q = true.mean(axis=0)
+    best = min(range(costs.size), key=lambda j: (-fixed_q[j], costs[j], j))
+    c_best, q_best = float(costs[best]), float(fixed_q[best])
+    order = np.argsort(rc, kind="stable")
+    router = [CurvePoint(0.0, float(c), float(q)) for c, q in zip(rc[order], rq[order])]
+    q_router = float(interpolate_curve(router, c_best))
+    q_oracle = float(np.interp(c_best, *_sorted(oc, oq)))
+    reach = cost_to_reach(router, q_best)
+    ratio = _ratio(reach, c_best)
+    hull = mixture_hull(costs, fixed_q)
+    area = area_between(router, hull, float(costs.min()), float(costs.max()))
+    denom = q_oracle - q_best
+    return np.array([
+        q_router,
+        _snap(q_router - q_best),
+        area,
+        ratio if ratio is not None else miss_ratio(costs, c_best),
+        (q_router - q_best) / denom if denom > 1e-12 else np.nan,
+    ])
+
+
+def _sorted(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(x, kind="stable")
+    return x[order], y[order]
