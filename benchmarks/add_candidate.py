@@ -63,14 +63,14 @@ def run_set(name: str, data: Path, trials: int, labels: list[int], estimator: st
         split = split_prompts(matrix.n_prompts, 0.1, 0.1, seed=t)
         test_prompts = [matrix.prompts[i] for i in split.test]
         true = matrix.mean[split.test]
-        full = fit_router(matrix, costs, pool.cost_unit, split.train, split.val, estimator=estimator,
+        full = fit_router(matrix, costs, pool.cost_unit, split.train, split.calibration, estimator=estimator,
                           embedder=embedder, features=features)
         full_fig = figures(full.predict(test_prompts), true, costs, matrix.candidates)
         for j, cand in enumerate(matrix.candidates):
             start = time.perf_counter()
             base_matrix = drop_column(matrix, j)
             base_costs = np.delete(costs, j)
-            base = fit_router(base_matrix, base_costs, pool.cost_unit, split.train, split.val, estimator=estimator,
+            base = fit_router(base_matrix, base_costs, pool.cost_unit, split.train, split.calibration, estimator=estimator,
                               embedder=embedder, features=features)
             out.setdefault("full retrain", []).append(full_fig)
             order = base.base_candidates + [cand]

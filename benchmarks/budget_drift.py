@@ -9,7 +9,7 @@ configs/genai_bench_pool.yaml), for each trial:
    half is the live traffic (never seen by the router);
 2. label each live prompt easy or hard by its mean human rating over the six models (below the
    median = hard);
-3. calibrate lambda offline for the target B on a sample of the *phase-1 mix* (80 % easy);
+3. calibrate lambda offline for the budget B on a sample of the *phase-1 mix* (80 % easy);
 4. stream `--requests` requests: the first half drawn from the phase-1 mix, the second half from a
    harder mix (80 % hard);
 5. route the same stream twice: at the fixed offline lambda, and with the controller
@@ -82,14 +82,14 @@ def run_trial(args: argparse.Namespace, X: np.ndarray, Y: np.ndarray, labels: np
     easy, hard = np.nonzero(hardness >= cut)[0], np.nonzero(hardness < cut)[0]
 
     calib = _stream(rng, easy, hard, args.calibration, 0.2)
-    lam0 = calibrate_lambda(pred_live[calib], costs, args.budget)
+    lam_offline = calibrate_lambda(pred_live[calib], costs, args.budget)
     half = args.requests // 2
     stream = np.concatenate([_stream(rng, easy, hard, half, 0.2), _stream(rng, easy, hard, args.requests - half, 0.8)])
     pred_s, lab_s = pred_live[stream], lab_live[stream]
 
-    fixed = route(pred_s, costs, lam0)
-    cfg = ControllerConfig(target=args.budget, window=args.window, ki=args.ki, kp=args.kp, max_step=args.max_step)
-    ctrl = BudgetController(cfg, lam0=lam0, scale=lambda_scale(pred_live[calib], costs))
+    fixed = route(pred_s, costs, lam_offline)
+    cfg = ControllerConfig(budget=args.budget, window=args.window, ki=args.ki, kp=args.kp, max_step=args.max_step)
+    ctrl = BudgetController(cfg, lam_offline=lam_offline, scale=lambda_scale(pred_live[calib], costs))
     controlled = _controlled(pred_s, costs, ctrl, args.sync_every)
 
     rows = np.arange(stream.size)
@@ -97,10 +97,10 @@ def run_trial(args: argparse.Namespace, X: np.ndarray, Y: np.ndarray, labels: np
     q_f, q_c = lab_s[rows, fixed], lab_s[rows, controlled]
     W = args.window
     if verbose:
-        print(f"\ntrial seed {seed}: lambda offline {lam0:.4g} (calibrated on the phase-1 mix), scale {ctrl.scale:.4g}")
+        print(f"\ntrial seed {seed}: lambda offline {lam_offline:.4g} (calibrated on the phase-1 mix), scale {ctrl.scale:.4g}")
         print(f"{'window':>6} {'mix':>7} | {'fixed: cost':>11} {'err':>7} {'rating':>7} | {'ctrl: cost':>10} {'err':>7} {'rating':>7} {'lambda end':>10}")
     lam_trace = []  # lambda at each window end (replay, cheap)
-    replay = BudgetController(cfg, lam0=lam0, scale=ctrl.scale)
+    replay = BudgetController(cfg, lam_offline=lam_offline, scale=ctrl.scale)
     for w in range(stream.size // W):
         sl = slice(w * W, (w + 1) * W)
         replay.observe(cost_c[sl])
@@ -122,7 +122,7 @@ def run_trial(args: argparse.Namespace, X: np.ndarray, Y: np.ndarray, labels: np
     realised = float(cost_c[p2].mean())
     optimum = float(interpolate_curve(curve, realised))
     return {
-        "lam0": lam0,
+        "lam_offline": lam_offline,
         "ctrl_max_abs_err": max(abs(e) for e in win_errs),
         "fixed_mean_err": float(np.mean(fixed_errs)),
         "fixed_max_abs_err": max(abs(e) for e in fixed_errs),
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = matrix.mean
     print(f"GenAI-Bench: {len(matrix.prompts)} prompts x {len(matrix.candidates)} candidates; costs (ASSUMED) "
           + ", ".join(f"{c} {v:g}" for c, v in zip(matrix.candidates, costs)))
-    print(f"target B = {args.budget:g}; window {args.window} requests; {args.requests} requests, mix shifts at "
+    print(f"budget B = {args.budget:g}; window {args.window} requests; {args.requests} requests, mix shifts at "
           f"{args.requests // 2}; controller ki={args.ki} kp={args.kp} max_step={args.max_step}, lambda refreshed every "
           f"{args.sync_every} requests; knn router over {args.embedder}")
     results = [run_trial(args, X, labels, labels, costs, seed, verbose=seed == 0) for seed in range(args.trials)]

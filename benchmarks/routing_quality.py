@@ -70,7 +70,7 @@ def main() -> None:
             embedder = _embedder(emb_name)
             for est in args.estimators:
                 start = time.perf_counter()
-                report = evaluate_table(matrix, costs, est, {}, embedder, test_frac=0.1, val_frac=0.1, seed=0,
+                report = evaluate_table(matrix, costs, est, {}, embedder, test_frac=0.1, calibration_frac=0.1, seed=0,
                                         trials=args.trials, cost_unit=pool.cost_unit, bootstrap=args.bootstrap)
                 t = report["summary"]["trials"]
                 secs = time.perf_counter() - start

@@ -107,7 +107,7 @@ def evaluate(args: argparse.Namespace) -> None:
     for name in args.estimators:
         start = time.perf_counter()
         report = evaluate_table(matrix, costs, name, {}, embedder, test_frac=args.test_frac,
-                                val_frac=0.1, seed=0, trials=args.trials, cost_unit=pool.cost_unit)
+                                calibration_frac=0.1, seed=0, trials=args.trials, cost_unit=pool.cost_unit)
         areas = np.array([t["area_over_hull"] for t in report["per_trial"]])
         s, over = report["summary"], report["summary"]["trials"]
         tab.add_row(name, s["best_fixed"], f"{areas.mean():+.4f}, {areas.min():+.4f}",

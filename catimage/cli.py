@@ -169,7 +169,7 @@ def evaluate(
     embedder: Annotated[EmbedderOpt, typer.Option()] = EmbedderOpt.minilm,
     estimator_params: Annotated[str | None, typer.Option(help="JSON object of estimator params")] = None,
     test_frac: Annotated[float, typer.Option()] = 0.1,
-    val_frac: Annotated[float, typer.Option()] = 0.1,
+    calibration_frac: Annotated[float, typer.Option()] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
     trials: Annotated[int, typer.Option(min=1, help="Re-drawn splits for win rate / mean / std")] = 10,
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the test prompts for intervals")] = 200,
@@ -179,11 +179,11 @@ def evaluate(
     """Fit on the train split, evaluate on the test split: deferral curves, fixed points, oracle, hull."""
     _setup_logging(verbose)
     _offline_defaults()
-    _run(_evaluate, table, pool, out, fmt, metric, estimator, embedder, estimator_params, test_frac, val_frac, seed,
+    _run(_evaluate, table, pool, out, fmt, metric, estimator, embedder, estimator_params, test_frac, calibration_frac, seed,
          trials, embed_cache, bootstrap)
 
 
-def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimator_params, test_frac, val_frac, seed,
+def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimator_params, test_frac, calibration_frac, seed,
               trials, embed_cache, bootstrap=200):
     from catimage.evaluation.report import write_report
     from catimage.evaluation.trials import evaluate_table
@@ -197,7 +197,7 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
         with _progress(prefix) as prog:
             report = evaluate_table(
                 matrix, costs, est.value, params, _make_embedder(embedder.value, embed_cache),
-                test_frac=test_frac, val_frac=val_frac, seed=seed, trials=trials,
+                test_frac=test_frac, calibration_frac=calibration_frac, seed=seed, trials=trials,
                 cost_unit=pool.cost_unit, notes=pool.report_notes(), bootstrap=bootstrap, progress=prog.line,
             )
         reports[est.value] = report
@@ -280,7 +280,7 @@ def fit(
     estimator: Annotated[EstimatorOpt, typer.Option()] = EstimatorOpt.auto,
     embedder: Annotated[EmbedderOpt, typer.Option()] = EmbedderOpt.minilm,
     estimator_params: Annotated[str | None, typer.Option(help="JSON object of estimator params")] = None,
-    val_frac: Annotated[float, typer.Option(help="Held out for lambda calibration only")] = 0.1,
+    calibration_frac: Annotated[float, typer.Option(help="Held out for lambda calibration only")] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -295,7 +295,7 @@ def fit(
         with _progress(f"fitting {estimator.value} on {matrix.n_prompts} prompts"):
             model = RouterModel.fit(
                 matrix, costs, pool_obj.cost_unit, embedder.value, {}, estimator.value,
-                _parse_params(estimator_params, "--estimator-params"), val_frac=val_frac, seed=seed,
+                _parse_params(estimator_params, "--estimator-params"), calibration_frac=calibration_frac, seed=seed,
                 notes=pool_obj.report_notes(), embedder=_make_embedder(embedder.value, True),
             )
         model.save(out)

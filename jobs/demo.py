@@ -208,7 +208,7 @@ def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Pa
     pool, matrix, costs = load_pool_matrix(fit_table, pool_path, metric=metric)
     params = {"max_epochs": max_epochs} if estimator == "transformer" else {}
     report = evaluate_table(
-        matrix, costs, estimator, params, make_embedder(embedder), test_frac=0.2, val_frac=0.1, seed=0,
+        matrix, costs, estimator, params, make_embedder(embedder), test_frac=0.2, calibration_frac=0.1, seed=0,
         trials=trials, cost_unit=pool.cost_unit, notes=pool.report_notes(),
     )
     router = RouterModel.load(model_dir)

@@ -61,7 +61,7 @@ class TrainOutcome:
     estimator: str
     embedder: str
     n_train: int
-    n_val: int
+    n_cal: int
     best_epoch: int | None = None
     best_val_loss: float | None = None
     epochs_run: int | None = None
@@ -280,7 +280,7 @@ def run_train(
     *,
     estimator_params: dict[str, Any] | None = None,
     embedder_params: dict[str, Any] | None = None,
-    val_frac: float = 0.1,
+    calibration_frac: float = 0.1,
     seed: int = 0,
     max_failures: int = 2,
     storage_path: str | Path | None = None,
@@ -309,8 +309,8 @@ def run_train(
         raise CatimageError(f"num_workers must be >= 0, got {num_workers}")
     out_dir = Path(out_dir)
     pool, matrix, costs = load_pool_matrix(table_path, pool_path, metric=metric)
-    split = split_prompts(matrix.n_prompts, test_frac=0.0, val_frac=val_frac, seed=seed)
-    outcome = TrainOutcome(str(out_dir), estimator, embedder, len(split.train), len(split.val))
+    split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=calibration_frac, seed=seed)
+    outcome = TrainOutcome(str(out_dir), estimator, embedder, len(split.train), len(split.calibration))
     hook = None
     if estimator in RAY_TRAINED:
         hook = _RayTrainFit(
@@ -322,7 +322,7 @@ def run_train(
         params["max_epochs"] = int(max_epochs)
     model = RouterModel.fit(
         matrix, costs, pool.cost_unit, embedder_name=embedder, embedder_params=embedder_params,
-        estimator_name=estimator, estimator_params=params, val_frac=val_frac, seed=seed,
+        estimator_name=estimator, estimator_params=params, calibration_frac=calibration_frac, seed=seed,
         notes=pool.report_notes(), fit_estimator=hook,
     )
     model.save(out_dir)
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epochs", type=int, default=50)
     parser.add_argument("--estimator-params", default=None, help='JSON object, e.g. \'{"width": 128}\'')
     parser.add_argument("--embedder-params", default=None, help="JSON object")
-    parser.add_argument("--val-frac", type=float, default=0.1)
+    parser.add_argument("--calibration-frac", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-failures", type=int, default=2)
     parser.add_argument("--storage-path", default=None, help="checkpoints (shared storage on a cluster)")
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers, use_gpu=args.use_gpu, max_epochs=args.max_epochs,
             estimator_params=json.loads(args.estimator_params) if args.estimator_params else None,
             embedder_params=json.loads(args.embedder_params) if args.embedder_params else None,
-            val_frac=args.val_frac, seed=args.seed, max_failures=args.max_failures, storage_path=args.storage_path,
+            calibration_frac=args.calibration_frac, seed=args.seed, max_failures=args.max_failures, storage_path=args.storage_path,
         )
     except CatimageError as err:
         print(f"error: {err}", file=sys.stderr)

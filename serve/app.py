@@ -77,7 +77,7 @@ log = logging.getLogger("catimage.serve")
 __all__ = ["AppArgs", "BudgetCoordinator", "Generator", "Router", "build_app", "deployment_name", "fastapi_app"]
 
 GLOBAL_KEY = "*"
-"""The budget controller's key for the whole deployment (keys without a target of their own)."""
+"""The budget controller's key for the whole deployment (keys without a budget of their own)."""
 
 WARMUP_PROMPTS = ["a photo of a cat", 'a neon sign that reads "OPEN" above a rainy street at night, photo']
 
@@ -180,7 +180,7 @@ class Router:
         # Lambda beyond which the rule cannot resolve a millionth of the metric's training range in
         # float64, and the lambda that already routes every calibration prompt to the cheapest.
         spread = float(self.model.scaler.high - self.model.scaler.low)
-        self.lam_max = max_precise_lambda(self.model.costs, 1e-6 * spread)
+        self.lam_precise_max = max_precise_lambda(self.model.costs, 1e-6 * spread)
         self.lam_saturated = float(self.model.lambda_for_budget(float(self.model.costs.min())))
         # One thread for the model: embedding + prediction run off the event loop (so requests keep
         # flowing to the generators) but never concurrently with each other (no CPU oversubscription).
@@ -192,10 +192,10 @@ class Router:
         self._ctrl_pending: dict[str, list[float]] = {}
         self._ctrl_state: dict[str, dict[str, Any]] = {}
         self._background: asyncio.Task | None = None
-        target = self.args.controller_target()
-        if target is not None:
-            per_key = self.args.budget_controller.per_key_targets
-            self._ctrl_lam = {GLOBAL_KEY: self._lambda_for(target)}
+        budget = self.args.controller_budget()
+        if budget is not None:
+            per_key = self.args.budget_controller.per_key_budgets
+            self._ctrl_lam = {GLOBAL_KEY: self._lambda_for(budget)}
             self._ctrl_lam.update({k: self._lambda_for(t) for k, t in per_key.items()})
         if self.args.budget is not None:
             self._lambda_for(self.args.budget)  # fail at start-up, not on the first request
@@ -256,11 +256,11 @@ class Router:
         return self._lambda_cache[budget]
 
     def _check_lambda(self, lam: float) -> float:
-        if lam > self.lam_max:
+        if lam > self.lam_precise_max:
             raise HTTPException(
                 status_code=422,
                 detail=(
-                    f"lambda {lam:g} is too large: above {self.lam_max:.3g} the rule cannot tell candidates' "
+                    f"lambda {lam:g} is too large: above {self.lam_precise_max:.3g} the rule cannot tell candidates' "
                     f"predicted quality apart in floating point; any lambda above {self.lam_saturated:.3g} already "
                     "routes every prompt to the cheapest candidate"
                 ),
@@ -709,12 +709,12 @@ def build_app(args: AppArgs | Mapping[str, Any]) -> serve.Application:
             cand.serve.max_batch_size, cand.serve.batch_wait_timeout_s,
         )
     coordinator = None
-    target = args.controller_target()
-    if target is not None:
+    budget = args.controller_budget()
+    if budget is not None:
         ctrl = args.budget_controller
-        targets = {GLOBAL_KEY: target, **ctrl.per_key_targets}
+        budgets = {GLOBAL_KEY: budget, **ctrl.per_key_budgets}
         config = {"window": ctrl.window, "ki": ctrl.ki, "kp": ctrl.kp, "max_step": ctrl.max_step}
-        coordinator = BudgetCoordinator.bind(args.model_dir, targets, config)
+        coordinator = BudgetCoordinator.bind(args.model_dir, budgets, config)
     router = Router.options(
         ray_actor_options={"num_cpus": args.router_num_cpus},
         num_replicas=args.router_num_replicas,

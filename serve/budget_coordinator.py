@@ -18,7 +18,7 @@ class BudgetCoordinator:
     the offline lambda (their state is a few numbers, rebuilt within one window).
     """
 
-    def __init__(self, model_dir: str, targets: dict[str, float], config: dict[str, Any]) -> None:
+    def __init__(self, model_dir: str, budgets: dict[str, float], config: dict[str, Any]) -> None:
         from ray.serve.metrics import Gauge
 
         from catimage.model.router_model import RouterModel
@@ -28,21 +28,21 @@ class BudgetCoordinator:
         scale = lambda_scale(model.calibration_pred, model.costs)
         self.controllers = {
             key: BudgetController(
-                ControllerConfig(target=float(t), **config), lam0=float(model.lambda_for_budget(t)), scale=scale
+                ControllerConfig(budget=float(t), **config), lam_offline=float(model.lambda_for_budget(t)), scale=scale
             )
-            for key, t in targets.items()
+            for key, t in budgets.items()
         }
         tags = ("key",)
         self.g_lambda = Gauge("catimage_budget_lambda", "Current lambda of the online budget controller.", tags)
         self.g_window = Gauge("catimage_budget_window_cost", "Mean realised cost over the controller's window.", tags)
-        self.g_target = Gauge("catimage_budget_target", "Target average cost of the controller.", tags)
+        self.g_budget = Gauge("catimage_budget", "Average cost per request the controller holds (its budget).", tags)
         self._export()
 
     def _export(self) -> None:
         for key, ctrl in self.controllers.items():
             state = ctrl.state()
             self.g_lambda.set(state["lambda"], tags={"key": key})
-            self.g_target.set(state["target"], tags={"key": key})
+            self.g_budget.set(state["budget"], tags={"key": key})
             if state["window_mean_cost"] is not None:
                 self.g_window.set(state["window_mean_cost"], tags={"key": key})
 

@@ -215,7 +215,7 @@ class PoolResponse(BaseModel):
     default_lambda: float | None
     application_status: str | None = None
     budget_controller: dict[str, dict[str, Any]] | None = Field(
-        default=None, description="Per controlled key ('*' = the whole deployment): target, lambda, window mean cost, ..."
+        default=None, description="Per controlled key ('*' = the whole deployment): budget, lambda, window mean cost, ..."
     )
     load_aware_mu: float = Field(default=0.0, description="Price of one second of expected queueing (0 = off).")
 
@@ -258,26 +258,26 @@ class ImagesRequest(BaseModel):
 class BudgetControllerArgs(BaseModel):
     """The online budget controller (catimage.policy.budget): holds the app's default budget over live traffic.
 
-    Only requests that give neither `budget` nor `lambda` are controlled. `per_key_targets` gives an
-    API key (by its name, see `auth_token_env`) its own target; other keys share the '*' controller.
+    Only requests that give neither `budget` nor `lambda` are controlled. `per_key_budgets` gives an
+    API key (by its name, see `auth_token_env`) its own budget; other keys share the '*' controller.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    target: float | None = Field(default=None, gt=0, description="B; default: the app's `budget`.")
+    budget: float | None = Field(default=None, gt=0, description="B, the average cost to hold; default: the app's `budget`.")
     window: int = Field(default=200, ge=1)
     ki: float = Field(default=0.02, ge=0)
     kp: float = Field(default=1.0, ge=0)
     max_step: float = Field(default=0.1, ge=0)
     sync_interval_s: float = Field(default=0.25, gt=0, description="How often each router replica syncs with the coordinator.")
-    per_key_targets: dict[str, float] = Field(default_factory=dict)
+    per_key_budgets: dict[str, float] = Field(default_factory=dict)
 
-    @field_validator("per_key_targets")
+    @field_validator("per_key_budgets")
     @classmethod
     def _positive(cls, v: dict[str, float]) -> dict[str, float]:
         bad = {k: t for k, t in v.items() if not (math.isfinite(t) and t > 0)}
         if bad:
-            raise ValueError(f"per-key targets must be positive numbers, got {bad}")
+            raise ValueError(f"per-key budgets must be positive numbers, got {bad}")
         return v
 
 
@@ -318,7 +318,7 @@ class AppArgs(BaseModel):
         "set: every /v1/* endpoint needs `Authorization: Bearer <token>`. Unset: no auth.",
     )
     budget_controller: BudgetControllerArgs | None = Field(
-        default=None, description="Hold the default budget online (needs `budget` or a controller target)."
+        default=None, description="Hold the default budget online (needs `budget` or a controller budget)."
     )
     load_aware: LoadAwareArgs = Field(default_factory=LoadAwareArgs)
     router_max_queued_requests: int = Field(
@@ -341,11 +341,11 @@ class AppArgs(BaseModel):
     def _not_both(self) -> AppArgs:
         if self.budget is not None and self.lambda_ is not None:
             raise ValueError("give the app a default budget or a default lambda, not both")
-        if self.budget_controller is not None and self.budget_controller.target is None and self.budget is None:
-            raise ValueError("budget_controller needs a target: set budget_controller.target or the app's budget")
+        if self.budget_controller is not None and self.budget_controller.budget is None and self.budget is None:
+            raise ValueError("budget_controller needs a budget: set budget_controller.budget or the app's budget")
         return self
 
-    def controller_target(self) -> float | None:
+    def controller_budget(self) -> float | None:
         if self.budget_controller is None:
             return None
-        return self.budget_controller.target if self.budget_controller.target is not None else self.budget
+        return self.budget_controller.budget if self.budget_controller.budget is not None else self.budget

@@ -35,7 +35,7 @@ def router() -> RouterModel:
     mean = np.stack([0.5 + offset, 0.6 + offset], axis=1) + rng.normal(0, 0.03, (120, 2))
     matrix = QualityMatrix([f"p{i}" for i in range(120)], prompts, ["cheap", "mid"], "quality", mean,
                            np.ones((120, 2), int), np.full((120, 2), np.nan), np.full(2, np.nan))
-    return RouterModel.fit(matrix, np.array([1.0, 2.0]), "s", "tfidf", {"dim": None}, "twoway-knn", val_frac=0.2)
+    return RouterModel.fit(matrix, np.array([1.0, 2.0]), "s", "tfidf", {"dim": None}, "twoway-knn", calibration_frac=0.2)
 
 
 def _new_labels(prompts: list[str], ship: np.ndarray, seed: int) -> np.ndarray:

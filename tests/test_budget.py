@@ -31,19 +31,19 @@ def _run(ctrl: BudgetController, pred: np.ndarray) -> np.ndarray:
 
 def test_controller_holds_the_budget_after_a_shift_where_fixed_lambda_overshoots():
     rng = np.random.default_rng(0)
-    target = 1.6  # 30 % of requests on the dear candidate
+    budget = 1.6  # 30 % of requests on the dear candidate
     calib = _planted(4000, rng, hard_share=0.2)
-    lam0 = calibrate_lambda(calib, COSTS, target)
+    lam_offline = calibrate_lambda(calib, COSTS, budget)
     stream = np.concatenate([_planted(2000, rng, 0.2), _planted(3000, rng, 0.6)])
-    fixed_cost = COSTS[route(stream[2000:], COSTS, lam0)].mean()
-    # Hand computation: at lam0 (between the easy gains' 2*lam range and the hard ones), 60 % hard
+    fixed_cost = COSTS[route(stream[2000:], COSTS, lam_offline)].mean()
+    # Hand computation: at lam_offline (between the easy gains' 2*lam range and the hard ones), 60 % hard
     # prompts all go dear -> mean cost >= 1 + 2 * 0.6 = 2.2, far above 1.6.
     assert fixed_cost > 2.1
-    ctrl = BudgetController(ControllerConfig(target=target, window=200), lam0=lam0, scale=lambda_scale(calib, COSTS))
+    ctrl = BudgetController(ControllerConfig(budget=budget, window=200), lam_offline=lam_offline, scale=lambda_scale(calib, COSTS))
     chosen = _run(ctrl, stream)
     costs = COSTS[chosen]
     late = costs[2400:]  # two windows after the shift
-    assert abs(late.mean() / target - 1) < 0.03
+    assert abs(late.mean() / budget - 1) < 0.03
     # The fixed point by hand: 30 % of all requests dear with 60 % hard ones means half the hard
     # prompts (gain ~U(0.3, 0.7)) go dear: 2 * lam = 0.5 -> lam = 0.25 (easy gains never exceed 0.4).
     assert ctrl.lam == pytest.approx(0.25, abs=0.04)
@@ -53,8 +53,8 @@ def test_controller_holds_the_budget_after_a_shift_where_fixed_lambda_overshoots
 
 
 def test_step_is_bounded_and_lambda_stays_in_range():
-    cfg = ControllerConfig(target=1.0, window=10, ki=5.0, kp=5.0, max_step=0.01, lam_max_scales=3.0)
-    ctrl = BudgetController(cfg, lam0=0.5, scale=2.0)
+    cfg = ControllerConfig(budget=1.0, window=10, ki=5.0, kp=5.0, max_step=0.01, lam_cap_scales=3.0)
+    ctrl = BudgetController(cfg, lam_offline=0.5, scale=2.0)
     previous = ctrl.lam
     for c in [100.0] * 50 + [0.0] * 500:
         lam = ctrl.observe([c])
@@ -65,7 +65,7 @@ def test_step_is_bounded_and_lambda_stays_in_range():
 
 
 def test_unmeasurable_costs_are_ignored():
-    ctrl = BudgetController(ControllerConfig(target=2.0, window=5), lam0=0.1, scale=1.0)
+    ctrl = BudgetController(ControllerConfig(budget=2.0, window=5), lam_offline=0.1, scale=1.0)
     ctrl.observe([float("nan"), -1.0, float("inf")])
     assert ctrl.observed == 0 and ctrl.lam == 0.1 and ctrl.state()["window_mean_cost"] is None
 
@@ -73,10 +73,10 @@ def test_unmeasurable_costs_are_ignored():
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"target": 0.0}, "positive"),
-        ({"target": float("nan")}, "positive"),
-        ({"target": 1.0, "window": 0}, "window"),
-        ({"target": 1.0, "ki": -1.0}, "ki"),
+        ({"budget": 0.0}, "positive"),
+        ({"budget": float("nan")}, "positive"),
+        ({"budget": 1.0, "window": 0}, "window"),
+        ({"budget": 1.0, "ki": -1.0}, "ki"),
     ],
 )
 def test_bad_config_is_a_budget_error(kwargs, needle):

@@ -171,7 +171,7 @@ def planted_report():
     matrix = _planted_matrix()
     return evaluate_table(
         matrix, np.array([1.0, 3.0]), "knn", {"k": 5}, make_embedder("tfidf", dim=None),
-        test_frac=0.25, val_frac=0.1, seed=0, trials=3, cost_unit="s", notes=["Costs are ASSUMED."],
+        test_frac=0.25, calibration_frac=0.1, seed=0, trials=3, cost_unit="s", notes=["Costs are ASSUMED."],
     )
 
 
@@ -238,7 +238,7 @@ def test_genai_bench_end_to_end(shared_data, tmp_path):
     costs = np.array([GENAI_COSTS[c] for c in matrix.candidates])
     rep = evaluate_table(
         matrix, costs, "knn", {}, make_embedder("tfidf", dim=None),
-        test_frac=0.2, val_frac=0.1, seed=0, trials=2, cost_unit="relative",
+        test_frac=0.2, calibration_frac=0.1, seed=0, trials=2, cost_unit="relative",
     )
     assert REQUIRED <= set(rep) and SUMMARY_KEYS <= set(rep["summary"]) and META_KEYS <= set(rep["meta"])
     s = rep["summary"]

@@ -212,7 +212,7 @@ def served(files):
     try:
         main_args = AppArgs(
             model_dir=files["model"], pool=str(files["main_pool"]), auth_token_env=KEYS_ENV, budget=4.0,
-            budget_controller={"window": 20, "sync_interval_s": 0.1, "per_key_targets": {"other": 7.0}},
+            budget_controller={"window": 20, "sync_interval_s": 0.1, "per_key_budgets": {"other": 7.0}},
         )
         serve.run(build_app(main_args), name="catimage", route_prefix="/")
         serve.run(
@@ -450,7 +450,7 @@ def test_prometheus_metrics(served):
     assert sample("ray_catimage_predicted_quality_scaled_count", "tiny-sdxl-4") >= 1
     assert "ray_catimage_router_latency_ms_bucket" in text
     # The budget controller's gauges (the coordinator exports them at start-up).
-    assert 'ray_catimage_budget_target{' in text and 'key="*"' in text
+    assert 'ray_catimage_budget{' in text and 'key="*"' in text
 
 
 # --- safety: bad input, auth, what errors reveal ------------------------------------------------
@@ -549,7 +549,7 @@ def test_budget_controller_counts_realised_costs_per_key(served):
     lambda, whose endpoint is down: every draw falls back to a dearer candidate (6 or 8 > target 4), so
     the controller must raise lambda above the offline one."""
     before = served.get("/v1/pool").json()["budget_controller"]
-    assert set(before) == {"*", "other"} and before["*"]["target"] == 4.0 and before["other"]["target"] == 7.0
+    assert set(before) == {"*", "other"} and before["*"]["budget"] == 4.0 and before["other"]["budget"] == 7.0
     lam_offline = before["*"]["lambda_offline"]
     costs, lams = [], []
     for i in range(6):

@@ -119,9 +119,9 @@ def test_scaler_fits_on_given_values_and_inverts():
 
 def test_split_is_disjoint_covering_and_seeded():
     sp = split_prompts(100, 0.1, 0.2, seed=3)
-    allidx = np.concatenate([sp.train, sp.val, sp.test])
+    allidx = np.concatenate([sp.train, sp.calibration, sp.test])
     assert sorted(allidx) == list(range(100))
-    assert (len(sp.test), len(sp.val)) == (10, 20)
+    assert (len(sp.test), len(sp.calibration)) == (10, 20)
     assert np.array_equal(split_prompts(100, 0.1, 0.2, seed=3).test, sp.test)
     assert not np.array_equal(split_prompts(100, 0.1, 0.2, seed=4).test, sp.test)
     with pytest.raises(TableError):

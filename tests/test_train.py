@@ -63,7 +63,7 @@ def trained(ray_local, table, pool, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "router"
     outcome = run_train(
         table, pool, out, estimator="transformer", embedder="tfidf", num_workers=1, max_epochs=MAX_EPOCHS,
-        estimator_params=PARAMS, val_frac=0.2, max_failures=1, fail_at_epoch=2,
+        estimator_params=PARAMS, calibration_frac=0.2, max_failures=1, fail_at_epoch=2,
     )
     return outcome
 
@@ -98,7 +98,7 @@ def test_model_directory_loads_and_learned_the_planted_signal(trained):
     assert model.costs.tolist() == [2.0, 8.0, 6.0]
     assert model.metric == "quality" and model.cost_unit == "relative"
     assert type(model.estimator).__name__ == "TransformerEstimator"
-    assert model.calibration_pred.shape == (trained.n_val, 3)
+    assert model.calibration_pred.shape == (trained.n_cal, 3)
     prompts = planted_prompts()
     pred = model.predict([p for p, _ in prompts])
     animal = np.array([kind == "animal" for _, kind in prompts])
@@ -136,7 +136,7 @@ def test_local_mode_zero_workers(ray_local, table, pool, tmp_path):
 
     outcome = run_train(
         table, pool, tmp_path / "m", embedder="tfidf", num_workers=0, max_epochs=3,
-        estimator_params=PARAMS, val_frac=0.2,
+        estimator_params=PARAMS, calibration_frac=0.2,
     )
     assert [h["epoch"] for h in outcome.history] == [0, 1, 2]
     model = RouterModel.load(outcome.model_dir)

@@ -18,11 +18,11 @@ from catimage.estimators.selection import (
     calibration_slope,
     kfold,
     noise_shrinkage,
-    routing_score,
     size_grid,
     two_way,
 )
 from catimage.evaluation.figures import evaluate_predictions
+from catimage.policy.routing import area_over_hull
 
 COSTS = np.array([1.0, 3.0])
 GAP = 0.25  # the dear candidate's advantage on "hard" prompts
@@ -98,8 +98,8 @@ def test_knn_neighbourhood_is_chosen_by_routing_and_generalises():
     assert set(est.scores_) == {str(k) for k in size_grid(600, top_fraction=0.25)}
     assert est.objective_ == "routing area over hull"
     small = make_estimator("twoway-knn", k=5).fit(X, Y, costs=COSTS)
-    chosen = routing_score(est.predict(Xt), truth, COSTS)
-    assert est.k_ > 5 and chosen >= routing_score(small.predict(Xt), truth, COSTS)
+    chosen = area_over_hull(est.predict(Xt), truth, COSTS)
+    assert est.k_ > 5 and chosen >= area_over_hull(small.predict(Xt), truth, COSTS)
 
 
 def test_without_costs_selection_falls_back_to_interaction_mse(train):
@@ -171,7 +171,7 @@ def test_routing_score_matches_the_evaluation_area():
     pred, true = rng.random((50, 4)), rng.random((50, 4))
     costs = np.array([0.5, 1.0, 2.0, 4.0])
     ref = evaluate_predictions(pred, true, costs, list("abcd")).summary["area_over_hull"]
-    assert routing_score(pred, true, costs) == pytest.approx(ref, abs=1e-12)
+    assert area_over_hull(pred, true, costs) == pytest.approx(ref, abs=1e-12)
 
 
 def test_grids_scale_with_the_table_and_folds_balance():

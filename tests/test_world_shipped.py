@@ -77,7 +77,7 @@ def test_routing_beats_the_mixture_hull_on_every_split(pool):
 
     estimator = RouterModel.load(ROUTER).estimator.kind
     _, matrix, costs = load_pool_matrix(TABLE, POOL, metric="scene_score")
-    report = evaluate_table(matrix, costs, estimator, {}, make_embedder("minilm"), test_frac=0.2, val_frac=0.1,
+    report = evaluate_table(matrix, costs, estimator, {}, make_embedder("minilm"), test_frac=0.2, calibration_frac=0.1,
                             seed=0, trials=5, cost_unit=pool.cost_unit)
     areas = [t["area_over_hull"] for t in report["per_trial"]]
     assert min(areas) > 0, areas

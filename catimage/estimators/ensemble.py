@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from catimage.estimators.base import EstimatorError, QualityEstimator, label_weights
-from catimage.estimators.selection import kfold, routing_score, two_way
+from catimage.estimators.selection import kfold, two_way
 from catimage.estimators.single import make_single_estimator, single_estimator_class
+from catimage.policy.routing import area_over_hull
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _make_member(name: str, params: dict[str, Any] | None) -> QualityEstimator:
 
 def _score(pred: np.ndarray, Y: np.ndarray, costs: np.ndarray | None, w: np.ndarray) -> float:
     if costs is not None:
-        return routing_score(pred, Y, costs)
+        return area_over_hull(pred, Y, costs)
     resid = two_way(Y, w).resid
     g = pred - pred.mean(axis=1, keepdims=True)
     g = g - g.mean(axis=0)

@@ -8,8 +8,8 @@ interaction. This module holds the pieces every decision-focused estimator share
 * `two_way` -- the explicit decomposition y[i, m] = a_i + b_m + r[i, m] of a label matrix with
   missing cells (count-weighted), and `noise_shrinkage`: empirical-Bayes shrinkage of each cell's
   interaction toward 0 (its candidate's mean) using sample counts and per-cell variances;
-* `routing_score` -- the selection objective: the area of the deferral curve over the prompt-agnostic
-  mixture hull, computed on out-of-sample predictions and the (noisy) training labels. Label noise is
+* the selection objective is `catimage.policy.routing.area_over_hull` (the evaluation's own area
+  figure), computed on out-of-sample predictions and the (noisy) training labels. Label noise is
   independent of out-of-sample predictions, so the score is unbiased for comparing settings;
 * `calibration_slope` -- the cross-validated least-squares slope of labels on out-of-sample
   interaction predictions: how far to trust them relative to the candidate means (James-Stein-like
@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from catimage.policy.routing import curve_arrays, deferral_curve_arrays, mixture_hull
 
 
 @dataclass
@@ -111,31 +109,6 @@ def calibration_slope(
     den = (w * pred * pred).sum(axis=0)
     slope = np.where(den > 1e-15, num / np.maximum(den, 1e-15), 0.0)
     return np.clip(slope, low, high)
-
-
-def routing_score(pred: np.ndarray, labels: np.ndarray, costs: np.ndarray) -> float:
-    """Mean quality of the exact deferral curve over the mixture hull, on the fixed costs' range.
-
-    Rows with a missing label are left out. Higher is better; 0 = no better than mixing fixed
-    candidates at random. Used to pick hyper-parameters and estimators on out-of-sample
-    predictions.
-    """
-    rows = np.isfinite(labels).all(axis=1) & np.isfinite(pred).all(axis=1)
-    if rows.sum() < 2:
-        return float("-inf")
-    pred, labels = pred[rows], labels[rows]
-    _, cost, qual = deferral_curve_arrays(pred, costs, labels)
-    hull = mixture_hull(costs, labels.mean(axis=0))
-    hx, hy = curve_arrays(hull)
-    lo, hi = float(costs.min()), float(costs.max())
-    if hi <= lo:
-        return 0.0
-    order = np.argsort(cost, kind="stable")
-    cx, cy = cost[order], qual[order]
-    xs = np.unique(np.concatenate([cx, hx, [lo, hi]]))
-    xs = xs[(xs >= lo) & (xs <= hi)]
-    diff = np.interp(xs, cx, cy) - np.interp(xs, hx, hy)
-    return float(np.trapezoid(diff, xs) / (hi - lo))
 
 
 def size_grid(n: int, low: int = 5, points: int = 12, top_fraction: float = 0.5) -> list[int]:

@@ -28,10 +28,10 @@ from catimage.estimators.base import EstimatorError, QualityEstimator, label_wei
 from catimage.estimators.selection import (
     calibration_slope,
     noise_shrinkage,
-    routing_score,
     size_grid,
     two_way,
 )
+from catimage.policy.routing import area_over_hull
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _objective(pred: np.ndarray, Y: np.ndarray, costs: np.ndarray | None, resid:
                means: np.ndarray) -> float:
     """Routing score with costs, else minus the weighted interaction MSE."""
     if costs is not None:
-        return routing_score(pred, Y, costs)
+        return area_over_hull(pred, Y, costs)
     g = pred - pred.mean(axis=1, keepdims=True) - (means - means.mean())
     have = np.isfinite(resid)
     return -float((w * np.where(have, (np.nan_to_num(resid) - g) ** 2, 0.0)).sum() / max(w[have].sum(), 1e-12))

@@ -28,8 +28,8 @@ from catimage.evaluation.jsonable import to_jsonable
 from catimage.policy.routing import (
     CurvePoint,
     HullPoint,
+    area_between,
     cost_to_reach,
-    curve_arrays,
     deferral_curve,
     deferral_curve_arrays,
     interpolate_curve,
@@ -95,24 +95,6 @@ class EvalResult:
 
 
 # --- pure evaluation ----------------------------------------------------------------------------
-
-
-def area_between(upper: Sequence[Any], lower: Sequence[Any], lo: float, hi: float) -> float:
-    """Mean of (upper(c) - lower(c)) over c in [lo, hi], both curves read by linear interpolation.
-
-    Exact: both are piecewise linear, so the trapezoid rule on the union of their breakpoints is the
-    integral. When lo == hi it is the difference at that cost.
-    """
-    if hi < lo:
-        raise CatimageError(f"cost range [{lo}, {hi}] is empty")
-    if hi == lo:
-        return float(interpolate_curve(upper, lo) - interpolate_curve(lower, lo))
-    xs = np.concatenate([curve_arrays(upper)[0], curve_arrays(lower)[0], [lo, hi]])
-    xs = np.unique(xs[(xs >= lo) & (xs <= hi)])
-    diff = np.asarray(interpolate_curve(upper, xs)) - np.asarray(interpolate_curve(lower, xs))
-    if np.isnan(diff).any():
-        raise CatimageError("a curve does not reach down to the cheapest candidate's cost; cannot integrate")
-    return float(np.trapezoid(diff, xs) / (hi - lo))
 
 
 def _snap(diff: float, tol: float = 1e-12) -> float:

@@ -274,9 +274,9 @@ def report_test_prompt_ids(report: Mapping[str, Any], table: pa.Table) -> list[s
     same here names the prompts the report's figures were measured on.
     """
     meta = report.get("meta") or {}
-    need = [k for k in ("seed", "test_frac", "val_frac", "metric") if k not in meta]
+    need = [k for k in ("seed", "test_frac", "calibration_frac", "metric") if k not in meta]
     if need:
         raise CatimageError(f"the report's meta lacks {need}; cannot re-draw its test split")
     matrix = aggregate(table, meta["metric"], meta.get("candidates"))
-    split = split_prompts(matrix.n_prompts, test_frac=meta["test_frac"], val_frac=meta["val_frac"], seed=meta["seed"])
+    split = split_prompts(matrix.n_prompts, test_frac=meta["test_frac"], calibration_frac=meta["calibration_frac"], seed=meta["seed"])
     return [matrix.prompt_ids[i] for i in split.test]

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from catimage.estimators.selection import routing_score, two_way
+from catimage.estimators.selection import two_way
+from catimage.policy.routing import area_over_hull
 from catimage.tables.table import QualityMatrix
 
 
@@ -29,8 +30,8 @@ def label_noise(matrix: QualityMatrix, costs: np.ndarray) -> dict[str, Any]:
     if rows.sum() < 10:
         return {"available": False, "reason": f"only {int(rows.sum())} prompt(s) have >= 2 samples in every cell"}
     a, b, full = a[rows], b[rows], matrix.mean[rows]
-    full_oracle = routing_score(full, full, costs)
-    split = 0.5 * (routing_score(a, b, costs) + routing_score(b, a, costs))
+    full_oracle = area_over_hull(full, full, costs)
+    split = 0.5 * (area_over_hull(a, b, costs) + area_over_hull(b, a, costs))
     ones = np.ones_like(a)
     ra, rb = two_way(a, ones).resid.ravel(), two_way(b, ones).resid.ravel()
     r = float(np.corrcoef(ra, rb)[0, 1])

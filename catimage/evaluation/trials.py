@@ -50,7 +50,7 @@ def evaluate_table(
     estimator_params: Mapping[str, Any] | None = None,
     embedder: Embedder | str = "tfidf",
     test_frac: float = 0.1,
-    val_frac: float = 0.1,
+    calibration_frac: float = 0.1,
     seed: int = 0,
     trials: int = 1,
     cost_unit: str = "cost",
@@ -62,7 +62,7 @@ def evaluate_table(
 ) -> dict[str, Any]:
     """Fit and evaluate a router on `trials` re-drawn splits; trial 0's curves are the report's.
 
-    Trial t splits with seed + t into train / calibration (`val_frac`) / test (`test_frac`) and fits
+    Trial t splits with seed + t into train / calibration (`calibration_frac`) / test (`test_frac`) and fits
     with `catimage.router_model.fit_router` (the same pipeline as `catimage fit` and `train`), the
     embeddings computed once and sliced per trial. Test prompts with any missing label are dropped.
     Each trial's test prompts are resampled `bootstrap` times for intervals (0 = none); each trial
@@ -75,8 +75,8 @@ def evaluate_table(
         )
     if trials < 1:
         raise CatimageError(f"trials must be >= 1, got {trials}")
-    if val_frac <= 0:
-        raise CatimageError("val_frac must be > 0: the calibration prompts map budgets to lambda")
+    if calibration_frac <= 0:
+        raise CatimageError("calibration_frac must be > 0: the calibration prompts map budgets to lambda")
     if isinstance(embedder, str):
         embedder = make_embedder(embedder, **dict(embedder_params or {}))
     say = progress or (lambda _msg: None)
@@ -90,10 +90,10 @@ def evaluate_table(
     dropped0 = 0
     for t in range(trials):
         start = time.perf_counter()
-        split = split_prompts(matrix.n_prompts, test_frac=test_frac, val_frac=val_frac, seed=seed + t)
+        split = split_prompts(matrix.n_prompts, test_frac=test_frac, calibration_frac=calibration_frac, seed=seed + t)
         say(f"trial {t + 1}/{trials}: fitting {estimator_name} on {split.train.size} prompts")
         model = fit_router(
-            matrix, costs, cost_unit, split.train, split.val, estimator=estimator_name, estimator_params=params,
+            matrix, costs, cost_unit, split.train, split.calibration, estimator=estimator_name, estimator_params=params,
             embedder=embedder, features=features, notes=notes,
         )
         if model.selection:
@@ -164,7 +164,7 @@ def evaluate_table(
         "estimator_selection_per_trial": selections,
         "embedder": to_jsonable(embedder.spec),
         "test_frac": test_frac,
-        "val_frac": val_frac,
+        "calibration_frac": calibration_frac,
         "seed": seed,
         "interpolation": INTERPOLATION,
         "notes": all_notes,

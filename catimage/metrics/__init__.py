@@ -28,6 +28,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "image_reward": ("catimage.metrics.image_reward", "ImageRewardScorer"),
     "aesthetic": ("catimage.metrics.aesthetic", "AestheticScorer"),
     "scene_score": ("catimage.metrics.scene_score", "SceneScoreScorer"),
+    "scene_decider": ("catimage.metrics.scene_decider", "SceneDeciderScorer"),
 }
 
 
@@ -46,7 +47,7 @@ def resolve_params(name: MetricName, params: dict[str, Any]) -> dict[str, Any]:
     params.pop("tiny", None)
     if params.get("model") == "tiny":
         params.pop("model")
-    if name in ("sharpness", "scene_score"):  # no weights: nothing to build
+    if name in ("sharpness", "scene_score", "scene_decider"):  # no weights, or small shipped ones: nothing to build
         return params
     from catimage.metrics.tiny import tiny_metric_params
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-MetricName = Literal["sharpness", "clip_score", "image_reward", "aesthetic", "scene_score"]
+MetricName = Literal["sharpness", "clip_score", "image_reward", "aesthetic", "scene_score", "scene_decider"]
 
 
 class MetricSpec(BaseModel):

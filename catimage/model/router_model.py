@@ -116,7 +116,7 @@ def fit_router(
             f"{len(matrix.candidates)} candidates {matrix.candidates} but {costs.size} costs; give one per candidate"
         )
     if calibration.size == 0:
-        raise CatimageError("the fit needs held-out calibration prompts (val_frac > 0) to map budgets to lambda")
+        raise CatimageError("the fit needs held-out calibration prompts (calibration_frac > 0) to map budgets to lambda")
     if np.intersect1d(train, calibration).size:
         raise CatimageError("training and calibration prompts overlap; they must be disjoint")
     features = features if features is not None else FeatureCache()
@@ -208,16 +208,16 @@ class RouterModel:
         embedder_params: dict[str, Any] | None = None,
         estimator_name: str = "auto",
         estimator_params: dict[str, Any] | None = None,
-        val_frac: float = 0.1,
+        calibration_frac: float = 0.1,
         seed: int = 0,
         notes: Sequence[str] = (),
         fit_estimator: EstimatorFit | None = None,
         embedder: Embedder | None = None,
     ) -> RouterModel:
         """Fit on all prompts but a calibration split (`fit_router` with a train / calibration split)."""
-        split = split_prompts(matrix.n_prompts, test_frac=0.0, val_frac=val_frac, seed=seed)
+        split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=calibration_frac, seed=seed)
         return fit_router(
-            matrix, costs, cost_unit, split.train, split.val, estimator=estimator_name,
+            matrix, costs, cost_unit, split.train, split.calibration, estimator=estimator_name,
             estimator_params=estimator_params, embedder=embedder if embedder is not None else embedder_name,
             embedder_params=embedder_params, fit_estimator=fit_estimator, notes=notes,
         )

@@ -1,4 +1,4 @@
-"""Online budget control: hold a target average cost B over live traffic by adjusting lambda.
+"""Online budget control: hold an average-cost budget B over live traffic by adjusting lambda.
 
 Offline, a budget becomes a lambda once (`RouterModel.lambda_for_budget`, calibrated on held-out
 prompts). When the live prompt mix drifts from the calibration mix, the same lambda routes a
@@ -6,8 +6,8 @@ different share of prompts to expensive candidates and the average cost drifts w
 controller closes the loop on the *realised* cost of every routed request:
 
     e_t      = (c_t - B) / B                                  (relative error of one request)
-    lam_I   <- clip(lam_I + k_i * s * e_t,  lam_min, lam_max)   (dual ascent on the budget constraint)
-    lam      = clip(lam_I + k_p * s * (mean_W(c) / B - 1), lam_min, lam_max)
+    lam_I   <- clip(lam_I + k_i * s * e_t,  lam_min, lam_cap)   (dual ascent on the budget constraint)
+    lam      = clip(lam_I + k_p * s * (mean_W(c) / B - 1), lam_min, lam_cap)
     |lam - lam_previous| <= max_step * s                        (bounded step)
 
 `s` is the natural scale of lambda for the pool (quality range / cost range, `lambda_scale`), so
@@ -42,7 +42,7 @@ __all__ = ["ControllerConfig", "BudgetController", "lambda_scale"]
 class ControllerConfig:
     """Gains and bounds of the controller (unit-free: lambda is measured in units of `scale`)."""
 
-    target: float
+    budget: float
     """B: the average cost per request to hold, in the pool's cost unit."""
     window: int = 200
     """Sliding window (requests) whose mean cost is reported and drives the proportional term."""
@@ -52,15 +52,15 @@ class ControllerConfig:
     """Proportional gain on the window's relative error."""
     max_step: float = 0.1
     """Largest change of lambda per observed request, in units of `scale`."""
-    lam_max_scales: float = 50.0
+    lam_cap_scales: float = 50.0
     """Upper bound of lambda, in units of `scale` (beyond the pool's edge slopes nothing changes)."""
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.target) and self.target > 0):
-            raise BudgetError(f"the controller's target average cost must be a positive number, got {self.target}")
+        if not (math.isfinite(self.budget) and self.budget > 0):
+            raise BudgetError(f"the controller's budget (average cost to hold) must be a positive number, got {self.budget}")
         if self.window < 1:
             raise BudgetError(f"the controller's window must be at least 1 request, got {self.window}")
-        for name in ("ki", "kp", "max_step", "lam_max_scales"):
+        for name in ("ki", "kp", "max_step", "lam_cap_scales"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise BudgetError(f"controller {name} must be a non-negative number, got {value}")
@@ -87,8 +87,8 @@ class BudgetController:
     """One controlled budget (the whole deployment, or one API key)."""
 
     config: ControllerConfig
-    lam0: float
-    """Starting lambda: the offline calibration's lambda for the target (feed-forward)."""
+    lam_offline: float
+    """Starting lambda: the offline calibration's lambda for the budget (feed-forward)."""
     scale: float
     """`lambda_scale` of the pool."""
     lam: float = field(init=False)
@@ -101,19 +101,19 @@ class BudgetController:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise BudgetError(f"lambda scale must be a positive number, got {self.scale}")
-        if not (math.isfinite(self.lam0) and self.lam0 >= 0):
-            raise BudgetError(f"starting lambda must be a non-negative number, got {self.lam0}")
-        self.lam = min(float(self.lam0), self.lam_max)
+        if not (math.isfinite(self.lam_offline) and self.lam_offline >= 0):
+            raise BudgetError(f"starting lambda must be a non-negative number, got {self.lam_offline}")
+        self.lam = min(float(self.lam_offline), self.lam_cap)
         self._lam_i = self.lam
         self._window = deque(maxlen=self.config.window)
 
     @property
-    def lam_max(self) -> float:
-        return max(self.config.lam_max_scales * self.scale, float(self.lam0))
+    def lam_cap(self) -> float:
+        return max(self.config.lam_cap_scales * self.scale, float(self.lam_offline))
 
     def observe(self, costs: Iterable[float]) -> float:
         """Feed realised costs (in arrival order); returns the lambda to route the next request with."""
-        cfg, s, target = self.config, self.scale, self.config.target
+        cfg, s, budget = self.config, self.scale, self.config.budget
         for c in costs:
             c = float(c)
             if not math.isfinite(c) or c < 0:
@@ -124,10 +124,10 @@ class BudgetController:
             self._window_sum += c
             self.observed += 1
             self.total_cost += c
-            err = (c - target) / target
-            self._lam_i = min(max(self._lam_i + cfg.ki * s * err, 0.0), self.lam_max)
-            window_err = self.window_mean / target - 1.0
-            wanted = min(max(self._lam_i + cfg.kp * s * window_err, 0.0), self.lam_max)
+            err = (c - budget) / budget
+            self._lam_i = min(max(self._lam_i + cfg.ki * s * err, 0.0), self.lam_cap)
+            window_err = self.window_mean / budget - 1.0
+            wanted = min(max(self._lam_i + cfg.kp * s * window_err, 0.0), self.lam_cap)
             step = cfg.max_step * s
             self.lam = min(max(wanted, self.lam - step), self.lam + step)
         return self.lam
@@ -141,13 +141,13 @@ class BudgetController:
         """What /v1/pool and the Prometheus gauges show."""
         mean = self.window_mean
         return {
-            "target": self.config.target,
+            "budget": self.config.budget,
             "lambda": self.lam,
-            "lambda_offline": self.lam0,
+            "lambda_offline": self.lam_offline,
             "window": self.config.window,
             "window_requests": len(self._window),
             "window_mean_cost": None if math.isnan(mean) else mean,
-            "window_error": None if math.isnan(mean) else mean / self.config.target - 1.0,
+            "window_error": None if math.isnan(mean) else mean / self.config.budget - 1.0,
             "observed": self.observed,
             "mean_cost_all": self.total_cost / self.observed if self.observed else None,
         }

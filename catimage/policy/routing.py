@@ -45,6 +45,8 @@ __all__ = [
     "expected_wait_s",
     "utility_ranking",
     "max_precise_lambda",
+    "area_between",
+    "area_over_hull",
 ]
 
 # Relative slack when comparing average costs with a budget: an average of n equal costs can differ
@@ -414,11 +416,18 @@ def mixture_hull(costs: Any, qualities: Any) -> list[HullPoint]:
 
 # --- reading curves -----------------------------------------------------------------------------
 
-CurveLike = Sequence[CurvePoint] | Sequence[HullPoint] | Sequence[Mapping[str, float]]
+CurveLike = Sequence[CurvePoint] | Sequence[HullPoint] | Sequence[Mapping[str, float]] | tuple[np.ndarray, np.ndarray]
 
 
 def curve_arrays(points: CurveLike) -> tuple[np.ndarray, np.ndarray]:
-    """(cost, quality) of curve points sorted by cost (attributes or dict keys `cost`, `quality`)."""
+    """(cost, quality) of curve points sorted by cost (attributes or dict keys `cost`, `quality`, or
+    a pair of arrays (costs, qualities), which is how the selection loops pass curves cheaply)."""
+    if isinstance(points, tuple) and len(points) == 2 and isinstance(points[0], np.ndarray):
+        cost, qual = np.asarray(points[0], dtype=np.float64), np.asarray(points[1], dtype=np.float64)
+        if cost.size == 0:
+            raise CatimageError("an empty curve has no quality at any cost")
+        srt = np.argsort(cost, kind="stable")
+        return cost[srt], qual[srt]
     if len(points) == 0:
         raise CatimageError("an empty curve has no quality at any cost")
     first = points[0]
@@ -473,3 +482,44 @@ def cost_to_reach(points: CurveLike, target: float, atol: float = 1e-9) -> float
             frac = (float(target) - q0) / (q1 - q0) if q1 > q0 else 1.0
             return float(xs[k - 1] + min(max(frac, 0.0), 1.0) * (xs[k] - xs[k - 1]))
     return None
+
+
+# --- areas ---------------------------------------------------------------------------------------
+
+
+def area_between(upper: Sequence[Any], lower: Sequence[Any], lo: float, hi: float) -> float:
+    """Mean of (upper(c) - lower(c)) over c in [lo, hi], both curves read by linear interpolation.
+
+    Exact: both are piecewise linear, so the trapezoid rule on the union of their breakpoints is the
+    integral. When lo == hi it is the difference at that cost.
+    """
+    if hi < lo:
+        raise CatimageError(f"cost range [{lo}, {hi}] is empty")
+    if hi == lo:
+        return float(interpolate_curve(upper, lo) - interpolate_curve(lower, lo))
+    xs = np.concatenate([curve_arrays(upper)[0], curve_arrays(lower)[0], [lo, hi]])
+    xs = np.unique(xs[(xs >= lo) & (xs <= hi)])
+    diff = np.asarray(interpolate_curve(upper, xs)) - np.asarray(interpolate_curve(lower, xs))
+    if np.isnan(diff).any():
+        raise CatimageError("a curve does not reach down to the cheapest candidate's cost; cannot integrate")
+    return float(np.trapezoid(diff, xs) / (hi - lo))
+
+
+def area_over_hull(pred: Any, labels: Any, costs: Any) -> float:
+    """THE area figure: mean quality of the exact deferral curve of routing on `pred` (scored with
+    `labels`) over the mixture hull of the fixed candidates, on the fixed costs' range.
+
+    Rows with a missing label or prediction are left out; -inf below two rows. Higher is better;
+    0 = no better than mixing fixed candidates at random. The evaluation reports it as
+    `area_over_hull`; the estimators' hyper-parameter selection maximises it out of sample.
+    """
+    pred, labels = np.asarray(pred, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    costs = _check_costs(costs, pred.shape[1])
+    rows = np.isfinite(labels).all(axis=1) & np.isfinite(pred).all(axis=1)
+    if rows.sum() < 2:
+        return float("-inf")
+    lo, hi = float(costs.min()), float(costs.max())
+    if hi <= lo:
+        return 0.0
+    _, cost, qual = deferral_curve_arrays(pred[rows], costs, labels[rows])
+    return area_between((cost, qual), mixture_hull(costs, labels[rows].mean(axis=0)), lo, hi)

@@ -392,29 +392,29 @@ class MetricScaler:
 
 @dataclass(frozen=True)
 class Split:
-    """Prompt indices of the train / validation / test splits (disjoint, covering every prompt)."""
+    """Prompt indices of the train / calibration / test splits (disjoint, covering every prompt)."""
 
     train: np.ndarray
-    val: np.ndarray
+    calibration: np.ndarray
     test: np.ndarray
 
 
-def split_prompts(n: int, test_frac: float = 0.1, val_frac: float = 0.1, seed: int = 0) -> Split:
+def split_prompts(n: int, test_frac: float = 0.1, calibration_frac: float = 0.1, seed: int = 0) -> Split:
     """A random split of prompts (never of samples: all seeds of a prompt stay together)."""
-    if not (0 <= test_frac < 1 and 0 <= val_frac < 1 and test_frac + val_frac < 1):
-        raise TableError(f"test_frac ({test_frac}) and val_frac ({val_frac}) must be in [0, 1) and sum below 1")
+    if not (0 <= test_frac < 1 and 0 <= calibration_frac < 1 and test_frac + calibration_frac < 1):
+        raise TableError(f"test_frac ({test_frac}) and calibration_frac ({calibration_frac}) must be in [0, 1) and sum below 1")
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(n * test_frac))
-    n_val = int(round(n * val_frac))
+    n_cal = int(round(n * calibration_frac))
     if test_frac > 0 and n_test == 0:
         n_test = 1
-    if val_frac > 0 and n_val == 0:
-        n_val = 1
-    if n - n_test - n_val < 2:
-        raise TableError(f"{n} prompts are too few for test_frac={test_frac}, val_frac={val_frac}")
+    if calibration_frac > 0 and n_cal == 0:
+        n_cal = 1
+    if n - n_test - n_cal < 2:
+        raise TableError(f"{n} prompts are too few for test_frac={test_frac}, calibration_frac={calibration_frac}")
     return Split(
-        train=np.sort(perm[n_test + n_val :]),
-        val=np.sort(perm[n_test : n_test + n_val]),
+        train=np.sort(perm[n_test + n_cal :]),
+        calibration=np.sort(perm[n_test : n_test + n_cal]),
         test=np.sort(perm[:n_test]),
     )
 

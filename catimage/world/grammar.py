@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from catimage.world.scene import (
+    BACKGROUNDS,
     COLOURS,
     DEFAULT_BACKGROUND,
     MAX_COUNT,
@@ -27,7 +28,6 @@ from catimage.world.scene import (
     RELATIONS,
     SHAPES,
     SIZES,
-    BACKGROUNDS,
     ObjectSpec,
     PlacedObject,
     Relation,
