@@ -135,7 +135,7 @@ def foreign(args: argparse.Namespace) -> None:
     print(f"{matrix.n_prompts} prompts from {args.prompts}, S={args.seeds}, router {args.router}")
     print(f"best fixed {s['best_fixed']} ({s['best_fixed_quality']:.3f} at cost {s['best_fixed_cost']:.3g} {pool.cost_unit}); "
           f"router at that cost {s['quality_at_best_fixed_cost']:.3f}; cost ratio to match "
-          f"{s['cost_ratio_to_match_best_fixed']}; area over hull {s['area_over_hull']:+.4f}")
+          f"{s['cost_ratio_or_miss']:.3f}{' (a miss)' if s['missed_best_fixed'] else ''}; area over hull {s['area_over_hull']:+.4f}")
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ from catimage.tables.table import QualityMatrix, aggregate, read_quality_table
 REQUIRED = {"fixed", "router", "oracle", "hull", "summary", "meta"}
 SUMMARY_KEYS = {
     "best_fixed",
-    "cost_ratio_to_match_best_fixed",
+    "cost_ratio_or_miss",
+    "missed_best_fixed",
     "quality_at_best_fixed_cost",
     "area_over_hull",
     "oracle_gain_fraction",
@@ -65,8 +66,8 @@ def test_figures_on_hand_example():
     # at cost 2 the router mixes (1.5,.3) and (3,.7): .3 + .4/3
     assert s["gain_at_fixed_cost"] == pytest.approx({"a": 0.0, "b": 0.3 + 0.4 / 3 - 0.5, "c": 0.0})
     # .5 is reached halfway between (1.5,.3) and (3,.7): cost 2.25 = 1.125 x b's cost
-    assert s["cost_ratio_to_match"] == pytest.approx({"a": 1.0, "b": 1.125, "c": 1.0})
-    assert s["cost_ratio_to_match_best_fixed"] == pytest.approx(1.0)
+    assert s["cost_ratio_or_miss_by_candidate"] == pytest.approx({"a": 1.0, "b": 1.125, "c": 1.0})
+    assert s["cost_ratio_or_miss"] == pytest.approx(1.0) and not s["missed_best_fixed"]
     # router - hull at costs 1, 1.5, 2, 3, 4: 0, -.075, -1/15, .025, 0 -> trapezoids sum to -1/16 over a range of 3
     assert s["area_over_hull"] == pytest.approx(-1 / 48)
     assert s["oracle_gain_fraction"] is None  # the oracle also ends at .85 at cost 4: no room to gain
@@ -81,17 +82,47 @@ def test_figures_when_the_router_finds_the_oracle():
     assert s["quality_at_best_fixed_cost"] == pytest.approx(1.0)  # (1.5, 1.0) held flat to cost 2
     assert s["gain_at_fixed_cost"]["dear"] == pytest.approx(0.25)
     assert s["oracle_gain_fraction"] == pytest.approx(1.0)
-    assert s["cost_ratio_to_match_best_fixed"] == pytest.approx(1.25 / 2)  # .75 between (1,.5) and (1.5,1)
+    assert s["cost_ratio_or_miss"] == pytest.approx(1.25 / 2)  # .75 between (1,.5) and (1.5,1)
     assert s["area_over_hull"] == pytest.approx(0.25)
 
 
-def test_cost_ratio_is_none_when_never_reached():
+def test_a_router_that_never_reaches_the_best_is_a_miss():
     true = np.array([[0.0, 1.0], [0.0, 1.0]])
     pred = np.array([[1.0, 0.0], [1.0, 0.0]])  # exactly backwards: always the cheap, bad one
     s = evaluate_predictions(pred, true, [1.0, 2.0], ["cheap", "dear"]).summary
-    assert s["cost_ratio_to_match_best_fixed"] is None
+    assert s["missed_best_fixed"] and s["missed_candidates"] == ["dear"]
+    assert s["cost_ratio_or_miss"] == 1.0  # the best fixed is the dearest: a miss counts as 2 / 2
     assert s["gain_at_fixed_cost"]["dear"] == pytest.approx(-1.0)
     assert s["area_over_hull"] == pytest.approx(-0.5)  # mean of -(c - 1) over [1, 2]
+
+
+def test_oracle_gain_fraction_between_zero_and_one_by_hand():
+    # A and A2 are drawn best by the cheap candidate, B and B2 by the dear one; the router gets B2 wrong.
+    true = np.array([[1.0, 0.6], [1.0, 0.6], [0.0, 1.0], [0.5, 1.0]])
+    pred = np.array([[0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [0.7, 0.3]])
+    s = evaluate_predictions(pred, true, [1.0, 2.0], ["cheap", "dear"]).summary
+    # fixed: cheap .625, dear .8 (best, cost 2). Router at lambda 0: cheap, cheap, dear, cheap = (1.25, .875),
+    # held flat to cost 2; its only other point is all-cheap (1, .625). Oracle: (1.5, 1.0).
+    assert s["best_fixed"] == "dear" and s["best_fixed_quality"] == pytest.approx(0.8)
+    assert s["quality_at_best_fixed_cost"] == pytest.approx(0.875)
+    assert s["oracle_quality_at_best_fixed_cost"] == pytest.approx(1.0)
+    assert s["oracle_gain_fraction"] == pytest.approx(0.075 / 0.2)  # (.875 - .8) / (1 - .8)
+    # .8 is reached 70 % of the way from (1, .625) to (1.25, .875): cost 1.175 of the dear one's 2
+    assert s["cost_ratio_or_miss"] == pytest.approx(0.5875) and not s["missed_best_fixed"]
+    # router minus hull (.625 + .175 (c - 1)): 0 at 1, .20625 at 1.25, .075 at 2 -> trapezoids .02578 + .10547
+    assert s["area_over_hull"] == pytest.approx(0.13125)
+
+
+def test_a_miss_counts_as_the_dearest_cost_over_the_best_when_the_best_is_not_the_dearest():
+    # Planted table: "mid" (cost 2) is the best fixed candidate, "dear" (cost 5) is worse than it. The router
+    # believes in the cheap one everywhere, so it never reaches mid's quality: a miss, counted as 5 / 2.
+    true = np.array([[0.2, 0.9, 0.6], [0.4, 0.7, 0.6]])
+    pred = np.array([[0.9, 0.1, 0.1], [0.9, 0.2, 0.1]])
+    s = evaluate_predictions(pred, true, [1.0, 2.0, 5.0], ["cheap", "mid", "dear"]).summary
+    assert s["best_fixed"] == "mid" and s["missed_best_fixed"]
+    assert s["cost_ratio_or_miss"] == pytest.approx(2.5) and s["miss_ratio"] == pytest.approx(2.5)
+    assert s["cost_ratio_or_miss_by_candidate"] == pytest.approx({"cheap": 1.0, "mid": 2.5, "dear": 1.0})
+    assert s["missed_candidates"] == ["mid", "dear"]
 
 
 def test_area_between_single_cost_range():
@@ -121,26 +152,26 @@ def test_random_invariants_of_the_summary():
     assert s["oracle_quality_at_best_fixed_cost"] >= s["quality_at_best_fixed_cost"] - 1e-12
     assert s["oracle_area_over_hull"] >= s["area_over_hull"] - 1e-12
     assert s["oracle_area_over_hull"] >= 0
-    frac = (s["quality_at_best_fixed_cost"] - s["best_fixed_quality"]) / (
-        s["oracle_quality_at_best_fixed_cost"] - s["best_fixed_quality"]
-    )
-    assert s["oracle_gain_fraction"] == pytest.approx(frac)
+    assert s["oracle_gain_fraction"] <= 1 + 1e-12  # the oracle is at least as good at every cost
     assert s["gain_at_fixed_cost"]["a"] == 0.0  # the cheapest: every router ends there
 
 
+def _record(gain: float, quality: float, area: float, ratio: float, missed: bool, frac: float | None,
+            counted_as: float = 2.5) -> dict:
+    return {"gain_at_best_fixed_cost": gain, "quality_at_best_fixed_cost": quality, "area_over_hull": area,
+            "cost_ratio_or_miss": ratio, "missed_best_fixed": missed, "miss_ratio": counted_as,
+            "oracle_gain_fraction": frac}
+
+
 def test_summarize_trials():
-    recs = [
-        {"gain_at_best_fixed_cost": 0.2, "quality_at_best_fixed_cost": 3.0, "area_over_hull": 0.1,
-         "cost_ratio_to_match_best_fixed": 0.5, "oracle_gain_fraction": 0.4},
-        {"gain_at_best_fixed_cost": -0.1, "quality_at_best_fixed_cost": 2.0, "area_over_hull": 0.3,
-         "cost_ratio_to_match_best_fixed": None, "oracle_gain_fraction": 0.0},
-    ]
-    t = summarize_trials(recs)
+    t = summarize_trials([_record(0.2, 3.0, 0.1, 0.5, False, 0.4), _record(-0.1, 2.0, 0.3, 2.5, True, None)])
     assert t["n"] == 2 and t["win_rate"] == 0.5
     assert t["mean_quality_at_best_fixed_cost"] == pytest.approx(2.5)
     assert t["std_quality_at_best_fixed_cost"] == pytest.approx(np.sqrt(0.5))  # sample std
-    assert t["mean_cost_ratio_to_match_best_fixed"] == 0.5
-    assert t["std_cost_ratio_to_match_best_fixed"] is None and t["n_cost_ratio_to_match_best_fixed"] == 1
+    assert t["mean_cost_ratio_or_miss"] == pytest.approx(1.5) and t["misses"] == 1 and t["miss_ratio"] == 2.5
+    assert "mean_cost_ratio_to_match_best_fixed" not in t  # no second, miss-dropping ratio
+    assert t["mean_oracle_gain_fraction"] == 0.4 and t["n_oracle_gain_fraction"] == 1
+    assert t["std_oracle_gain_fraction"] is None
 
 
 # --- the trial loop on a planted signal ---------------------------------------------------------
@@ -182,7 +213,7 @@ def test_evaluate_table_finds_the_planted_signal(planted_report):
     assert s["best_fixed"] == "dear"
     # routing each kind to its good candidate gives ~.85 at cost ~2 vs .65 for always-dear at cost 3
     assert s["quality_at_best_fixed_cost"] > 0.8
-    assert s["cost_ratio_to_match_best_fixed"] < 0.75
+    assert s["cost_ratio_or_miss"] < 0.75 and not s["missed_best_fixed"]
     assert s["area_over_hull"] > 0.1
     assert s["oracle_gain_fraction"] > 0.8
     assert s["trials"]["n"] == 3 and s["trials"]["win_rate"] == 1.0
@@ -274,14 +305,8 @@ def test_a_miss_counts_as_the_worst_ratio():
     true = np.array([[0.2, 0.9], [0.3, 0.8]])
     pred = np.array([[0.9, 0.1], [0.9, 0.1]])
     s = evaluate_predictions(pred, true, [1.0, 4.0], ["cheap", "dear"]).summary
-    assert s["cost_ratio_to_match_best_fixed"] is None and s["missed_best_fixed"]
-    assert s["cost_ratio_or_miss"] == 1.0  # the best fixed is the dearest: ratio 4 / 4
-    recs = [{"gain_at_best_fixed_cost": 0.1, "quality_at_best_fixed_cost": 1, "area_over_hull": 0.1,
-             "cost_ratio_to_match_best_fixed": 0.5, "cost_ratio_or_miss": 0.5, "oracle_gain_fraction": 0.5},
-            {"gain_at_best_fixed_cost": -0.1, "quality_at_best_fixed_cost": 1, "area_over_hull": 0.0,
-             "cost_ratio_to_match_best_fixed": None, "cost_ratio_or_miss": 1.0, "oracle_gain_fraction": 0.0}]
-    t = summarize_trials(recs)
-    assert t["mean_cost_ratio_to_match_best_fixed"] == 0.5  # the reached trials only (flattering)
+    assert s["missed_best_fixed"] and s["cost_ratio_or_miss"] == 1.0  # the best fixed is the dearest: 4 / 4
+    t = summarize_trials([_record(0.1, 1, 0.1, 0.5, False, 0.5), _record(-0.1, 1, 0.0, 1.0, True, 0.0, 1.0)])
     # mean 0.75, sample std 0.3536, t(0.975, 1) = 12.706: 0.75 +- 12.706 * 0.3536 / sqrt(2)
     assert t["trial_intervals"]["cost_ratio_or_miss"] == pytest.approx([0.75 - 3.1766, 0.75 + 3.1766], abs=1e-3)
     assert t["mean_cost_ratio_or_miss"] == 0.75 and t["misses"] == 1  # what the report leads with

@@ -152,7 +152,7 @@ def test_large_images_are_downscaled_before_embedding(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "report",
     [{}, {"summary": {}}, MINIMAL_REPORT,
-     {"summary": {"best_fixed": "x", "cost_ratio_to_match_best_fixed": None, "oracle_gain_fraction": float("nan"),
+     {"summary": {"best_fixed": "x", "cost_ratio_or_miss": 1.0, "missed_best_fixed": True, "oracle_gain_fraction": float("nan"),
                   "trials": {"n": 3}, "bootstrap_gain_ci": [0.1, 0.25], "new_figure": {"deep": [1, 2, 3]}},
       "fixed": [{"candidate": "x", "cost": 1.0}], "hull": [], "router": []}],
 )
@@ -227,18 +227,32 @@ def test_gallery_from_router_routes_with_the_router_calibration(tmp_path: Path) 
 
 
 def test_gallery_from_report_shows_trial_zero_test_prompts_and_routes_them(tmp_path: Path) -> None:
-    """The gallery's rows are exactly the report's test prompts; at the cheapest cost every prompt goes
-    to the cheapest candidate, at the dearest cost (lambda 0) to its best predicted one."""
+    """The gallery's rows are exactly the report's test prompts, and lambda for each budget comes from
+    the calibration prompts, not from the test predictions shown.
+
+    Calibration predictions (cheap, dear): dear leads by 1.0, .8, .6 and .2 at a cost gap of 2, so a
+    prompt leaves dear once lambda passes half its lead: .5, .4, .3, .1. Budget 2 allows 2 of the 4 on
+    dear (1 + k/2 <= 2): lambda .3. At lambda .3 test prompt "one" (lead .3, needs lambda < .15)
+    goes to the cheap candidate; calibrated on the two test predictions instead (2 on dear cost 2:
+    lambda 0), it would go to the dear one. At budget 3 (the dearest cost) lambda is 0 either way.
+    """
     report = {
         "meta": {"candidates": ["a", "b"], "costs": [1.0, 3.0], "metric": "clip_score", "cost_unit": "tflops"},
-        "test_predictions": {"prompt_ids": ["p2", "p1"], "pred": [[0.2, 0.1], [0.3, 0.6]]},
+        "test_predictions": {"prompt_ids": ["p2", "p1"], "pred": [[0.2, 0.1], [0.3, 0.6]],
+                             "calibration_pred": [[0.0, 1.0], [0.0, 0.8], [0.0, 0.6], [0.0, 0.2]]},
     }
-    g = gallery_from_report(report, _table(tmp_path), {"tight": 1.0, "loose": 3.0})
+    g = gallery_from_report(report, _table(tmp_path), {"tight": 1.0, "mid": 2.0, "loose": 3.0})
     assert [r.prompt for r in g.rows] == ["two", "one"]
     assert [r.chosen["tight"] for r in g.rows] == ["a", "a"]
-    assert [r.chosen["loose"] for r in g.rows] == ["a", "b"] and g.budgets[1].lam == 0.0
+    assert g.budgets[1].lam == pytest.approx(0.3)
+    assert [r.chosen["mid"] for r in g.rows] == ["a", "a"]
+    assert [r.chosen["loose"] for r in g.rows] == ["a", "b"] and g.budgets[2].lam == 0.0
     with pytest.raises(CatimageError, match="test_predictions"):
         gallery_from_report({"meta": report["meta"]}, _table(tmp_path), {"tight": 1.0})
+    without = {**report, "test_predictions": {k: v for k, v in report["test_predictions"].items()
+                                              if k != "calibration_pred"}}
+    with pytest.raises(CatimageError, match="calibration"):
+        gallery_from_report(without, _table(tmp_path), {"tight": 1.0})
 
 
 def test_report_test_prompt_ids_name_the_prompts_the_figures_used() -> None:
@@ -257,6 +271,7 @@ def test_report_test_prompt_ids_name_the_prompts_the_figures_used() -> None:
     report = evaluate_table(aggregate(table), [1.0, 2.0], "knn", {"k": 3}, "tfidf", test_frac=0.2, seed=7)
     ids = report_test_prompt_ids(report, table)
     assert len(ids) == report["meta"]["n_test"] == 12
+    assert np.asarray(report["test_predictions"]["calibration_pred"]).shape == (6, 2)  # 10 % of 60, for the gallery
     values = dict(zip(zip(table.column("prompt_id").to_pylist(), table.column("candidate").to_pylist()),
                       table.column("quality").to_pylist()))
     for point in report["fixed"]:

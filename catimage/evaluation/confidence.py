@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from catimage.evaluation.figures import BOOTSTRAP_FIGURES, TRIAL_FIGURES, fast_figures
+from catimage.evaluation.figures import BOOTSTRAP_FIGURES, TRIAL_FIGURES, describe_miss_rule, fast_figures
 
 CONFIDENCE = 0.95
 
@@ -65,22 +65,25 @@ def summarize_trials(per_trial: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Table 1: win rate and mean / std (sample std; None below two values) of each figure.
 
     A trial is won when the router's quality at the best fixed candidate's cost beats that
-    candidate. The plain cost ratio is averaged over the trials that reach the best fixed quality
-    (`n_<figure>` says how many); `mean_cost_ratio_or_miss` counts every trial, a miss as the worst
-    possible ratio, and `misses` says how many trials missed.
+    candidate. `mean_cost_ratio_or_miss` counts every trial, a miss as `miss_ratio` (see
+    catimage.evaluation.figures); `misses` says how many trials missed. A figure that is undefined in
+    some trials (the oracle's gain when the oracle has no room) is averaged over the others and
+    `n_<figure>` says over how many.
     """
     out: dict[str, Any] = {"n": len(per_trial)}
     if not per_trial:
         return out
     wins = [t["gain_at_best_fixed_cost"] > 0 for t in per_trial]
     out["win_rate"] = float(np.mean(wins))
-    for key in (*TRIAL_FIGURES, "cost_ratio_or_miss"):
+    for key in TRIAL_FIGURES:
         vals = np.array([t[key] for t in per_trial if t.get(key) is not None], dtype=np.float64)
         out[f"mean_{key}"] = float(vals.mean()) if vals.size else None
         out[f"std_{key}"] = float(vals.std(ddof=1)) if vals.size >= 2 else None
         if vals.size != len(per_trial):
             out[f"n_{key}"] = int(vals.size)
-    out["misses"] = int(sum(t.get("cost_ratio_to_match_best_fixed") is None for t in per_trial))
+    out["misses"] = int(sum(bool(t["missed_best_fixed"]) for t in per_trial))
+    counted_as = {float(t["miss_ratio"]) for t in per_trial}  # differs only when the best fixed candidate does
+    out["miss_ratio"] = counted_as.pop() if len(counted_as) == 1 else None
     out["trial_intervals"] = {key: _t_interval(out, key) for key in BOOTSTRAP_FIGURES}
     return out
 
@@ -145,7 +148,8 @@ def verdict(trials: Mapping[str, Any], best_fixed: str, unit: str) -> list[str]:
         cheaper = "yes, with confidence" if hi is not None and hi < 1 else "not with confidence"
         lines.append(
             f"Matches {best_fixed}'s quality for less? {cheaper}: mean cost ratio {ratio:.3g} ({pct}% interval "
-            f"{_fmt_ci(lo, hi, signed=False)}); {misses} of {n} trial(s) never reached it and count as the worst ratio."
+            f"{_fmt_ci(lo, hi, signed=False)}); {misses} of {n} trial(s) never reached it; "
+            f"{describe_miss_rule(trials.get('miss_ratio'))}."
         )
     return lines
 

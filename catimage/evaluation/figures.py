@@ -4,12 +4,13 @@ fixed candidate's cost, Table 2; cost ratio to match a candidate, Table 3; area 
 share of the oracle's gain). Pure numpy on predicted and true quality of test prompts (metric
 units) and the candidates' costs; catimage.policy.routing draws the curves.
 
-A trial whose router never reaches the best fixed candidate's quality is a MISS. There is one
-definition of the cost ratio a report shows, `cost_ratio_or_miss`: the cost at which the router
-first reaches the best fixed candidate's quality over that candidate's cost, and a miss counts as
-the largest ratio a router can have (`miss_ratio`: the dearest candidate's cost over the best fixed
-one's; 1.0 when the best is the dearest). `cost_ratio_to_match_best_fixed` (None on a miss) is kept
-only to say whether a trial missed.
+A router that never reaches a candidate's quality MISSES it. There is one cost-ratio figure,
+`cost_ratio_or_miss` (one function computes it for every caller): the average cost at which the
+router first reaches the candidate's mean quality, over that candidate's cost; a miss counts as the
+largest ratio a router can have, the dearest candidate's cost over the matched one's (`miss_ratio`;
+1.0 when the matched candidate is the dearest, as the best fixed one is in the scene world). The
+summary says separately whether the best fixed candidate was missed (`missed_best_fixed`), so no
+reader needs a second, miss-dropping ratio.
 
 Every figure that reads a curve at a cost uses linear interpolation between consecutive curve points
 (randomising between two deterministic routers), as the paper does; see catimage.policy.routing.
@@ -38,15 +39,8 @@ from catimage.policy.routing import (
 
 INTERPOLATION = "linear"
 
-# Per-trial figures that the `trials` summary averages.
-TRIAL_FIGURES = (
-    "quality_at_best_fixed_cost",
-    "gain_at_best_fixed_cost",
-    "area_over_hull",
-    "cost_ratio_to_match_best_fixed",
-    "oracle_gain_fraction",
-)
-# Figures with a bootstrap interval; the cost ratio there counts a miss (never reached) as the worst.
+# The summary figures of one trial: each gets a bootstrap interval over test prompts, and the
+# `trials` summary averages them over re-drawn splits (the same five, under both names).
 BOOTSTRAP_FIGURES = (
     "quality_at_best_fixed_cost",
     "gain_at_best_fixed_cost",
@@ -54,6 +48,9 @@ BOOTSTRAP_FIGURES = (
     "cost_ratio_or_miss",
     "oracle_gain_fraction",
 )
+TRIAL_FIGURES = BOOTSTRAP_FIGURES
+# What a per-trial record keeps beside the figures: whether the trial missed, and what a miss counts as.
+TRIAL_RECORD_KEYS = (*TRIAL_FIGURES, "missed_best_fixed", "miss_ratio")
 
 
 @dataclass(frozen=True)
@@ -111,6 +108,29 @@ def _ratio(cost: float | None, reference: float) -> float | None:
     return cost / reference
 
 
+def miss_ratio(costs: np.ndarray, matched_cost: float) -> float:
+    """The cost ratio a miss counts as: the dearest candidate's cost over the matched candidate's (the
+    largest ratio a router that reaches the quality at all could have; 1.0 when the matched candidate
+    is the dearest)."""
+    return float(np.max(costs) / matched_cost) if matched_cost > 0 else 1.0
+
+
+def cost_ratio_or_miss(reach_cost: float | None, matched_cost: float, costs: np.ndarray) -> tuple[float, bool]:
+    """THE cost-ratio figure and whether it is a miss: `reach_cost` (the router's cheapest average cost
+    reaching the candidate's quality, None when it never does) over `matched_cost`, or `miss_ratio`."""
+    ratio = _ratio(reach_cost, matched_cost)
+    if ratio is None:
+        return miss_ratio(costs, matched_cost), True
+    return ratio, False
+
+
+def describe_miss_rule(miss_value: float | None = None) -> str:
+    """The words every printed cost ratio carries, so that a reader knows what a miss counts as."""
+    value = f" ({miss_value:.3g} here)" if miss_value is not None and np.isfinite(miss_value) else ""
+    return ("a miss (the quality never reached) counts as the dearest candidate's cost over the matched "
+            f"one's{value}, which is 1 when the matched candidate is the dearest")
+
+
 def evaluate_predictions(
     pred_test: Any, true_test: Any, costs: Any, candidates: Sequence[str]
 ) -> EvalResult:
@@ -140,10 +160,11 @@ def evaluate_predictions(
     q_router = float(interpolate_curve(router, c_best))
     q_oracle = float(interpolate_curve(oracle, c_best))
     gain = {c: _snap(float(interpolate_curve(router, float(k))) - float(q)) for c, k, q in zip(candidates, costs, fixed_q)}
-    ratio = {c: _ratio(cost_to_reach(router, float(q)), float(k)) for c, k, q in zip(candidates, costs, fixed_q)}
+    ratio = {c: cost_ratio_or_miss(cost_to_reach(router, float(q)), float(k), costs)
+             for c, k, q in zip(candidates, costs, fixed_q)}
     lo, hi = float(costs.min()), float(costs.max())
     denom = q_oracle - q_best
-    ratio_best = ratio[candidates[best]]
+    ratio_best, missed_best = ratio[candidates[best]]
     summary = {
         "best_fixed": candidates[best],
         "best_fixed_cost": c_best,
@@ -152,10 +173,11 @@ def evaluate_predictions(
         "gain_at_best_fixed_cost": _snap(q_router - q_best),
         "oracle_quality_at_best_fixed_cost": q_oracle,
         "gain_at_fixed_cost": gain,
-        "cost_ratio_to_match_best_fixed": ratio_best,
-        "missed_best_fixed": ratio_best is None,
-        "cost_ratio_or_miss": ratio_best if ratio_best is not None else miss_ratio(costs, c_best),
-        "cost_ratio_to_match": ratio,
+        "cost_ratio_or_miss": ratio_best,
+        "missed_best_fixed": missed_best,
+        "miss_ratio": miss_ratio(costs, c_best),
+        "cost_ratio_or_miss_by_candidate": {c: r for c, (r, _) in ratio.items()},
+        "missed_candidates": [c for c, (_, missed) in ratio.items() if missed],
         "area_over_hull": area_between(router, hull, lo, hi),
         "oracle_area_over_hull": area_between(oracle, hull, lo, hi),
         "oracle_gain_fraction": (q_router - q_best) / denom if denom > 1e-12 else None,
@@ -164,12 +186,6 @@ def evaluate_predictions(
         "n_test": int(pred.shape[0]),
     }
     return EvalResult(candidates, costs, int(pred.shape[0]), fixed, router, oracle, hull, summary)
-
-
-def miss_ratio(costs: np.ndarray, best_cost: float) -> float:
-    """The cost ratio a miss counts as: the dearest candidate's cost over the best fixed one's (the
-    largest ratio a router that reaches the quality at all could have; 1.0 when the best is the dearest)."""
-    return float(costs.max() / best_cost) if best_cost > 0 else 1.0
 
 
 def fast_figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray) -> np.ndarray:
@@ -184,8 +200,7 @@ def fast_figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray) -> np.nd
     router = [CurvePoint(0.0, float(c), float(q)) for c, q in zip(rc[order], rq[order])]
     q_router = float(interpolate_curve(router, c_best))
     q_oracle = float(np.interp(c_best, *_sorted(oc, oq)))
-    reach = cost_to_reach(router, q_best)
-    ratio = _ratio(reach, c_best)
+    ratio, _ = cost_ratio_or_miss(cost_to_reach(router, q_best), c_best, costs)
     hull = mixture_hull(costs, fixed_q)
     area = area_between(router, hull, float(costs.min()), float(costs.max()))
     denom = q_oracle - q_best
@@ -193,7 +208,7 @@ def fast_figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray) -> np.nd
         q_router,
         _snap(q_router - q_best),
         area,
-        ratio if ratio is not None else miss_ratio(costs, c_best),
+        ratio,
         (q_router - q_best) / denom if denom > 1e-12 else np.nan,
     ])
 

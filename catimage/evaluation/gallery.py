@@ -245,24 +245,31 @@ def gallery_from_report(
     max_rows: int | None = DEFAULT_MAX_ROWS,
 ) -> Gallery:
     """The gallery of an evaluation's trial 0: its test prompts, the predictions it measured, and the
-    choice at each labelled budget (lambda calibrated on those same predictions, since the report
-    carries no calibration set). `table` supplies images and per-sample scores."""
+    choice at each labelled budget. Lambda for a budget comes from trial 0's held-out calibration
+    prompts (`test_predictions.calibration_pred`), as the router bundle's `lambda_for_budget` and
+    every other figure set it, never from the test predictions themselves (which would let the
+    gallery meet each budget exactly on the very prompts it shows). `table` supplies images and
+    per-sample scores."""
     tests = report.get("test_predictions") or {}
     meta = report.get("meta") or {}
     if not tests.get("prompt_ids"):
         raise CatimageError("the report has no test_predictions (written by catimage.evaluation.trials.evaluate_table)")
+    if tests.get("calibration_pred") is None:
+        raise CatimageError("the report's test_predictions lack calibration_pred (trial 0's calibration prompts): "
+                            "re-run `catimage evaluate` with this version to map budgets to lambda")
     pred = np.asarray(tests["pred"], dtype=np.float64)
+    calibration = np.asarray(tests["calibration_pred"], dtype=np.float64)
     costs = np.asarray(meta["costs"], dtype=np.float64)
     marks, chosen = [], {}
     for label, value in budgets.items():
-        lam = calibrate_lambda(pred, costs, value)
+        lam = calibrate_lambda(calibration, costs, value)
         marks.append(Budget(label, float(value), lam))
         chosen[label] = route(pred, costs, lam)
     return gallery_from_predictions(
         table, tests["prompt_ids"], pred, meta["candidates"], chosen, budgets=marks, costs=list(costs),
         metric=meta.get("metric"), cost_unit=meta.get("cost_unit", "cost"),
         note=note or "Trial 0's test prompts (never seen by the router that predicted them); lambda for each "
-        "budget calibrated on these predictions.",
+        "budget set on trial 0's held-out calibration prompts.",
         max_rows=max_rows,
     )
 

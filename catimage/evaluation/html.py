@@ -233,10 +233,10 @@ def _headline(report: Mapping[str, Any]) -> str:
         extra = _interval(s, "area_over_hull")
         cards.append(("Mean gain over the mixture hull", _signed(s["area_over_hull"]),
                       "router minus best random mix of fixed candidates" + (f"; {extra}" if extra else "")))
-    if "cost_ratio_to_match_best_fixed" in s:
-        ratio = s["cost_ratio_to_match_best_fixed"]
+    if "cost_ratio_or_miss" in s:
+        ratio = s["cost_ratio_or_miss"]
         detail = (f"router matches {_e(s.get('best_fixed', 'it'))} at {_num(100 * ratio, 3)}% of its cost"
-                  if _finite(ratio) else "the router never reaches its quality")
+                  if not s.get("missed_best_fixed") else "the router never reaches its quality (a miss)")
         cards.append(("Cost ratio to match it", f"{_num(ratio, 3)}×" if _finite(ratio) else "n/a", detail))
     if "oracle_gain_fraction" in s:
         cards.append(("Share of the oracle's gain", _num(s["oracle_gain_fraction"], 3),
@@ -298,7 +298,8 @@ def _candidates_table(report: Mapping[str, Any]) -> str:
     meta = report.get("meta") or {}
     on_hull = {h.get("candidate") for h in report.get("hull") or [] if isinstance(h, Mapping)}
     gains = s.get("gain_at_fixed_cost") if isinstance(s.get("gain_at_fixed_cost"), Mapping) else {}
-    ratios = s.get("cost_ratio_to_match") if isinstance(s.get("cost_ratio_to_match"), Mapping) else {}
+    ratios = (s.get("cost_ratio_or_miss_by_candidate") if isinstance(s.get("cost_ratio_or_miss_by_candidate"), Mapping)
+              else {})
     rows = []
     for p in sorted(fixed, key=lambda p: p.get("cost") if _finite(p.get("cost")) else math.inf):
         c = p["candidate"]
@@ -323,7 +324,7 @@ def _routers_table(report: Mapping[str, Any]) -> str:
         s = (sub or {}).get("summary") or {}
         tr = s.get("trials") if isinstance(s.get("trials"), Mapping) else {}
         rows.append(f"<tr><td>{_e(label)}</td><td>{_num(s.get('quality_at_best_fixed_cost'))}</td>"
-                    f"<td>{_signed(s.get('area_over_hull'))}</td><td>{_num(s.get('cost_ratio_to_match_best_fixed'), 3)}</td>"
+                    f"<td>{_signed(s.get('area_over_hull'))}</td><td>{_num(s.get('cost_ratio_or_miss'), 3)}</td>"
                     f"<td>{_num(tr.get('win_rate'), 3)}</td></tr>")
     head = ("<tr><th scope=\"col\">router</th><th scope=\"col\">quality at best fixed cost</th><th scope=\"col\">area over hull"
             "</th><th scope=\"col\">cost ratio to match</th><th scope=\"col\">win rate</th></tr>")

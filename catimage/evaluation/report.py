@@ -126,7 +126,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             ["router quality at its cost", f"{_f(summary.get('quality_at_best_fixed_cost'))} ({_signed(summary.get('gain_at_best_fixed_cost'))})",
              _ci(ci0, "quality_at_best_fixed_cost")],
             ["oracle quality at its cost", _f(summary.get("oracle_quality_at_best_fixed_cost")), ""],
-            ["router cost to match it / its cost", _f(summary.get("cost_ratio_to_match_best_fixed"))
+            ["router cost to match it / its cost", _f(summary.get("cost_ratio_or_miss"))
              + (" (never reached: a miss)" if summary.get("missed_best_fixed") else ""), _ci(ci0, "cost_ratio_or_miss")],
             ["mean gain over the prompt-agnostic hull", _signed(summary.get("area_over_hull")), _ci(ci0, "area_over_hull")],
             ["share of the oracle's gain at its cost", _f(summary.get("oracle_gain_fraction")), _ci(ci0, "oracle_gain_fraction")],
@@ -196,7 +196,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             rows.append([p["candidate"], _f(p["cost"]), _f(p["quality"]), _f(q_r),
                          _signed(gains.get(p["candidate"], q_r - p["quality"])), _f(q_h), _f(q_o)])
         lines += _table(["candidate", "cost", "fixed", "router", "router gain", "hull", "oracle"], rows)
-        ratios = summary.get("cost_ratio_to_match", {})
+        ratios = summary.get("cost_ratio_or_miss_by_candidate", {})
         lines += ["## Table 3: cost for the router to match each candidate's quality", ""]
         rows = []
         for p in sorted(fixed, key=lambda p: p["cost"]):
@@ -212,7 +212,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             s = sub.get("summary", {})
             tr = s.get("trials") or {}
             rows.append([label, _f(s.get("quality_at_best_fixed_cost")), _signed(s.get("area_over_hull")),
-                         _f(s.get("cost_ratio_to_match_best_fixed")), _f(s.get("oracle_gain_fraction")),
+                         _f(s.get("cost_ratio_or_miss")), _f(s.get("oracle_gain_fraction")),
                          _f(tr.get("win_rate")), _mean_std(tr, "gain_at_best_fixed_cost") if tr else "n/a"])
         lines += _table(["router", "quality at best fixed cost", "area over hull", "cost ratio",
                          "oracle gain fraction", "win rate", "gain over trials"], rows)

@@ -27,7 +27,7 @@ from catimage.evaluation.confidence import (
 from catimage.evaluation.figures import (
     BOOTSTRAP_FIGURES,
     INTERPOLATION,
-    TRIAL_FIGURES,
+    TRIAL_RECORD_KEYS,
     EvalResult,
     evaluate_predictions,
 )
@@ -114,13 +114,14 @@ def evaluate_table(
         say(
             f"trial {t + 1}/{trials} done in {time.perf_counter() - start:.0f} s: area over hull "
             f"{result.summary['area_over_hull']:+.4g}, gain at best fixed cost {result.summary['gain_at_best_fixed_cost']:+.4g}, "
-            f"cost ratio {_fmt_ratio(result.summary['cost_ratio_to_match_best_fixed'])}"
+            f"cost ratio {_fmt_ratio(result.summary)}"
         )
         log.info("trial %d/%d: %d test prompts, area over hull %+.4g", t + 1, trials, result.n_test,
                  result.summary["area_over_hull"])
         if t == 0:
             first, dropped0 = result, int((~keep).sum())
-            first_test = {"prompt_ids": [matrix.prompt_ids[i] for i in te[keep]], "pred": pred[keep]}
+            first_test = {"prompt_ids": [matrix.prompt_ids[i] for i in te[keep]], "pred": pred[keep],
+                          "calibration_pred": model.calibration_pred}
     assert first is not None
     report = first.to_dict()
     summary = report["summary"]
@@ -172,8 +173,9 @@ def evaluate_table(
     return report
 
 
-def _fmt_ratio(value: float | None) -> str:
-    return "miss" if value is None else f"{value:.3g}"
+def _fmt_ratio(summary: Mapping[str, Any]) -> str:
+    text = f"{summary['cost_ratio_or_miss']:.3g}"
+    return f"{text} (a miss)" if summary["missed_best_fixed"] else text
 
 
 def _budget_check(model: Any, pred: np.ndarray, true: np.ndarray, costs: np.ndarray) -> list[dict[str, Any]]:
@@ -195,5 +197,5 @@ def _budget_check(model: Any, pred: np.ndarray, true: np.ndarray, costs: np.ndar
 def _trial_record(result: EvalResult, seed: int) -> dict[str, Any]:
     s = result.summary
     rec = {"seed": seed, "n_test": result.n_test, "best_fixed": s["best_fixed"]}
-    rec.update({k: s[k] for k in (*TRIAL_FIGURES, "cost_ratio_or_miss")})
+    rec.update({k: s[k] for k in TRIAL_RECORD_KEYS})
     return rec
