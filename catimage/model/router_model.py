@@ -44,7 +44,7 @@ from catimage.features.registry import load_embedder, make_embedder
 from catimage.features.stage import FeatureCache, embed_features
 from catimage.features.tokens import TokenBatch
 from catimage.model.add_candidate import AddedCandidate, memberships, profile_clusters
-from catimage.policy.routing import calibrate_lambda, route
+from catimage.policy.routing import calibrate_lambda, route, utility_ranking
 from catimage.tables.table import MetricScaler, QualityMatrix, split_prompts
 
 log = logging.getLogger(__name__)
@@ -356,21 +356,25 @@ class RouterModel:
         return calibrate_lambda(self.calibration_pred, self.costs, budget)
 
     def decide(self, prompts: Sequence[str], budget: float | None = None, lam: float | None = None) -> list[Decision]:
-        """Route prompts; lambda comes from `lam`, else from `budget`, else 0 (best predicted quality)."""
+        """Route prompts; lambda comes from `lam`, else from `budget`, else 0 (best predicted quality).
+
+        `lam = inf` is the limit (every prompt on its cheapest candidate, best predicted among equally
+        cheap ones); the ranking then follows cost, never inf * 0 = NaN utilities.
+        """
         if budget is not None and lam is not None:
             raise BudgetError("give a budget or a lambda, not both")
         if lam is None:
             lam = self.lambda_for_budget(budget) if budget is not None else 0.0
-        elif not np.isfinite(lam) or lam < 0:
+        elif np.isnan(lam) or lam < 0:
             raise BudgetError(f"lambda must be a non-negative number, got {lam}")
         prompts = list(prompts)
         pred = self.predict(prompts)
         chosen = route(pred, self.costs, lam)
-        utility = pred - lam * self.costs
+        # Best utility first; ties broken toward the cheaper candidate, as the rule does.
+        ranking = utility_ranking(pred, self.costs, lam) if prompts else np.zeros((0, len(self.candidates)), np.int64)
         decisions = []
         for i, prompt in enumerate(prompts):
-            # Best utility first; ties broken toward the cheaper candidate, as the rule does.
-            order = sorted(range(len(self.candidates)), key=lambda j: (-utility[i, j], self.costs[j], j))
+            order = ranking[i]
             j = int(chosen[i])
             decisions.append(
                 Decision(

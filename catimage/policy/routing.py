@@ -14,6 +14,16 @@ function of lambda, the average routed cost too, and the union of all prompts' e
 complete set of lambdas at which anything changes: the deferral curve evaluated there is exact, not
 a grid approximation.
 
+Per-prompt costs: every function here that takes `costs` accepts either one cost per candidate
+(M,) or one per prompt and option (n, M). The second is what a cascade needs (catimage.policy.cascade:
+the options are plans, whose expected costs differ per prompt); routing is its special case, and
+route and cascade share this one rule, sweep and calibration. With (n, M) costs the sweep first
+keeps, per prompt, only the options no other option beats on both prediction and cost (dropping the
+rest changes no choice at any lambda: a dropped option loses every tie by the tie rule), so thousands
+of plans sweep as fast as a handful of candidates. `deferral_curve_arrays` can also REPORT a cost
+other than the one decided on (`realized_cost`): a cascade decides on expected plan costs and is
+judged on what each plan really spent.
+
 Curve semantics (used consistently by `interpolate_curve`, `cost_to_reach` and catimage.evaluation):
 between two consecutive deterministic routers (lambda_k, lambda_{k+1}) one may randomise per prompt,
 so every cost between their costs is achievable with the linearly interpolated quality. Quality at
@@ -47,6 +57,7 @@ __all__ = [
     "max_precise_lambda",
     "area_between",
     "area_over_hull",
+    "pareto_options",
 ]
 
 # Relative slack when comparing average costs with a budget: an average of n equal costs can differ
@@ -81,19 +92,24 @@ class HullPoint:
 # --- validation ---------------------------------------------------------------------------------
 
 
-def _check_costs(costs: Any, m: int | None = None) -> np.ndarray:
+def _check_costs(costs: Any, m: int | None = None, n: int | None = None) -> np.ndarray:
+    """Costs as float64: (M,) one per candidate, or (n, M) one per prompt and option."""
     costs = np.asarray(costs, dtype=np.float64)
-    if costs.ndim != 1 or costs.size == 0:
-        raise CatimageError(f"costs must be a non-empty 1-D array (one per candidate), got shape {costs.shape}")
-    if m is not None and costs.size != m:
+    if costs.ndim not in (1, 2) or costs.size == 0:
         raise CatimageError(
-            f"predictions have {m} candidate column(s) but {costs.size} cost(s) were given; "
+            f"costs must be a non-empty 1-D array (one per candidate) or a (prompts x candidates) array, got shape {costs.shape}"
+        )
+    if m is not None and costs.shape[-1] != m:
+        raise CatimageError(
+            f"predictions have {m} candidate column(s) but {costs.shape[-1]} cost(s) were given; "
             "pass one cost per candidate, in the same order"
         )
+    if costs.ndim == 2 and n is not None and costs.shape[0] != n:
+        raise CatimageError(f"per-prompt costs have {costs.shape[0]} row(s) for {n} prompt(s); give one row per prompt")
     if not np.isfinite(costs).all():
-        raise CatimageError(f"costs must be finite numbers, got {costs.tolist()}")
+        raise CatimageError(f"costs must be finite numbers, got {costs.tolist() if costs.size < 50 else 'a non-finite value'}")
     if (costs < 0).any():
-        raise CatimageError(f"costs must be >= 0, got {costs.tolist()}; check the pool file's `cost:` values")
+        raise CatimageError("costs must be >= 0; check the pool file's `cost:` values")
     return costs
 
 
@@ -117,8 +133,13 @@ def _check_inputs(pred: Any, costs: Any) -> tuple[np.ndarray, np.ndarray]:
     pred = np.asarray(pred, dtype=np.float64)
     if pred.ndim != 2:
         raise CatimageError(f"pred must be a 2-D (prompts x candidates) array, got shape {pred.shape}")
-    costs = _check_costs(costs, pred.shape[1])
-    return _check_matrix(pred, "pred", m=costs.size), costs
+    costs = _check_costs(costs, pred.shape[1], pred.shape[0])
+    return _check_matrix(pred, "pred", m=costs.shape[-1]), costs
+
+
+def _per_prompt(costs: np.ndarray, n: int) -> np.ndarray:
+    """(n, M) view of (M,) or (n, M) costs."""
+    return np.broadcast_to(costs, (n, costs.shape[-1]))
 
 
 def _check_lambda(lam: Any) -> float:
@@ -140,18 +161,27 @@ def _cost_order(costs: np.ndarray) -> np.ndarray:
 
 
 def route(pred: Any, costs: Any, lam: float) -> np.ndarray:
-    """Routed candidate index per prompt: argmax_m pred - lam * cost, exact ties to the cheaper one.
+    """Routed candidate index per prompt: argmax_m pred - lam * cost, exact ties to the cheaper one
+    (then the lower index). `costs` (M,) or per prompt (n, M).
 
     `lam = inf` is allowed and means the limit: the cheapest candidate(s), best predicted among them.
     """
     pred, costs = _check_inputs(pred, costs)
     lam = _check_lambda(lam)
-    order = _cost_order(costs)
+    return _argmax_utility(pred, _per_prompt(costs, pred.shape[0]), lam)
+
+
+def _argmax_utility(pred: np.ndarray, cost: np.ndarray, lam: float) -> np.ndarray:
+    """The rule on checked (n, M) arrays: best utility, ties to the cheaper, then the lower index."""
+    if pred.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
     if np.isinf(lam):
-        util = np.where(costs == costs.min(), pred, -np.inf)
+        util = np.where(cost == cost.min(axis=1, keepdims=True), pred, -np.inf)
     else:
-        util = pred - lam * costs
-    return order[np.argmax(util[:, order], axis=1)].astype(np.int64)
+        util = pred - lam * cost
+    tie = util == util.max(axis=1, keepdims=True)
+    cheapest = np.where(tie, cost, np.inf).min(axis=1, keepdims=True)
+    return np.argmax(tie & (cost == cheapest), axis=1).astype(np.int64)
 
 
 def max_precise_lambda(costs: Any, quality_resolution: float) -> float:
@@ -206,7 +236,9 @@ def utility_ranking(pred: Any, costs: Any, lam: float, penalty: Any = None) -> n
 
 
 def _mean_cost(choice: np.ndarray, costs: np.ndarray) -> float:
-    """Average routed cost from integer counts (exact up to one rounding of the dot product)."""
+    """Average routed cost; from integer counts (exact up to one rounding) when costs are (M,)."""
+    if costs.ndim == 2:
+        return float(costs[np.arange(choice.size), choice].mean()) if choice.size else 0.0
     counts = np.bincount(choice, minlength=costs.size)
     return float(counts @ costs) / max(choice.size, 1)
 
@@ -238,25 +270,27 @@ def _sweep(pred: np.ndarray, costs: np.ndarray) -> _Events:
     Vectorised gift wrapping: from the current choice v, the next switch is to the strictly cheaper
     candidate j minimising the slope (pred_v - pred_j) / (cost_v - cost_j); equal slopes (collinear
     points) go to the cheapest of them, as the tie rule says. At most M-1 steps, each O(n M).
+    `costs` (M,) or (n, M).
     """
     n, m = pred.shape
     rows = np.arange(n)
-    order = _cost_order(costs)
-    cur = route(pred, costs, 0.0)
+    cost = _per_prompt(costs, n)
+    cur = _argmax_utility(pred, cost, 0.0)
     start = cur.copy()
     last = np.zeros(n)
     lams, rws, srcs, dsts = [], [], [], []
     for _ in range(m):
-        dc = costs[cur][:, None] - costs[None, :]
+        dc = cost[rows, cur][:, None] - cost
         cheaper = dc > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             slope = np.where(cheaper, (pred[rows, cur][:, None] - pred) / np.where(cheaper, dc, 1.0), np.inf)
         smin = slope.min(axis=1)
         moving = np.isfinite(smin)
         if not moving.any():
             break
         tie = (slope == smin[:, None]) & cheaper
-        nxt = order[np.argmax(tie[:, order], axis=1)]
+        tie_cost = np.where(tie, cost, np.inf).min(axis=1, keepdims=True)
+        nxt = np.argmax(tie & (cost == tie_cost), axis=1)
         idx = np.nonzero(moving)[0]
         # Rounding could put a slope an ulp below the previous switch; lambda must not go back.
         at = np.maximum(smin[idx], last[idx])
@@ -282,18 +316,49 @@ def _group_ends(lam: np.ndarray) -> np.ndarray:
 
 
 def _cost_steps(ev: _Events, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lambdas, mean costs) of the curve points, from integer counts so no rounding drift builds up."""
-    n, m = ev.start.size, costs.size
+    """(lambdas, mean costs) of the curve points. (M,) costs: from integer counts, so no rounding
+    drift builds up; (n, M) costs: running sums of each switch's cost change (the last point, all
+    prompts on their cheapest option, is recomputed by the callers)."""
+    n = ev.start.size
+    ends = _group_ends(ev.lam)
+    lam = np.concatenate([[0.0], ev.lam[ends]])
+    if costs.ndim == 2:
+        first = costs[np.arange(n), ev.start].sum()
+        steps = np.cumsum(costs[ev.row, ev.dst] - costs[ev.row, ev.src])
+        return lam, np.concatenate([[first], first + steps[ends]]) / n
+    m = costs.size
     counts0 = np.bincount(ev.start, minlength=m)
     delta = np.zeros((ev.lam.size, m), dtype=np.int64)
     e = np.arange(ev.lam.size)
     delta[e, ev.src] -= 1
     delta[e, ev.dst] += 1
     counts = counts0[None, :] + np.cumsum(delta, axis=0)
-    ends = _group_ends(ev.lam)
-    lam = np.concatenate([[0.0], ev.lam[ends]])
     cost = np.concatenate([[counts0 @ costs], counts[ends] @ costs]) / n
     return lam, cost
+
+
+def pareto_options(pred: Any, costs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per prompt, the options that no other beats on both prediction and cost: (pred, cost, index),
+    each (n, F), F the widest prompt's count; narrower rows are padded with copies of their
+    cheapest kept option (equal cost: never switched to, and it loses every tie to the original).
+
+    The rule's choice over the kept options equals its choice over all of them at every lambda:
+    a dropped option has a kept one at least as good and at most as dear, which wins its ties.
+    """
+    pred, costs = _check_inputs(pred, costs)
+    n, m = pred.shape
+    cost = _per_prompt(costs, n)
+    idx = np.broadcast_to(np.arange(m), (n, m))
+    order = np.lexsort((idx, -pred, cost), axis=1)  # cost up, prediction down, index up
+    p_sorted = np.take_along_axis(pred, order, axis=1)
+    best_before = np.concatenate([np.full((n, 1), -np.inf), np.maximum.accumulate(p_sorted, axis=1)[:, :-1]], axis=1)
+    keep = p_sorted > best_before
+    width = max(int(keep.sum(axis=1).max()) if n else 1, 1)
+    pos = np.sort(np.where(keep, np.arange(m), m), axis=1)[:, :width]
+    pos = np.where(pos == m, 0, pos)
+    cols = np.take_along_axis(order, pos, axis=1)
+    rows = np.arange(n)[:, None]
+    return pred[rows, cols], cost[rows, cols], cols
 
 
 # --- calibration --------------------------------------------------------------------------------
@@ -302,10 +367,12 @@ def _cost_steps(ev: _Events, costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def calibrate_lambda(pred: Any, costs: Any, budget: float) -> float:
     """The smallest lambda >= 0 whose average routed cost on these (calibration) prompts is <= budget.
 
-    Exact: the average cost only changes at the prompts' hull slopes, so the answer is 0 or one of
-    them. The returned float is then checked with `route` itself (and nudged up by a few ulps if
-    rounding at an exact tie would pick the dearer candidate), so routing these prompts at the
-    returned lambda really meets the budget.
+    `costs` (M,) or per prompt (n, M) (a cascade's expected plan costs). Exact: the average cost only
+    changes at the prompts' hull slopes, so the answer is 0 or one of them. The returned float is
+    then checked with the rule itself (and nudged up if rounding at an exact tie would pick the
+    dearer option), so routing these prompts at the returned lambda really meets the budget. Always
+    finite: when rounding defeats the nudges, it is a lambda large enough that every prompt takes
+    its cheapest option (which meets any budget that is allowed at all).
     """
     pred, costs = _check_inputs(pred, costs)
     if pred.shape[0] == 0:
@@ -316,50 +383,91 @@ def calibrate_lambda(pred: Any, costs: Any, budget: float) -> float:
         raise BudgetError(f"budget must be a number, got {budget!r}") from None
     if not np.isfinite(budget):
         raise BudgetError(f"budget must be a finite number, got {budget}")
-    cheapest = float(costs.min())
+    if costs.ndim == 2:
+        pred, costs, _ = pareto_options(pred, costs)
+    cheapest = float(costs.min(axis=-1).mean()) if costs.ndim == 2 else float(costs.min())
     if not _meets(cheapest, budget, costs):
+        what = "the cheapest options' mean cost" if costs.ndim == 2 else "the cheapest candidate's cost"
         raise BudgetError(
-            f"budget {budget:g} is below the cheapest candidate's cost {cheapest:g} (in the pool's cost unit, "
-            f"the same unit as the pool file's `cost:` values); raise the budget to at least {cheapest:g}"
+            f"budget {budget:g} is below {what} {cheapest:g} (in the pool's cost unit, the same unit as the pool "
+            f"file's `cost:` values); raise the budget to at least {cheapest:g}"
         )
-    ev = _sweep(pred, costs)
-    lams, avg = _cost_steps(ev, costs)
+    lams, avg = _cost_steps(_sweep(pred, costs), costs)
     ok = np.nonzero([_meets(a, budget, costs) for a in avg])[0]
-    if ok.size == 0:  # cannot happen: the last point routes everyone to a cheapest candidate
-        raise BudgetError(f"no lambda meets budget {budget:g}")
-    lam = float(lams[ok[0]])
+    lam = float(lams[ok[0]]) if ok.size else _all_cheapest_lambda(pred, costs)
     if lam == 0.0:
         return 0.0
-    step = float(np.spacing(lam))
-    candidate = lam
-    for _ in range(200):
-        if _meets(_mean_cost(route(pred, costs, candidate), costs), budget, costs):
+    return _nudged(pred, costs, budget, lam)
+
+
+def _routes_within(pred: np.ndarray, costs: np.ndarray, lam: float, budget: float) -> bool:
+    return _meets(_mean_cost(_argmax_utility(pred, _per_prompt(costs, pred.shape[0]), lam), costs), budget, costs)
+
+
+def _nudged(pred: np.ndarray, costs: np.ndarray, budget: float, lam: float) -> float:
+    """`lam`, or the first of lam + 1, 2, 4, ... ulps that meets the budget under the rule itself
+    (rounding at an exact tie can pick the dearer option); finite in every case."""
+    step, candidate = float(np.spacing(lam)), lam
+    for _ in range(64):
+        if _routes_within(pred, costs, candidate, budget):
             return candidate
         candidate = lam + step
         step *= 2.0
-    return float("inf")  # only reachable through pathological rounding; inf routes to the cheapest
+    return _all_cheapest_lambda(pred, costs)
+
+
+def _all_cheapest_lambda(pred: np.ndarray, costs: np.ndarray) -> float:
+    """A finite lambda at which every prompt takes its cheapest option (as lambda = inf does): above
+    every hull slope, with margin, capped at the largest float (where lam * cost overflows for every
+    dearer option, which the rule then never picks)."""
+    n = pred.shape[0]
+    cost = _per_prompt(costs, n)
+    low = cost.min(axis=1, keepdims=True)
+    gap = np.where(cost > low, cost - low, np.inf).min()
+    spread = float(pred.max() - pred.min()) if pred.size else 0.0
+    with np.errstate(over="ignore", divide="ignore"):
+        lam = 4.0 * (spread + 1.0) / gap if np.isfinite(gap) else 0.0
+    return float(min(lam, np.finfo(np.float64).max))
 
 
 # --- the exact deferral curve -------------------------------------------------------------------
 
 
-def deferral_curve_arrays(pred: Any, costs: Any, quality: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`deferral_curve` as three arrays (lambda, mean cost, mean true quality), lambda increasing."""
+def deferral_curve_arrays(
+    pred: Any, costs: Any, quality: Any, realized_cost: Any = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`deferral_curve` as three arrays (lambda, mean cost, mean true quality), lambda increasing.
+
+    `costs` (M,) or (n, M) decide; `realized_cost` (n, M), when given, is the cost REPORTED for each
+    prompt and option (a cascade decides on expected plan costs and pays what its draws cost).
+    """
     pred, costs = _check_inputs(pred, costs)
     n = pred.shape[0]
     if n == 0:
         raise CatimageError("the deferral curve needs at least one prompt")
-    quality = _check_matrix(quality, "quality", m=costs.size, n=n)
+    quality = _check_matrix(quality, "quality", m=pred.shape[1], n=n)
+    if realized_cost is not None:
+        realized_cost = _check_costs(realized_cost, pred.shape[1], n)
+        if realized_cost.ndim != 2:
+            realized_cost = _per_prompt(realized_cost, n)
+    if costs.ndim == 2:
+        pred, costs, cols = pareto_options(pred, costs)
+        rows = np.arange(n)[:, None]
+        quality = quality[rows, cols]
+        realized_cost = None if realized_cost is None else realized_cost[rows, cols]
     ev = _sweep(pred, costs)
-    lam, cost = _cost_steps(ev, costs)
+    lam, cost = _cost_steps(ev, costs if realized_cost is None else realized_cost)
     q0 = quality[np.arange(n), ev.start]
     dq = quality[ev.row, ev.dst] - quality[ev.row, ev.src]
     ends = _group_ends(ev.lam)
     total = np.concatenate([[q0.sum()], q0.sum() + np.cumsum(dq)[ends]])
     if ends.size:
         # The end point is recomputed directly so that it equals the all-cheapest router exactly.
-        final = route(pred, costs, np.inf)
+        final = _argmax_utility(pred, _per_prompt(costs, n), np.inf)
         total[-1] = quality[np.arange(n), final].sum()
+        if realized_cost is not None or costs.ndim == 2:
+            paid = _per_prompt(costs, n) if realized_cost is None else realized_cost
+            cost[-1] = paid[np.arange(n), final].mean()
     return lam, cost, total / n
 
 
