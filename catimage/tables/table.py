@@ -33,6 +33,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from catimage.errors import TableError
+from catimage.tables.served_log import SERVING_COLUMNS, is_served_log, read_served_log, training_rows
 
 if TYPE_CHECKING:
     from catimage.tables.pool import Pool
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("prompt_id", "prompt", "candidate")
 OPTIONAL_COLUMNS = ("seed", "cost", "image_path")
-NON_METRIC_COLUMNS = frozenset(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)
+NON_METRIC_COLUMNS = frozenset(REQUIRED_COLUMNS + OPTIONAL_COLUMNS + SERVING_COLUMNS)  # + how a logged row was served
 GENAI_RATING_RANGE = (1.0, 5.0)
 TableFormat = Literal["auto", "table", "genai-bench", "agiqa-3k"]
 
@@ -114,6 +115,8 @@ def read_quality_table(path: str | Path, fmt: TableFormat = "auto") -> pa.Table:
     if path.is_dir() and (path / "quality.parquet").is_file():
         # A build output folder: its quality table, not the errors table or per-run parts beside it.
         path = path / "quality.parquet"
+    if path.is_dir() and is_served_log(str(path)):  # a served-traffic log (hour=... partitions)
+        return validate_table(training_rows(read_served_log(str(path)), str(path)), source=str(path))
     if fmt == "auto":
         fmt = _guess_format(path)
     if fmt == "genai-bench":
