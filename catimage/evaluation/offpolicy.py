@@ -356,3 +356,25 @@ def compare_policies(
         candidate={q: fig("c", q) for q in QUANTITIES}, serving={q: fig("b", q) for q in QUANTITIES}, gain=gains,
         effective_sample_size=float(w.sum() ** 2 / (w**2).sum()) if (w > 0).any() else 0.0,
     )
+
+
+def holdout_by_time(log_table: pa.Table, frac: float) -> tuple[pa.Table, pa.Table]:
+    """(training rows, held-out rows) of a served log: the newest `frac` of requests are held out, and
+    every row of a prompt that a held-out request served is left out of training (prompt-disjoint),
+    so the candidate is judged on traffic and prompts it never learned from, as it will be served."""
+    if not 0 < frac < 1:
+        raise CatimageError(f"the held-out share of logged requests must be in (0, 1), got {frac}")
+    for name in ("request_id", "time", "prompt_id"):
+        if name not in log_table.column_names:
+            raise TableError(f"the served log lacks column {name!r}; is it a catimage served log?")
+    first = log_table.group_by("request_id").aggregate([("time", "min")]).sort_by([("time_min", "ascending"),
+                                                                                    ("request_id", "ascending")])
+    n_hold = max(1, round(first.num_rows * frac))
+    if n_hold >= first.num_rows:
+        raise CatimageError(f"{first.num_rows} logged request(s) are too few to hold out {frac:.0%} of them")
+    held_ids = pa.array(_column(first, "request_id")[-n_hold:])
+    is_held = pc.is_in(log_table.column("request_id"), value_set=held_ids)
+    held = log_table.filter(is_held)
+    held_prompts = pa.array(sorted(set(_column(held, "prompt_id"))))
+    train = log_table.filter(pc.invert(pc.is_in(log_table.column("prompt_id"), value_set=held_prompts)))
+    return train, held
