@@ -157,9 +157,9 @@ def _run(fn, *args: Any, **kwargs: Any) -> Any:
 
 @app.command()
 def evaluate(
-    table: Annotated[Path, typer.Argument(help="Quality table: Parquet/CSV, genai_image.json or AGIQA-3K data.csv")],
-    pool: Annotated[Path, typer.Option("--pool", help="Pool YAML with the candidates' costs")],
-    out: Annotated[Path, typer.Option("--out", help="Directory for report.json, report.md, deferral.png")],
+    table: Annotated[Path | None, typer.Argument(help="Quality table: Parquet/CSV, genai_image.json or AGIQA-3K data.csv")] = None,
+    pool: Annotated[Path | None, typer.Option("--pool", help="Pool YAML with the candidates' costs")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for report.json, report.md, deferral.png")] = None,
     fmt: Annotated[TableFormatOpt, typer.Option("--format")] = TableFormatOpt.auto,
     metric: Annotated[str | None, typer.Option(help="Quality column (default: the only one)")] = None,
     estimator: Annotated[
@@ -175,10 +175,22 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples of the test prompts for intervals")] = 200,
     embed_cache: Annotated[bool, typer.Option(help="Reuse prompt embeddings from $CATIMAGE_CACHE/embeddings")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    logged: Annotated[Path | None, typer.Option("--logged", help="Served-traffic log folder: estimate off-policy what "
+                                                "each --model would have earned on it (no TABLE, no --pool)")] = None,
+    model: Annotated[list[Path] | None, typer.Option("--model", help="With --logged: a fitted router (repeat)")] = None,
+    lam: Annotated[float | None, typer.Option("--lambda", help="With --logged: decide at this lambda")] = None,
+    budget: Annotated[float | None, typer.Option(help="With --logged: decide at each model's lambda for it")] = None,
 ) -> None:
-    """Fit on the train split, evaluate on the test split: deferral curves, fixed points, oracle, hull."""
+    """Fit on the train split, evaluate on the test split: deferral curves, fixed points, oracle, hull.
+
+    With --logged LOG --model DIR: off-policy evaluation of fitted routers on served traffic instead."""
     _setup_logging(verbose)
     _offline_defaults()
+    if logged is not None:  # off-policy evaluation on served traffic: a separate path (catimage.evaluation.offpolicy)
+        _run(_evaluate_logged, logged, model or [], metric, lam, budget, out, bootstrap or 1000, seed)
+        return
+    if table is None or pool is None or out is None:
+        _run(_fail, "evaluate needs TABLE, --pool and --out (or --logged LOG --model MODEL for served traffic)")
     _run(_evaluate, table, pool, out, fmt, metric, estimator, embedder, estimator_params, test_frac, calibration_frac, seed,
          trials, embed_cache, bootstrap)
 
@@ -209,6 +221,40 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
     paths = write_report(first, out, gallery=_gallery(first, table, fmt), curves=reports if len(reports) > 1 else None)
     _print_summary(reports, pool.cost_unit)
     console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _fail(message: str) -> None:
+    raise CatimageError(message)
+
+
+def _evaluate_logged(log_dir: Path, models: list[Path], metric: str | None, lam: float | None, budget: float | None,
+                     out: Path | None, n_boot: int, seed: int) -> None:
+    """`catimage evaluate --logged`: IPS / SNIPS / DR estimates of each router beside what serving realised."""
+    from catimage.evaluation.offpolicy import evaluate_logged
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.served_log import read_served_log
+
+    if not models:
+        raise CatimageError("--logged needs at least one --model DIR (a fitted router) to evaluate")
+    if lam is not None and budget is not None:
+        raise CatimageError("give --lambda or --budget, not both")
+    report = evaluate_logged(read_served_log(str(log_dir)), {str(m): RouterModel.load(m) for m in models},
+                             metric=metric, lam=lam, budget=budget, n_boot=n_boot, seed=seed)
+    for name, res in report["policies"].items():
+        tab = Table(title=f"{name} on {res['n_requests']} logged requests at lambda {res['lambda']:.4g} (quality = "
+                          f"decision metric {res['decision_metric']}; effective sample size "
+                          f"{res['effective_sample_size']:.0f}; 95% bootstrap intervals)")
+        for col in ("estimate", "quality", "cost", "utility"):
+            tab.add_column(col, justify="right")
+        rows = {"serving (realised)": res["logging_policy_realised"], **res["estimates"]}
+        for label, figs in rows.items():
+            tab.add_row(label, *[f"{figs[q]['value']:.4g} [{_fmt(figs[q]['low'])}, {_fmt(figs[q]['high'])}]"
+                                 for q in ("quality", "cost", "utility")])
+        console.print(tab)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "offpolicy.json").write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {out / 'offpolicy.json'}")
 
 
 def _gallery(report: dict, table: Path, fmt: Any) -> Any:

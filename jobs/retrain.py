@@ -129,20 +129,6 @@ def read_log_with_ray(uri: str) -> pa.Table:
 # --- the retrain itself (no Ray below) ------------------------------------------------------------
 
 
-def _decision_metric(log_table: pa.Table, metric: str | None) -> str:
-    from catimage.tables.served_log import SERVING_COLUMNS
-
-    scores = [f.name for f in log_table.schema if pa.types.is_floating(f.type)
-              and f.name not in SERVING_COLUMNS and f.name != "cost"]
-    if metric is None:
-        if len(scores) != 1:
-            raise CatimageError(f"the log holds scores {scores}; choose the decision metric with --metric")
-        return scores[0]
-    if metric not in scores:
-        raise CatimageError(f"the log has no score column {metric!r}; it has {scores}")
-    return metric
-
-
 def training_table(train_rows: pa.Table, metric: str, base_table: Path | None) -> pa.Table:
     """Logged rows (scored ones) plus the base table's rows, on the quality-table columns only."""
     from catimage.tables.served_log import training_rows
@@ -179,9 +165,10 @@ def retrain_on_log(log_table: pa.Table, config: RetrainConfig) -> RetrainOutcome
     from catimage.model.promotion import PromotionRule, decide_promotion, write_promotion
     from catimage.model.router_model import RouterModel
     from catimage.tables.pool import load_pool
+    from catimage.tables.served_log import decision_metric
     from catimage.tables.table import aggregate
 
-    metric = _decision_metric(log_table, config.metric)
+    metric = decision_metric(log_table, config.metric)
     train_rows, held = holdout_by_time(log_table, config.holdout_frac)
     table = training_table(train_rows, metric, config.base_table)
     pool = load_pool(config.pool)

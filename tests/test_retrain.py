@@ -144,3 +144,27 @@ def test_a_log_without_the_asked_metric_is_a_clear_error(tmp_path):
     with pytest.raises(CatimageError, match="no score column 'judge'"):
         retrain_on_log(read_served_log(str(tmp_path / "log")), _config(tmp_path, tmp_path / "log", serving,
                                                                         metric="judge"))
+
+
+def test_catimage_evaluate_logged_covers_a_routers_true_value(tmp_path):
+    """`catimage evaluate --logged`: the DR estimate of a fixed router on served traffic covers its
+    true mean decision score there, computed from the planted truth and its own choices."""
+    from typer.testing import CliRunner
+
+    from catimage.cli import app
+
+    rng = np.random.default_rng(12)
+    fixed = _model(_table(_prompts(60, 13), TRUTH, 2, rng), tmp_path, "fixed")
+    serving = _model(_table(_prompts(40, 14), {"circle": TRUTH["square"], "square": TRUTH["circle"]}, 2, rng),
+                     tmp_path, "serving")
+    _serve(serving, tmp_path / "log", 600, seed=15)
+    result = CliRunner().invoke(app, ["evaluate", "--logged", str(tmp_path / "log"), "--model", fixed,
+                                      "--lambda", str(LAM), "--out", str(tmp_path / "ope")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ope" / "offpolicy.json").read_text())["policies"][fixed]
+    prompts = read_served_log(str(tmp_path / "log")).column("prompt").to_pylist()
+    choice = [d.index for d in RouterModel.load(fixed).decide(prompts, lam=LAM)]
+    truth = np.mean([TRUTH["circle" if " circle " in p else "square"][k] for p, k in zip(prompts, choice, strict=True)])
+    dr = report["estimates"]["dr"]["quality"]
+    assert dr["low"] <= truth <= dr["high"]
+    assert report["logging_policy_realised"]["quality"]["value"] < truth  # serving is the worse router here

@@ -378,3 +378,35 @@ def holdout_by_time(log_table: pa.Table, frac: float) -> tuple[pa.Table, pa.Tabl
     held_prompts = pa.array(sorted(set(_column(held, "prompt_id"))))
     train = log_table.filter(pc.invert(pc.is_in(log_table.column("prompt_id"), value_set=held_prompts)))
     return train, held
+
+
+def _operating_lambda(model: Any, logged: LoggedRequests, lam: float | None, budget: float | None) -> float:
+    """`lam`, else the model's calibrated lambda for `budget`, else the median lambda serving logged, else 0."""
+    if lam is not None:
+        return _check_lam(lam)
+    if budget is not None:
+        return float(model.lambda_for_budget(budget))
+    finite = logged.lam[np.isfinite(logged.lam)]
+    return float(np.median(finite)) if finite.size else 0.0
+
+
+def evaluate_logged(
+    log_table: pa.Table, models: Mapping[str, Any], *, metric: str | None = None, lam: float | None = None,
+    budget: float | None = None, n_boot: int = DEFAULT_BOOT, seed: int = 0,
+) -> dict[str, Any]:
+    """What each fitted router in `models` would have earned on the logged traffic (IPS, SNIPS, DR, DM
+    with intervals), beside the serving policy's realised figures: `catimage evaluate --logged`."""
+    from catimage.tables.served_log import decision_metric
+
+    metric = decision_metric(log_table, metric)
+    logged = logged_requests(log_table, metric)
+    results = {}
+    for name, model in models.items():
+        at = _operating_lambda(model, logged, lam, budget)
+        results[name] = evaluate_policy(logged, router_target(model, logged, at, name), at, n_boot=n_boot, seed=seed)
+    return {
+        "decision_metric": metric,
+        "n_requests": logged.n,
+        "serving_model_versions": sorted(set(logged.model_version)),
+        "policies": {name: r.to_dict() for name, r in results.items()},
+    }

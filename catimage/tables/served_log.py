@@ -389,6 +389,24 @@ def read_served_log(uri: str, since_hour: str | None = None, until_hour: str | N
     return table
 
 
+def score_columns(table: pa.Table) -> list[str]:
+    """The online score columns of a served log (every float column that is neither key nor serving)."""
+    return [f.name for f in table.schema
+            if pa.types.is_floating(f.type) and f.name not in SERVING_COLUMNS and f.name not in _TABLE_KEYS]
+
+
+def decision_metric(table: pa.Table, metric: str | None = None) -> str:
+    """The score column off-policy evaluation and retraining read: `metric`, else the log's only score."""
+    scores = score_columns(table)
+    if metric is None:
+        if len(scores) != 1:
+            raise TableError(f"the served log holds scores {scores}; choose the decision metric (--metric)")
+        return scores[0]
+    if metric not in scores:
+        raise TableError(f"the served log has no score column {metric!r}; it has {scores}")
+    return metric
+
+
 def training_rows(table: pa.Table, source: str = "served log") -> pa.Table:
     """The log's rows a fit may learn from: the quality-table columns and serving columns as they are,
     rows lacking an online score left out (counted in a warning). The caller validates the result
@@ -405,8 +423,7 @@ def training_rows(table: pa.Table, source: str = "served log") -> pa.Table:
         )
     if PARTITION in table.column_names:
         table = table.drop_columns([PARTITION])
-    metrics = [f.name for f in table.schema
-               if f.name not in SERVING_COLUMNS and f.name not in _TABLE_KEYS and pa.types.is_floating(f.type)]
+    metrics = score_columns(table)
     scored = np.ones(table.num_rows, dtype=bool)
     for m in metrics:
         scored &= ~table.column(m).is_null().to_numpy(zero_copy_only=False)
