@@ -1,0 +1,104 @@
+"""Planted Serve deployments for the cascade / logging / swap tests: generators whose images a scorer
+is known to pass or fail, a scorer that never answers, and a harness that runs the plan executor
+inside a Serve replica (where the router runs it).
+
+* `Planted("blank")` draws a plain grey 32x32 picture: scene_score gives it 0 for any scene prompt
+  (no object is there), so it always fails a threshold above 0.
+* `Planted("render")` draws the prompt's scene with the world's renderer (a ground-truth picture,
+  layout drawn from the seed): scene_score gives it 1.
+* `Stuck` is a scorer that never answers (a hung replica): only the caller's timeout ends the wait.
+
+Serve pickles these classes by value (the test folder is not on the workers' import path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+from typing import Any
+
+import ray.cloudpickle
+from ray import serve
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+BLANK_RGB = (128, 128, 128)
+
+
+def planted_png(kind: str, prompt: str, seed: int) -> bytes:
+    """The picture a planted generator draws (also used by tests to know what to expect)."""
+    import numpy as np
+    from PIL import Image
+
+    from catimage.world.grammar import realize
+    from catimage.world.parse import parse
+    from catimage.world.render import render
+
+    if kind == "blank":
+        image = Image.new("RGB", (32, 32), BLANK_RGB)
+    elif kind == "render":
+        image = render(realize(parse(prompt), np.random.default_rng(seed)))
+    else:
+        raise ValueError(f"unknown planted generator {kind!r}")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class Planted:
+    """Planted generators with the real Generator's call signature, one method per kind (one process
+    for all: `handle.options(method_name="blank")` is the blank generator's handle)."""
+
+    async def blank(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
+        return planted_png("blank", prompt, seed) if want_image else None
+
+    async def render(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
+        return planted_png("render", prompt, seed) if want_image else None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class Stuck:
+    """A scorer replica that hangs: it takes the pair and never answers."""
+
+    async def __call__(self, prompt: str, image: Any) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {"score": None}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+class PlanHarness:
+    """Runs plans with the real PlanExecutor and ScorerClient against generator and scorer handles."""
+
+    def __init__(
+        self, generators: dict, scorers: dict, costs: dict, score_cost: float, timeouts_s: dict,
+        methods: dict | None = None,
+    ) -> None:
+        """`methods`: candidate -> method of its deployment to call (Planted's `blank` / `render`)."""
+        from serve.plan_executor import PlanExecutor
+        from serve.scorer_deployment import ScorerClient
+
+        methods = methods or {}
+        self.generators = {k: h.options(method_name=methods.get(k, "__call__")) for k, h in generators.items()}
+        self.clients = {k: ScorerClient(h, "scene_score", timeout_s=timeouts_s[k], retries=1) for k, h in scorers.items()}
+        self.executors = {k: PlanExecutor(self._draw, c, costs, score_cost) for k, c in self.clients.items()}
+
+    async def _draw(self, candidate: str, prompt: str, seed: int) -> bytes:
+        return await self.generators[candidate].remote(prompt, seed, True)
+
+    async def run(
+        self, plan: dict, prompt: str, parallel: int = 1, seed: int | None = None, scorer: str = "real",
+    ) -> dict[str, Any]:
+        from catimage.policy.plans import Plan
+        from catimage.tables.table import stable_prompt_id
+        from serve.plan_executor import attempt_seeds
+
+        plan_ = Plan.from_dict(plan)
+        seeds = attempt_seeds(stable_prompt_id(prompt), len(plan_.attempts), seed)
+        done = await self.executors[scorer].run(plan_, prompt, seeds, parallel)
+        return {"attempts": [a.to_dict() for a in done.attempts], "returned": done.returned,
+                "image": done.image, "cost": done.cost}
+
+    def failures(self, scorer: str = "real") -> dict[str, int]:
+        return dict(self.clients[scorer].failures)
