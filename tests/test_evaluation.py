@@ -11,9 +11,9 @@ from PIL import Image
 from catimage.errors import CatimageError
 from catimage.evaluation.confidence import summarize_trials
 from catimage.evaluation.figures import area_between, evaluate_predictions
-from catimage.evaluation.plot import plot_deferral
+from catimage.evaluation.plot import curves_to_draw, plot_deferral
 from catimage.evaluation.report import render_markdown, write_report
-from catimage.evaluation.trials import evaluate_table
+from catimage.evaluation.trials import EvaluateOptions, evaluate_table
 from catimage.features.registry import make_embedder
 from catimage.tables.table import QualityMatrix, aggregate, read_quality_table
 
@@ -200,10 +200,10 @@ def _planted_matrix(n: int = 160, seed: int = 0) -> QualityMatrix:
 @pytest.fixture(scope="module")
 def planted_report():
     matrix = _planted_matrix()
-    return evaluate_table(
-        matrix, np.array([1.0, 3.0]), "knn", {"k": 5}, make_embedder("tfidf", dim=None),
-        test_frac=0.25, calibration_frac=0.1, seed=0, trials=3, cost_unit="s", notes=["Costs are ASSUMED."],
-    )
+    return evaluate_table(matrix, np.array([1.0, 3.0]), EvaluateOptions(
+        estimator="knn", estimator_params={"k": 5}, embedder=make_embedder("tfidf", dim=None),
+        test_frac=0.25, calibration_frac=0.1, seed=0, trials=3, cost_unit="s", notes=("Costs are ASSUMED.",),
+    ))
 
 
 def test_evaluate_table_finds_the_planted_signal(planted_report):
@@ -227,7 +227,7 @@ def test_evaluate_table_finds_the_planted_signal(planted_report):
 
 def test_evaluate_table_rejects_wrong_costs():
     with pytest.raises(CatimageError, match="one per candidate"):
-        evaluate_table(_planted_matrix(20), np.array([1.0]), "knn", {}, "tfidf")
+        evaluate_table(_planted_matrix(20), np.array([1.0]), EvaluateOptions(estimator="knn", embedder="tfidf"))
 
 
 # --- report files -------------------------------------------------------------------------------
@@ -251,11 +251,42 @@ def test_write_report_files(planted_report, tmp_path):
 def test_plot_several_routers_and_log_axis(planted_report, tmp_path):
     other = dict(planted_report)
     other["router"] = [{**p, "quality": p["quality"] - 0.05} for p in planted_report["router"]]
-    path = plot_deferral({"knn": planted_report, "worse": other}, tmp_path / "two.png", log_x=True)
+    curves = {"knn": planted_report, "worse": other}
+    path = plot_deferral(planted_report, tmp_path / "two.png", curves=curves, log_x=True)
     with Image.open(path) as img:
-        assert img.format == "PNG"
+        assert img.format == "PNG" and img.size == (960, 780)  # 8 x 6.5 inches at 120 dpi
+    labels = list(curves_to_draw(planted_report, curves))
+    assert len(labels) == 2 and all("predicted quality" in label for label in labels)
     multi = dict(planted_report, routers={"knn": planted_report, "worse": other})
     assert "Routers compared" in render_markdown(multi)
+
+
+def _planted_trial(pred: list[list[float]]) -> dict:
+    """Costs 1, 2, 5; 'mid' is the best fixed candidate (.8), not the dearest (.6)."""
+    true = np.array([[0.2, 0.9, 0.6], [0.8, 0.7, 0.6]])
+    return evaluate_predictions(np.array(pred), true, [1.0, 2.0, 5.0], ["cheap", "mid", "dear"])
+
+
+def test_report_files_print_one_cost_ratio_with_its_miss_rule(tmp_path):
+    from catimage.evaluation.figures import TRIAL_RECORD_KEYS
+
+    # Trial 0 routes perfectly: all-cheap (1, .5), then P1 to mid: (1.5, .85); mid's .8 is reached 6/7 of the
+    # way, at cost 1 + .5 * 6/7, a ratio of 5/7 to mid's cost 2. Trial 1 always picks cheap: a miss, 5 / 2.
+    hit = _planted_trial([[0.2, 0.9, 0.6], [0.8, 0.7, 0.6]])
+    miss = _planted_trial([[0.9, 0.1, 0.1], [0.9, 0.2, 0.1]])
+    assert hit.summary["cost_ratio_or_miss"] == pytest.approx(5 / 7)
+    records = [{k: r.summary[k] for k in TRIAL_RECORD_KEYS} for r in (hit, miss)]
+    report = hit.to_dict()
+    report["summary"]["trials"] = summarize_trials(records)
+    report["meta"] = {"metric": "q", "cost_unit": "gflops", "candidates": ["cheap", "mid", "dear"]}
+    assert report["summary"]["trials"]["mean_cost_ratio_or_miss"] == pytest.approx((5 / 7 + 2.5) / 2)
+    paths = write_report(report, tmp_path)
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    for text in (md, page):
+        assert "1.607" in text and "0.7143" in text  # the mean over both trials, and trial 0's own ratio
+        assert "the dearest candidate&#39;s cost" in text or "the dearest candidate's cost" in text
+        assert "(2.5 here)" in text
+    assert "| 1 |" in md  # one miss in Table 1
 
 
 # --- the real rated set -------------------------------------------------------------------------
@@ -267,10 +298,10 @@ def test_genai_bench_end_to_end(shared_data, tmp_path):
         pytest.skip("genai_image.json is not in ../shared/data")
     matrix = aggregate(read_quality_table(path), "quality")
     costs = np.array([GENAI_COSTS[c] for c in matrix.candidates])
-    rep = evaluate_table(
-        matrix, costs, "knn", {}, make_embedder("tfidf", dim=None),
+    rep = evaluate_table(matrix, costs, EvaluateOptions(
+        estimator="knn", embedder=make_embedder("tfidf", dim=None),
         test_frac=0.2, calibration_frac=0.1, seed=0, trials=2, cost_unit="relative",
-    )
+    ))
     assert REQUIRED <= set(rep) and SUMMARY_KEYS <= set(rep["summary"]) and META_KEYS <= set(rep["meta"])
     s = rep["summary"]
     assert rep["meta"]["n_test"] == 105  # complete matrix: nothing dropped
@@ -381,3 +412,61 @@ def test_evaluate_table_reports_intervals_verdict_and_budget_check(planted_repor
     checks = s["budget_check"]
     assert [c["budget"] for c in checks] == [1.0, 3.0]
     assert checks[-1]["lambda"] == 0.0
+
+
+# --- route and cascade in one report ------------------------------------------------------------
+
+
+def _two_policy_report(cascade_decides_on: str = "q_decider") -> dict:
+    """The hand example of test_oracle_gain_fraction_between_zero_and_one_by_hand for route, and a planted
+    cascade curve (1, .625) -> (1.2, 1.0) on the same test prompts, judged by q."""
+    from catimage.evaluation.figures import evaluate_curve
+    from catimage.policy.routing import CurvePoint
+
+    true = np.array([[1.0, 0.6], [1.0, 0.6], [0.0, 1.0], [0.5, 1.0]])
+    pred = np.array([[0.9, 0.1], [0.8, 0.2], [0.0, 1.0], [0.7, 0.3]])
+    route = evaluate_predictions(pred, true, [1.0, 2.0], ["cheap", "dear"])
+    cascade = evaluate_curve([CurvePoint(0.0, 1.2, 1.0), CurvePoint(0.3, 1.0, 0.625)], true, [1.0, 2.0], ["cheap", "dear"])
+    report = route.to_dict()
+    report["meta"] = {"metric": "q", "cost_unit": "gflops", "candidates": ["cheap", "dear"]}
+    trace = {"prompt_id": "p3", "prompt": "a planted prompt", "label": "cheap > dear @0.5", "budget": 1.5, "lambda": 0.1,
+             "attempts": [{"candidate": "cheap", "seed": 0, "decision": 0.25, "judge": 0.5, "accepted": False,
+                           "returned": False, "cost": 1.0},
+                          {"candidate": "dear", "seed": 1, "decision": 0.75, "judge": 1.0, "accepted": True,
+                           "returned": True, "cost": 2.0}]}
+    report["policies"] = {
+        "route": {**route.to_dict(), "curve": route.to_dict()["router"], "decision_metric": None, "judge_metric": "q",
+                  "upper_bound": False},
+        "cascade": {**cascade.to_dict(), "curve": cascade.to_dict()["router"], "decision_metric": cascade_decides_on,
+                    "judge_metric": "q", "upper_bound": cascade_decides_on == "q", "traces": [trace]},
+    }
+    report["policies"]["cascade"]["summary"].update({"apgr": 0.123, "cpt_50": 0.0456, "cpt_80": 0.0789})
+    return report
+
+
+def test_markdown_shows_route_and_cascade_with_their_own_figures():
+    report = _two_policy_report()
+    # the cascade reaches the dear candidate's .8 at 1 + .2 * .175 / .375 = 1.0933, a ratio of .5467; route: .5875
+    assert report["policies"]["cascade"]["summary"]["cost_ratio_or_miss"] == pytest.approx(0.546667, abs=1e-6)
+    assert report["policies"]["cascade"]["summary"]["area_over_hull"] == pytest.approx(0.25)
+    md = render_markdown(report)
+    assert "## Policies side by side" in md and "## Policy: route" in md and "## Policy: cascade" in md
+    assert "0.5875" in md and "0.5467" in md  # each policy's own cost ratio
+    assert md.count("### Table 2") == 2 and md.count("### Table 3") == 2
+    assert "decides on **q_decider**, judged by **q**" in md and "IS the judge" not in md
+    assert "| 0.123 |" in md and "0.0456" in md  # APGR and CPT(50%) in the side-by-side table
+    returned = [line for line in md.splitlines() if "**returned**" in line]
+    assert len(returned) == 1 and "| dear | 1 | 0.75 | 1 |" in returned[0]  # attempt 2: decision .75, judge 1
+    upper = render_markdown(_two_policy_report(cascade_decides_on="q"))
+    assert upper.count("IS the judge") == 1 and "q (upper bound)" in upper
+
+
+def test_plot_names_each_policy_decider_and_judge(tmp_path):
+    labels = list(curves_to_draw(_two_policy_report(), None))
+    assert labels == ["route: decides on the router's predicted q, judged by q",
+                      "cascade: decides on q_decider, judged by q"]
+    upper = list(curves_to_draw(_two_policy_report(cascade_decides_on="q"), None))
+    assert upper[1].endswith("UPPER BOUND: the judge decides") and "UPPER" not in upper[0]
+    path = plot_deferral(_two_policy_report(), tmp_path / "both.png")
+    with Image.open(path) as img:
+        assert img.size == (960, 780)

@@ -30,17 +30,23 @@ from catimage.evaluation.gallery import (
     Gallery,
     GalleryCell,
     GalleryRow,
+    PlanTrace,
+    TraceAttempt,
     gallery_from_predictions,
     gallery_from_report,
     gallery_from_router,
+    plan_traces,
     report_test_prompt_ids,
+    table_images,
 )
 from catimage.evaluation.html import render_html, write_html_report
 
 BOX = 128  # CSS box of a gallery image (px)
 RING = 5  # one budget's ring (px)
 ORANGE, GREEN = (0xE6, 0x9F, 0x00), (0x00, 0x9E, 0x73)
+ACCENT = (0x0B, 0x5C, 0xAD)  # the ring of the image a plan returned
 RED, BLUE, MAGENTA, CYAN = (255, 0, 0), (0, 0, 255), (255, 0, 255), (0, 255, 255)
+YELLOW, PURPLE = (255, 255, 0), (128, 0, 128)
 
 
 def png(colour: tuple[int, int, int], size: tuple[int, int]) -> bytes:
@@ -257,7 +263,7 @@ def test_gallery_from_report_shows_trial_zero_test_prompts_and_routes_them(tmp_p
 
 def test_report_test_prompt_ids_name_the_prompts_the_figures_used() -> None:
     """The report's fixed-candidate qualities are means over its test prompts: recompute them by hand."""
-    from catimage.evaluation.trials import evaluate_table
+    from catimage.evaluation.trials import EvaluateOptions, evaluate_table
     from catimage.tables.table import aggregate
 
     rng = np.random.default_rng(1)
@@ -268,7 +274,8 @@ def test_report_test_prompt_ids_name_the_prompts_the_figures_used() -> None:
         "candidate": ["a", "b"] * n,
         "quality": rng.uniform(0, 1, 2 * n),
     })
-    report = evaluate_table(aggregate(table), [1.0, 2.0], "knn", {"k": 3}, "tfidf", test_frac=0.2, seed=7)
+    report = evaluate_table(aggregate(table), [1.0, 2.0], EvaluateOptions(estimator="knn", estimator_params={"k": 3},
+                                                                          embedder="tfidf", test_frac=0.2, seed=7))
     ids = report_test_prompt_ids(report, table)
     assert len(ids) == report["meta"]["n_test"] == 12
     assert np.asarray(report["test_predictions"]["calibration_pred"]).shape == (6, 2)  # 10 % of 60, for the gallery
@@ -305,7 +312,7 @@ def screenshot(page: Path, out: Path, size: tuple[int, int]) -> np.ndarray:
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--force-color-profile=srgb", "--hide-scrollbars", f"--user-data-dir={profile}",
                f"--screenshot={out}", f"--window-size={size[0]},{size[1]}", page.resolve().as_uri()]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert out.is_file(), f"chromium wrote no screenshot (rc {proc.returncode}): {proc.stderr[-2000:]}"
     return np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
 
@@ -389,3 +396,57 @@ def test_missing_chromium_skips_locally_but_fails_in_ci(monkeypatch: pytest.Monk
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="not installed in CI"):
         chromium_binary()
+
+
+# --- plans at work (cascade traces) ------------------------------------------------------------------
+
+CASCADE_REPORT = {
+    "meta": {"metric": "scene_score", "cost_unit": "gflops"},
+    "policies": {"cascade": {
+        "summary": {"best_fixed": "dear"}, "curve": [], "decision_metric": "scene_decider", "judge_metric": "scene_score",
+        "upper_bound": False,
+        "traces": [{"prompt_id": "p1", "prompt": "one", "label": "a > b @0.8", "budget": 2.0, "lambda": 0.1,
+                    "attempts": [{"candidate": "a", "seed": 0, "decision": 0.61, "judge": 0.55, "accepted": False,
+                                  "returned": False, "cost": 1.0},
+                                 {"candidate": "b", "seed": 1, "decision": 0.87, "judge": 0.93, "accepted": True,
+                                  "returned": True, "cost": 2.5}]}],
+    }},
+}
+
+
+def test_plan_traces_take_images_from_the_table(tmp_path: Path) -> None:
+    """(p1, a, seed 1) has the table's only image; the trace's attempt 1 is (p1, a, seed 0): no image."""
+    table = _table(tmp_path)
+    traces = plan_traces(CASCADE_REPORT, images=table_images(table))
+    assert [(a.candidate, a.seed, a.decision, a.judge, a.returned) for a in traces[0].attempts] == [
+        ("a", 0, 0.61, 0.55, False), ("b", 1, 0.87, 0.93, True)]
+    assert all(a.image is None for a in traces[0].attempts)
+    moved = {**CASCADE_REPORT["policies"]["cascade"]["traces"][0]}
+    moved["attempts"] = [{**moved["attempts"][0], "seed": 1}]
+    report = {"policies": {"cascade": {"traces": [moved]}}}
+    assert plan_traces(report, images=table_images(table))[0].attempts[0].image == str(tmp_path / "p1-a-1.png")
+
+
+def test_the_page_names_both_metrics_and_marks_the_returned_attempt() -> None:
+    page = render_html(CASCADE_REPORT)
+    assert "Plans at work" in page and "scene_decider" in page and "scene_score" in page
+    assert "returned (accepted)" in page and page.count("returned (") == 1
+    assert "upper bound" not in page.lower()  # the decider is not the judge
+    same = {**CASCADE_REPORT, "policies": {"cascade": {**CASCADE_REPORT["policies"]["cascade"],
+                                                        "decision_metric": "scene_score", "upper_bound": True}}}
+    assert "an upper bound" in render_html(same)
+
+
+def test_browser_rings_the_image_a_plan_returned(tmp_path: Path) -> None:
+    trace = PlanTrace("a planted prompt", "p1", "a > b @0.8", (
+        TraceAttempt("a", 0, 0.61, 0.55, accepted=False, returned=False, cost=1.0, image=png(YELLOW, (32, 32))),
+        TraceAttempt("b", 1, 0.87, 0.93, accepted=True, returned=True, cost=2.5, image=png(PURPLE, (32, 32)))))
+    page = write_html_report(CASCADE_REPORT, tmp_path, traces={"cascade": [trace]})
+    shot = screenshot(page, tmp_path / "shot.png", (1200, 1400))
+    yellow, purple = block(shot, YELLOW), block(shot, PURPLE)
+    for box in (yellow, purple):  # 32 px images upscaled into the 128 px box
+        assert (box[2] - box[0] + 1, box[3] - box[1] + 1) == (BOX, BOX)
+    assert yellow[0] == purple[0] and yellow[3] < purple[1]  # side by side, in attempt order
+    for k in range(1, RING + 1):
+        assert all(near(p, ACCENT) for p in ring_colours(shot, purple, k)), k
+    assert not any(near(p, ACCENT) for k in (1, 3) for p in ring_colours(shot, yellow, k))

@@ -70,15 +70,16 @@ def test_shipped_table_is_held_out_scenes_times_every_candidate(pool):
 
 
 def test_routing_beats_the_mixture_hull_on_every_split(pool):
-    from catimage.evaluation.trials import evaluate_table
+    from catimage.evaluation.trials import EvaluateOptions, evaluate_table
     from catimage.features.registry import make_embedder
     from catimage.model.router_model import RouterModel
     from catimage.tables.table import load_pool_matrix
 
     estimator = RouterModel.load(ROUTER).estimator.kind
     _, matrix, costs = load_pool_matrix(TABLE, POOL, metric="scene_score")
-    report = evaluate_table(matrix, costs, estimator, {}, make_embedder("minilm"), test_frac=0.2, calibration_frac=0.1,
-                            seed=0, trials=5, cost_unit=pool.cost_unit)
+    report = evaluate_table(matrix, costs, EvaluateOptions(
+        estimator=estimator, embedder=make_embedder("minilm"), test_frac=0.2, calibration_frac=0.1, seed=0, trials=5,
+        cost_unit=pool.cost_unit))
     areas = [t["area_over_hull"] for t in report["per_trial"]]
     assert min(areas) > 0, areas
 
@@ -106,6 +107,6 @@ def test_shipped_router_learned_the_tables_guidance_by_object_count_interaction(
         "three green triangles and a small red square",
         "a yellow square, a purple circle, a red triangle and a blue circle",
     ]
-    pred_lead = lambda prompts: float(np.mean(router.predict(prompts)[:, [i, j]] @ [1.0, -1.0]))  # noqa: E731
+    pred_lead = lambda prompts: float(np.mean(router.predict(prompts)[:, [i, j]] @ [1.0, -1.0]))
     assert router.candidates == matrix.candidates
     assert pred_lead(lone) > pred_lead(crowded)

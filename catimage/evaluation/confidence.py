@@ -10,7 +10,7 @@ says whether the router beats the hull and the best fixed candidate with confide
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,12 +22,16 @@ CONFIDENCE = 0.95
 
 def bootstrap_figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """(n_boot, len(BOOTSTRAP_FIGURES)): the figures on test prompts resampled with replacement."""
+    return bootstrap_resamples(pred.shape[0], n_boot, seed, lambda idx: fast_figures(pred[idx], true[idx], costs))
+
+
+def bootstrap_resamples(n: int, n_boot: int, seed: int, figures_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """(n_boot, len(BOOTSTRAP_FIGURES)): `figures_of(idx)` on `n_boot` resamples (with replacement)
+    of n test prompts; hook used by every policy's bootstrap (routing above, the cascade's)."""
     rng = np.random.default_rng(seed)
-    n = pred.shape[0]
     out = np.empty((n_boot, len(BOOTSTRAP_FIGURES)))
     for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        out[b] = fast_figures(pred[idx], true[idx], costs)
+        out[b] = figures_of(rng.integers(0, n, n))
     return out
 
 
@@ -129,7 +133,7 @@ def verdict(trials: Mapping[str, Any], best_fixed: str, unit: str) -> list[str]:
     n = trials.get("n", 0)
     area, gain = trials.get("mean_area_over_hull"), trials.get("mean_gain_at_best_fixed_cost")
     ratio, misses = trials.get("mean_cost_ratio_or_miss"), trials.get("misses", 0)
-    pct = int(round(CONFIDENCE * 100))
+    pct = round(CONFIDENCE * 100)
     lines = []
     if area is not None:
         ci = combined_interval(trials, "area_over_hull")

@@ -18,7 +18,7 @@ Every figure that reads a curve at a cost uses linear interpolation between cons
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,9 +126,12 @@ def cost_ratio_or_miss(reach_cost: float | None, matched_cost: float, costs: np.
 
 def describe_miss_rule(miss_value: float | None = None) -> str:
     """The words every printed cost ratio carries, so that a reader knows what a miss counts as."""
-    value = f" ({miss_value:.3g} here)" if miss_value is not None and np.isfinite(miss_value) else ""
-    return ("a miss (the quality never reached) counts as the dearest candidate's cost over the matched "
-            f"one's{value}, which is 1 when the matched candidate is the dearest")
+    rule = "a miss (the quality never reached) counts as the dearest candidate's cost over the matched one's"
+    if miss_value is None or not np.isfinite(miss_value):
+        return f"{rule}, which is 1 when the matched candidate is the dearest"
+    if miss_value == 1.0:
+        return f"{rule} (1 here: the matched candidate is the dearest)"
+    return f"{rule} ({miss_value:.3g} here)"
 
 
 def evaluate_predictions(
@@ -150,6 +153,17 @@ def evaluate_predictions(
     if pred.shape[0] == 0:
         raise CatimageError("no test prompts to evaluate (all dropped for missing labels?)")
     router = deferral_curve(pred, costs, true)  # validates shapes, finiteness, costs
+    return evaluate_curve(router, true, costs, candidates)
+
+
+def evaluate_curve(router: Sequence[CurvePoint], true_test: Any, costs: Any, candidates: Sequence[str]) -> EvalResult:
+    """The summary figures of ANY policy's deferral curve `router` (routing's, or a cascade's from
+    catimage.evaluation.cascade) against the fixed candidates, mixture hull and routing oracle of the
+    labels `true_test` (n, M). Hook used by the cascade evaluation so both policies share every figure."""
+    true = np.asarray(true_test, dtype=np.float64)
+    costs = np.asarray(costs, dtype=np.float64)
+    candidates = list(candidates)
+    router = list(router)
     oracle = deferral_curve(true, costs, true)
     fixed_q = true.mean(axis=0)
     fixed = [FixedPoint(c, float(k), float(q)) for c, k, q in zip(candidates, costs, fixed_q)]
@@ -183,15 +197,21 @@ def evaluate_predictions(
         "oracle_gain_fraction": (q_router - q_best) / denom if denom > 1e-12 else None,
         "router_max_quality": max(p.quality for p in router),
         "oracle_max_quality": max(p.quality for p in oracle),
-        "n_test": int(pred.shape[0]),
+        "n_test": int(true.shape[0]),
     }
-    return EvalResult(candidates, costs, int(pred.shape[0]), fixed, router, oracle, hull, summary)
+    return EvalResult(candidates, costs, int(true.shape[0]), fixed, router, oracle, hull, summary)
 
 
 def fast_figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray) -> np.ndarray:
     """The `BOOTSTRAP_FIGURES` of `evaluate_predictions` (same definitions), without the bookkeeping:
     one router and one oracle sweep, for resampling test prompts many times."""
     _, rc, rq = deferral_curve_arrays(pred, costs, true)
+    return fast_curve_figures(rc, rq, true, costs)
+
+
+def fast_curve_figures(rc: np.ndarray, rq: np.ndarray, true: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """`fast_figures` of ANY policy's curve given as arrays (average costs `rc`, qualities `rq`);
+    hook used by the cascade evaluation's bootstrap."""
     _, oc, oq = deferral_curve_arrays(true, costs, true)
     fixed_q = true.mean(axis=0)
     best = min(range(costs.size), key=lambda j: (-fixed_q[j], costs[j], j))
@@ -216,3 +236,71 @@ def fast_figures(pred: np.ndarray, true: np.ndarray, costs: np.ndarray) -> np.nd
 def _sorted(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(x, kind="stable")
     return x[order], y[order]
+
+
+# --- a report's policies, as every report file reads them --------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """One policy's figures as the report files show them (report.md, report.html, deferral.png).
+
+    `curve` is the policy's deferral curve (quality vs average cost), `summary` its summary figures
+    (the keys of `evaluate_curve`, plus APGR / CPT and `trials` when evaluated over splits);
+    `fixed`, `hull` and `oracle` the fixed candidates, mixture hull and routing oracle on the same
+    test prompts; `decision_metric` what the policy reads online and `judge_metric` what the figures
+    report; `upper_bound` when they are the same metric, so the figures select images by the very
+    score they report. `traces` (cascade): a few prompts' attempts, each with both scores.
+    """
+
+    name: str
+    curve: list[Mapping[str, Any]]
+    summary: Mapping[str, Any]
+    per_trial: list[Mapping[str, Any]]
+    decision_metric: str
+    judge_metric: str
+    upper_bound: bool = False
+    traces: list[Mapping[str, Any]] = field(default_factory=list)
+    fixed: list[Mapping[str, Any]] = field(default_factory=list)
+    hull: list[Mapping[str, Any]] = field(default_factory=list)
+    oracle: list[Mapping[str, Any]] = field(default_factory=list)
+    plans: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How a figure names the policy: its name, what decides and what judges."""
+        bound = "; UPPER BOUND: the judge decides" if self.upper_bound else ""
+        return f"{self.name}: decides on {self.decision_metric}, judged by {self.judge_metric}{bound}"
+
+
+def _route_decision(judge: str) -> str:
+    return f"the router's predicted {judge}"
+
+
+def policy_views(report: Mapping[str, Any]) -> list[PolicyView]:
+    """The policies a report holds: each of `report["policies"]` when present, else the router of
+    the report's top level. Routing decides on the router's predicted quality, read from the prompt
+    text alone (`decision_metric` null in report.json), so it is never an upper bound."""
+    meta = report.get("meta") or {}
+    judge = str(meta.get("metric", "quality"))
+    shared = {k: list(report.get(k) or []) for k in ("fixed", "hull", "oracle")}
+    policies = report.get("policies") or {}
+    if not policies:
+        return [PolicyView("route", list(report.get("router") or []), report.get("summary") or {},
+                           list(report.get("per_trial") or []), _route_decision(judge), judge, **shared)]
+    views = []
+    for name, p in policies.items():
+        decision = p.get("decision_metric")
+        views.append(PolicyView(
+            name=str(name),
+            curve=list(p.get("curve") or p.get("router") or []),
+            summary=p.get("summary") or {},
+            per_trial=list(p.get("per_trial") or []),
+            decision_metric=str(decision) if decision else _route_decision(judge),
+            judge_metric=str(p.get("judge_metric") or judge),
+            upper_bound=bool(p.get("upper_bound", decision is not None and decision == p.get("judge_metric"))),
+            traces=list(p.get("traces") or []),
+            plans=p.get("plans") or {},
+            **{k: list(p.get(k) or shared[k]) for k in shared},
+        ))
+    return views

@@ -8,7 +8,7 @@ predictions (`gallery_from_predictions`); catimage.evaluation.html renders it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -287,3 +287,70 @@ def report_test_prompt_ids(report: Mapping[str, Any], table: pa.Table) -> list[s
     matrix = aggregate(table, meta["metric"], meta.get("candidates"))
     split = split_prompts(matrix.n_prompts, test_frac=meta["test_frac"], calibration_frac=meta["calibration_frac"], seed=meta["seed"])
     return [matrix.prompt_ids[i] for i in split.test]
+
+
+# --- plans at work: a cascade's attempts, each with both scores -----------------------------------
+
+ImageSource = Callable[[str, str, str, int], "bytes | Path | str | None"]
+
+
+@dataclass(frozen=True)
+class TraceAttempt:
+    """One image a plan drew: its decision score (what the policy read), the judge's score, and whether
+    the plan accepted it (decision score >= threshold) and returned it."""
+
+    candidate: str
+    seed: int
+    decision: float | None
+    judge: float | None
+    accepted: bool
+    returned: bool
+    cost: float | None = None
+    image: bytes | Path | str | None = None
+
+
+@dataclass(frozen=True)
+class PlanTrace:
+    """Every attempt of one prompt's plan (from report.json's `policies.<name>.traces`)."""
+
+    prompt: str
+    prompt_id: str | None
+    plan: str
+    attempts: tuple[TraceAttempt, ...]
+    budget: float | None = None
+    lam: float | None = None
+
+
+def table_images(table: pa.Table) -> ImageSource:
+    """An image source that finds (prompt_id, candidate, seed) in a quality table's `image_path`."""
+    if "image_path" not in table.column_names or "seed" not in table.column_names:
+        return lambda *_: None
+    paths = {
+        (pid, cand, int(seed)): path
+        for pid, cand, seed, path in zip(table.column("prompt_id").to_pylist(), table.column("candidate").to_pylist(),
+                                         table.column("seed").to_pylist(), table.column("image_path").to_pylist())
+        if path and seed is not None
+    }
+    return lambda pid, _prompt, cand, seed: paths.get((pid, cand, int(seed)))
+
+
+def plan_traces(report: Mapping[str, Any], policy: str = "cascade", images: ImageSource | None = None) -> list[PlanTrace]:
+    """The traced plans of `policy` in a report, each attempt's image from `images` when given
+    (prompt_id, prompt, candidate, seed -> image or None)."""
+    block = (report.get("policies") or {}).get(policy) or {}
+    out = []
+    for t in block.get("traces") or []:
+        pid, prompt = t.get("prompt_id"), str(t.get("prompt", ""))
+        attempts = tuple(
+            TraceAttempt(str(a["candidate"]), int(a["seed"]), _opt(a.get("decision")), _opt(a.get("judge")),
+                         bool(a.get("accepted")), bool(a.get("returned")), _opt(a.get("cost")),
+                         images(pid, prompt, str(a["candidate"]), int(a["seed"])) if images and pid else None)
+            for a in t.get("attempts") or []
+        )
+        out.append(PlanTrace(prompt, pid, str(t.get("label") or t.get("plan")), attempts, _opt(t.get("budget")),
+                             _opt(t.get("lambda"))))
+    return out
+
+
+def _opt(value: Any) -> float | None:
+    return None if value is None else float(value)

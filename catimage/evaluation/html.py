@@ -1,35 +1,35 @@
-"""A visual report: one self-contained `report.html` beside report.md, for looking at what the router did.
+"""A visual report: one self-contained `report.html` beside report.md, for looking at what a policy did.
 
-The page holds the headline figures of an evaluation (whatever the report's summary has), the
-deferral plot, the fixed candidates, and a gallery: one row per prompt, one column per candidate,
-each cell the candidate's image, its measured score and the router's predicted quality, with the
-candidate the router chose at each budget ringed in that budget's colour and labelled in words.
+The page holds, for each policy of the report (route; cascade when evaluated), what decides and what
+judges, its verdict, summary figures, Table 1 over re-drawn splits and the figures at each fixed
+candidate's cost (Tables 2-3); the deferral plot of every policy on one pair of axes; and a gallery:
+one block per prompt, one cell per candidate, each cell the candidate's image, its measured score and
+the router's predicted quality, with the candidate chosen at each budget ringed in that budget's
+colour and labelled in words. The cells wrap onto the next line when the page is narrow, so the
+gallery never grows wider than the page.
 
-Why one file with everything embedded (data: URIs, inline CSS, no JavaScript, a Content-Security-
-Policy that forbids anything else): it can be mailed, attached to an issue or opened from a
-laptop's downloads folder and still show every image. Images larger than `EMBED_MAX_PX` are
-downscaled before embedding so that a gallery of real 1024 px images stays a few MB; small images
-(the tiny demo pool draws 32-64 px) are upscaled by the browser with `image-rendering: pixelated`
-so their pixels stay visible rather than blurred.
+Layout lives in a Jinja2 template (templates/report.html.j2, autoescaped); this module turns the
+report and the gallery into plain values for it (`page_model`). Why one file with everything embedded
+(data: URIs, inline CSS, no JavaScript, a Content-Security-Policy that forbids anything else): it can
+be mailed, attached to an issue or opened from a laptop's downloads folder and still show every
+image. Images larger than `EMBED_MAX_PX` are downscaled before embedding so that a gallery of real
+1024 px images stays a few MB; small images (the scene world draws 32 px) are upscaled by the
+browser with `image-rendering: pixelated` so their pixels stay visible rather than blurred.
 
-Inputs are the report dict of catimage.evaluation (read tolerantly: a summary key that is missing
-is simply not shown, an unknown one still appears under "All summary figures") and an optional
-`Gallery`, which `gallery_from_router` (a fitted RouterModel + the quality table) or
-`gallery_from_predictions` (predictions and choices you already have) builds from the pipeline's
-own objects.
+Inputs are read tolerantly: a summary key that is missing is simply not shown, an unknown one still
+appears under "All summary figures".
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
 import io
 import logging
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ import numpy as np
 
 from catimage import __version__
 from catimage.errors import CatimageError
-from catimage.evaluation.gallery import BUDGET_COLOURS, Gallery, GalleryCell, GalleryRow
+from catimage.evaluation.figures import PolicyView, describe_miss_rule, policy_views
+from catimage.evaluation.gallery import BUDGET_COLOURS, Gallery, GalleryCell, GalleryRow, PlanTrace, plan_traces
 from catimage.evaluation.plot import plot_deferral
+from catimage.policy.routing import cost_to_reach, interpolate_curve
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,16 @@ THUMB_PX = 128  # CSS box of every gallery image: 4x a 32 px and 2x a 64 px imag
 RING_PX = 5  # width of one budget's highlight ring around a chosen image
 EMBED_MAX_PX = 320  # larger images are downscaled to this (longest side) before embedding
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+TEMPLATE = "report.html.j2"
 
 
 # --- images ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Embedded:
+class Embedded:
+    """An image as a data: URI, with its original pixel size."""
+
     uri: str
     width: int
     height: int
@@ -77,7 +82,7 @@ def _read_image_bytes(image: bytes | Path | str) -> bytes | None:
         return None
 
 
-def embed_image(image: bytes | Path | str, max_px: int = EMBED_MAX_PX) -> _Embedded | None:
+def embed_image(image: bytes | Path | str, max_px: int = EMBED_MAX_PX) -> Embedded | None:
     """An image as a data: URI with its original size; downscaled (JPEG) when larger than `max_px`."""
     from PIL import Image, UnidentifiedImageError
 
@@ -100,21 +105,17 @@ def embed_image(image: bytes | Path | str, max_px: int = EMBED_MAX_PX) -> _Embed
     except (UnidentifiedImageError, OSError) as err:
         log.warning("cannot decode an image (%s); the gallery shows a placeholder", err)
         return None
-    return _Embedded(f"data:{_MIME[fmt]};base64,{base64.b64encode(data).decode('ascii')}", width, height)
+    return Embedded(f"data:{_MIME[fmt]};base64,{base64.b64encode(data).decode('ascii')}", width, height)
 
 
-# --- formatting -------------------------------------------------------------------------------------
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+# --- figures for people ---------------------------------------------------------------------------
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _num(value: Any, digits: int = 4) -> str:
+def num(value: Any, digits: int = 4) -> str:
     """A figure for people: 4 significant digits, n/a for None / NaN, intervals as [lo, hi]."""
     if value is None:
         return "n/a"
@@ -125,13 +126,13 @@ def _num(value: Any, digits: int = 4) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{value:.{digits}g}" if math.isfinite(value) else "n/a"
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(v is None or _finite(v) for v in value):
-        return f"[{_num(value[0], digits)}, {_num(value[1], digits)}]"
+        return f"[{num(value[0], digits)}, {num(value[1], digits)}]"
     if isinstance(value, (list, tuple)):
-        return ", ".join(_num(v, digits) for v in value)
+        return ", ".join(num(v, digits) for v in value)
     return str(value)
 
 
-def _signed(value: Any, digits: int = 3) -> str:
+def signed(value: Any, digits: int = 3) -> str:
     if not _finite(value):
         return "n/a"
     value = 0.0 if abs(value) < 1e-12 else float(value)  # summation-order noise is not a gain
@@ -139,13 +140,10 @@ def _signed(value: Any, digits: int = 3) -> str:
 
 
 def _interval(summary: Mapping[str, Any], key: str) -> str:
-    """' (95% CI lo to hi)' when the summary carries an interval for `key` in a form we recognise."""
-    for holder, name in ((summary, f"{key}_ci"), (summary.get("ci") or {}, key), (summary.get("intervals") or {}, key)):
-        value = holder.get(name) if isinstance(holder, Mapping) else None
-        if isinstance(value, Mapping):
-            value = [value.get("lo", value.get("low")), value.get("hi", value.get("high"))]
-        if isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite(v) for v in value):
-            return f"interval {_num(value[0])} to {_num(value[1])}"
+    """'interval lo to hi' when the summary carries a 95% interval for `key`."""
+    value = (summary.get("intervals") or {}).get(key)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_finite(v) for v in value):
+        return f"95% interval {num(value[0])} to {num(value[1])}"
     return ""
 
 
@@ -157,196 +155,155 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, value))
 
 
-# --- the page -------------------------------------------------------------------------------------
-
-_CSS = f"""
-:root {{ color-scheme: light; --fg: #1f2328; --muted: #59636e; --line: #d1d9e0; --soft: #f6f8fa;
-  --accent: #0b5cad; {' '.join(f'--b{i}: {c};' for i, c in enumerate(BUDGET_COLOURS))} }}
-* {{ box-sizing: border-box; }}
-body {{ margin: 0; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
-  color: var(--fg); background: #fff; }}
-header {{ background: var(--soft); border-bottom: 1px solid var(--line); }}
-.wrap {{ max-width: 1240px; margin: 0 auto; padding: 20px 28px; }}
-h1 {{ font-size: 24px; margin: 0 0 4px; font-weight: 650; }}
-h2 {{ font-size: 18px; margin: 32px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }}
-.sub, .muted, figcaption, caption {{ color: var(--muted); }}
-.sub {{ margin: 0; font-size: 14px; }}
-.notes {{ margin: 18px 0 0; padding: 10px 16px; background: #fff8e5; border: 1px solid #f0d58c;
-  border-left: 5px solid #d4a72c; border-radius: 6px; }}
-.notes strong {{ display: block; margin-bottom: 2px; }}
-.notes ul {{ margin: 0; padding-left: 20px; }}
-.cards {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 12px; margin: 18px 0 0; }}
-.card {{ border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; margin: 0; }}
-.card dt {{ font-size: 13px; color: var(--muted); }}
-.card dd {{ margin: 2px 0 0; font-size: 22px; font-weight: 650; font-variant-numeric: tabular-nums; }}
-.card dd small {{ display: block; font-size: 13px; font-weight: 400; color: var(--muted); }}
-figure.plot {{ margin: 0; }}
-figure.plot img {{ max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 6px; }}
-table {{ border-collapse: collapse; font-variant-numeric: tabular-nums; }}
-table.data th, table.data td {{ padding: 5px 12px; border-bottom: 1px solid var(--line); text-align: right; }}
-table.data th:first-child, table.data td:first-child {{ text-align: left; }}
-table.data thead th {{ background: var(--soft); font-weight: 600; }}
-caption {{ text-align: left; padding: 0 0 6px; font-size: 13px; }}
-.scroll {{ overflow-x: auto; }}
-.legend {{ display: flex; flex-wrap: wrap; gap: 8px 24px; margin: 4px 0 12px; padding: 0; list-style: none; }}
-.swatch {{ display: inline-block; width: 14px; height: 14px; border-radius: 3px; vertical-align: -2px; margin-right: 6px; }}
-table.gallery th, table.gallery td {{ border-bottom: 1px solid var(--line); vertical-align: top; }}
-table.gallery thead th {{ background: var(--soft); padding: 8px 6px; font-weight: 600; text-align: center;
-  max-width: {THUMB_PX + 20}px; overflow-wrap: anywhere; }}
-table.gallery thead th:first-child {{ text-align: left; padding-left: 4px; }}
-table.gallery thead th .muted {{ display: block; font-weight: 400; font-size: 12px; }}
-table.gallery th.prompt {{ width: 220px; min-width: 160px; padding: 14px 12px 14px 4px; text-align: left; font-weight: 400; }}
-table.gallery th.prompt code {{ display: block; color: var(--muted); font-size: 11px; margin-top: 4px; }}
-table.gallery td {{ padding: 16px 10px 12px; text-align: center; min-width: {THUMB_PX + 20}px; }}
-.frame {{ width: {THUMB_PX}px; height: {THUMB_PX}px; margin: 0 auto; background: #eceff3;
-  display: flex; align-items: center; justify-content: center; }}
-.frame img {{ width: {THUMB_PX}px; height: {THUMB_PX}px; object-fit: contain; display: block; }}
-.frame img.px {{ image-rendering: pixelated; }}
-.frame .none {{ font-size: 12px; color: var(--muted); padding: 8px; }}
-.figs {{ margin: {2 * RING_PX + 6}px 0 0; font-size: 13px; line-height: 1.4; }}
-.figs .k {{ color: var(--muted); }}
-.figs b {{ font-weight: 700; }}
-.tag {{ display: inline-block; margin: 5px 0 0; padding: 0 7px; border-radius: 10px; font-size: 11.5px;
-  font-weight: 600; color: #111; border: 2px solid; background: #fff; white-space: nowrap; }}
-details {{ margin: 28px 0; }}
-summary {{ cursor: pointer; font-weight: 600; }}
-footer {{ color: var(--muted); font-size: 12px; border-top: 1px solid var(--line); margin-top: 36px; }}
-"""
+# --- one policy -----------------------------------------------------------------------------------
 
 
-def _headline(report: Mapping[str, Any]) -> str:
+@dataclass(frozen=True)
+class Card:
+    label: str
+    value: str
+    detail: str = ""
+
+
+@dataclass
+class PolicySection:
+    """What the page shows of one policy."""
+
+    name: str
+    decision_metric: str
+    judge_metric: str
+    upper_bound: bool
+    cards: list[Card]
+    verdict: list[str]
+    trials: list[list[str]]  # Table 1 rows: figure, mean ± std, bootstrap interval, over-trials interval
+    trials_note: str
+    at_fixed: list[list[str]]  # Tables 2-3 rows, one per fixed candidate
+    ratio_note: str
+    scorer_cost: str  # the decision scorer's cost per image, "" when the policy scores nothing
+
+
+def _ratio_card(s: Mapping[str, Any], unit: str) -> Card:
+    ratio, best = s.get("cost_ratio_or_miss"), s.get("best_fixed", "it")
+    if s.get("missed_best_fixed"):
+        detail = f"never reaches {best}'s quality (a miss); {describe_miss_rule(s.get('miss_ratio'))}"
+    else:
+        detail = f"matches {best} at {num(100 * ratio, 3)}% of its cost" if _finite(ratio) else ""
+    extra = _interval(s, "cost_ratio_or_miss")
+    return Card("Cost ratio to match it", f"{num(ratio, 3)}×" if _finite(ratio) else "n/a",
+                detail + (f"; {extra}" if extra else ""))
+
+
+def _cards(s: Mapping[str, Any], unit: str) -> list[Card]:
     """Cards for the summary figures that exist; nothing is invented for the ones that do not."""
-    s = report.get("summary") or {}
-    meta = report.get("meta") or {}
-    unit = meta.get("cost_unit", "cost")
-    cards: list[tuple[str, str, str]] = []
+    cards = []
     if "best_fixed" in s:
-        parts = [f"cost {_num(s['best_fixed_cost'])} {_e(unit)}" if _finite(s.get("best_fixed_cost")) else "",
-                 f"quality {_num(s['best_fixed_quality'])}" if _finite(s.get("best_fixed_quality")) else ""]
-        cards.append(("Best fixed candidate", _e(s["best_fixed"]), ", ".join(p for p in parts if p)))
+        parts = [f"cost {num(s.get('best_fixed_cost'))} {unit}" if _finite(s.get("best_fixed_cost")) else "",
+                 f"quality {num(s.get('best_fixed_quality'))}" if _finite(s.get("best_fixed_quality")) else ""]
+        cards.append(Card("Best fixed candidate", str(s["best_fixed"]), ", ".join(p for p in parts if p)))
     if "quality_at_best_fixed_cost" in s:
-        detail = f"{_signed(s.get('gain_at_best_fixed_cost'))} vs the best fixed candidate"
         extra = _interval(s, "gain_at_best_fixed_cost")
-        cards.append(("Router quality at that cost", _num(s["quality_at_best_fixed_cost"]),
-                      detail + (f"; gain {extra}" if extra else "")))
+        cards.append(Card("Quality at that cost", num(s["quality_at_best_fixed_cost"]),
+                          f"{signed(s.get('gain_at_best_fixed_cost'))} vs the best fixed candidate"
+                          + (f"; gain {extra}" if extra else "")))
     if "area_over_hull" in s:
         extra = _interval(s, "area_over_hull")
-        cards.append(("Mean gain over the mixture hull", _signed(s["area_over_hull"]),
-                      "router minus best random mix of fixed candidates" + (f"; {extra}" if extra else "")))
+        cards.append(Card("Mean gain over the mixture hull", signed(s["area_over_hull"]),
+                          "policy minus best random mix of fixed candidates" + (f"; {extra}" if extra else "")))
     if "cost_ratio_or_miss" in s:
-        ratio = s["cost_ratio_or_miss"]
-        detail = (f"router matches {_e(s.get('best_fixed', 'it'))} at {_num(100 * ratio, 3)}% of its cost"
-                  if not s.get("missed_best_fixed") else "the router never reaches its quality (a miss)")
-        cards.append(("Cost ratio to match it", f"{_num(ratio, 3)}×" if _finite(ratio) else "n/a", detail))
+        cards.append(_ratio_card(s, unit))
     if "oracle_gain_fraction" in s:
-        cards.append(("Share of the oracle's gain", _num(s["oracle_gain_fraction"], 3),
-                      f"oracle quality at that cost {_num(s.get('oracle_quality_at_best_fixed_cost'))}"))
+        cards.append(Card("Share of the routing oracle's gain", num(s["oracle_gain_fraction"], 3),
+                          f"routing oracle quality at that cost {num(s.get('oracle_quality_at_best_fixed_cost'))}"))
+    if "apgr" in s:
+        cards.append(Card("APGR (RouteLLM)", num(s.get("apgr"), 3),
+                          f"CPT(50%) {num(s.get('cpt_50'), 3)}, CPT(80%) {num(s.get('cpt_80'), 3)}; weak = the cheapest "
+                          "candidate, strong = the best fixed one"))
+    return cards
+
+
+TABLE1 = (("quality_at_best_fixed_cost", "quality at best fixed cost"), ("gain_at_best_fixed_cost", "gain at best fixed cost"),
+          ("area_over_hull", "area over hull"), ("cost_ratio_or_miss", "cost ratio to match best (misses counted)"),
+          ("oracle_gain_fraction", "oracle gain fraction"))
+
+
+def _trial_rows(trials: Mapping[str, Any]) -> list[list[str]]:
+    if not trials.get("n"):
+        return []
+    boot, over = trials.get("intervals") or {}, trials.get("trial_intervals") or {}
+    rows = []
+    for key, name in TABLE1:
+        mean, std = trials.get(f"mean_{key}"), trials.get(f"std_{key}")
+        counted = f" ({trials[f'n_{key}']}/{trials['n']} trials)" if f"n_{key}" in trials else ""
+        rows.append([name, num(mean) + (f" ± {num(std, 2)}" if _finite(std) else "") + counted,
+                     num(boot.get(key), 3) if key in boot else "n/a", num(over.get(key), 3) if key in over else "n/a"])
+    for key, name in (("apgr", "APGR (RouteLLM)"), ("cpt_50", "CPT(50%)"), ("cpt_80", "CPT(80%)")):
+        if f"mean_{key}" in trials:
+            rows.append([name, num(trials[f"mean_{key}"]), "n/a", "n/a"])
+    return rows
+
+
+def _at_fixed_rows(view: PolicyView) -> list[list[str]]:
+    """Per fixed candidate: its cost and quality, on hull, and the policy's quality, gain, hull and oracle
+    at that cost (Table 2), and the policy's cost and cost ratio to match it (Table 3)."""
+    fixed = [p for p in view.fixed if isinstance(p, Mapping) and "candidate" in p and _finite(p.get("cost"))]
+    if not fixed or not view.curve:
+        return []
+    on_hull = {h.get("candidate") for h in view.hull if isinstance(h, Mapping)}
+    ratios = view.summary.get("cost_ratio_or_miss_by_candidate") or {}
+    missed = set(view.summary.get("missed_candidates") or [])
+    hull, oracle = view.hull, view.oracle
+    rows = []
+    for p in sorted(fixed, key=lambda p: p["cost"]):
+        c, cost, quality = p["candidate"], float(p["cost"]), p.get("quality")
+        q = float(interpolate_curve(view.curve, cost))
+        rows.append([c, num(cost), num(quality), "yes" if c in on_hull else "", num(q),
+                     signed(q - quality) if _finite(quality) else "n/a",
+                     num(float(interpolate_curve(hull, cost))) if hull else "n/a",
+                     num(float(interpolate_curve(oracle, cost))) if oracle else "n/a",
+                     num(cost_to_reach(view.curve, quality)) if _finite(quality) else "n/a",
+                     num(ratios.get(c), 3) + (" (a miss)" if c in missed else "")])
+    return rows
+
+
+def policy_section(report: Mapping[str, Any], view: PolicyView) -> PolicySection:
+    unit = str((report.get("meta") or {}).get("cost_unit", "cost"))
+    s = view.summary
     trials = s.get("trials") if isinstance(s.get("trials"), Mapping) else {}
-    if trials.get("n"):
-        parts = []
-        for key, name in (("gain_at_best_fixed_cost", "gain"), ("area_over_hull", "area")):
-            mean, std = trials.get(f"mean_{key}"), trials.get(f"std_{key}")
-            if mean is not None:
-                parts.append(f"{name} {_signed(mean)}" + (f" ± {_num(std, 2)}" if _finite(std) else ""))
-        cards.append(("Trials (re-drawn splits)", f"{_num(trials.get('n'))}",
-                      f"win rate {_num(trials.get('win_rate'), 3)}" + ("; " + "; ".join(parts) if parts else "")))
-    if not cards:
-        return '<p class="muted">This report has no summary figures.</p>'
-    items = "".join(f'<div class="card"><dt>{label}</dt><dd>{value}<small>{detail}</small></dd></div>'
-                    for label, value, detail in cards)
-    return f'<dl class="cards">{items}</dl>'
+    return PolicySection(
+        name=view.name, decision_metric=view.decision_metric, judge_metric=view.judge_metric,
+        upper_bound=view.upper_bound, cards=_cards(s, unit), verdict=[str(v) for v in s.get("verdict") or []],
+        trials=_trial_rows(trials),
+        trials_note=(f"{num(trials.get('n'))} re-drawn split(s); win rate {num(trials.get('win_rate'), 3)}; "
+                     f"{num(trials.get('misses', 0))} miss(es)") if trials.get("n") else "",
+        at_fixed=_at_fixed_rows(view),
+        ratio_note=describe_miss_rule(trials.get("miss_ratio", s.get("miss_ratio"))),
+        scorer_cost=num(view.plans["score_cost"]) if view.plans.get("score_cost") is not None else "",
+    )
 
 
-def _subtitle(report: Mapping[str, Any]) -> str:
-    meta = report.get("meta") or {}
-    parts = []
-    if "estimator" in meta:
-        emb = (meta.get("embedder") or {}).get("name") if isinstance(meta.get("embedder"), Mapping) else meta.get("embedder")
-        parts.append(f"router <strong>{_e(meta['estimator'])}</strong>" + (f" on {_e(emb)} embeddings" if emb else ""))
-    if "n_test" in meta:
-        parts.append(f"{_e(meta['n_test'])} test prompts" + (f" of {_e(meta['n_prompts'])}" if "n_prompts" in meta else ""))
-    if meta.get("candidates"):
-        parts.append(f"{len(meta['candidates'])} candidates")
-    parts.append(f"quality in {_e(meta.get('metric', 'metric'))} units, cost in {_e(meta.get('cost_unit', 'the pool unit'))}")
-    return " · ".join(parts)
+# --- the gallery ------------------------------------------------------------------------------------
 
 
-def _notes(report: Mapping[str, Any]) -> str:
-    notes = list((report.get("meta") or {}).get("notes") or [])
-    if not notes:
-        return ""
-    items = "".join(f"<li>{_e(n)}</li>" for n in notes)
-    return f'<aside class="notes" aria-label="Read first"><strong>Read first</strong><ul>{items}</ul></aside>'
+@dataclass
+class CellView:
+    candidate: str
+    cost: str
+    image: Embedded | None
+    pixelated: bool
+    alt: str
+    missing: str  # what the frame says when there is no image
+    figures: list[tuple[str, str, bool]]  # (name, value, bold: the row's best)
+    chosen: list[tuple[int, str]]  # (budget index, budget label)
+    ring: str  # CSS box-shadow of the rings, "" when not chosen
 
 
-def _plot(plot_png: bytes | None, report: Mapping[str, Any]) -> str:
-    if not plot_png:
-        return '<p class="muted">No deferral plot: the report has no curves to draw.</p>'
-    meta = report.get("meta") or {}
-    uri = f"data:image/png;base64,{base64.b64encode(plot_png).decode('ascii')}"
-    alt = (f"Deferral curves: mean {meta.get('metric', 'quality')} against average cost per prompt for the router, "
-           "the oracle, the best random mix of fixed candidates, and each fixed candidate as a point")
-    return (f'<figure class="plot"><img src="{uri}" alt="{_e(alt)}"><figcaption>Higher and further left is better. '
-            "The router earns its keep where its curve lies above the dashed mixture hull.</figcaption></figure>")
-
-
-def _candidates_table(report: Mapping[str, Any]) -> str:
-    fixed = [p for p in report.get("fixed") or [] if isinstance(p, Mapping) and "candidate" in p]
-    if not fixed:
-        return ""
-    s = report.get("summary") or {}
-    meta = report.get("meta") or {}
-    on_hull = {h.get("candidate") for h in report.get("hull") or [] if isinstance(h, Mapping)}
-    gains = s.get("gain_at_fixed_cost") if isinstance(s.get("gain_at_fixed_cost"), Mapping) else {}
-    ratios = (s.get("cost_ratio_or_miss_by_candidate") if isinstance(s.get("cost_ratio_or_miss_by_candidate"), Mapping)
-              else {})
-    rows = []
-    for p in sorted(fixed, key=lambda p: p.get("cost") if _finite(p.get("cost")) else math.inf):
-        c = p["candidate"]
-        rows.append(
-            f"<tr><td>{_e(c)}</td><td>{_num(p.get('cost'))}</td><td>{_num(p.get('quality'))}</td>"
-            f"<td>{'yes' if c in on_hull else ''}</td><td>{_signed(gains.get(c))}</td><td>{_num(ratios.get(c), 3)}</td></tr>"
-        )
-    head = (f"<tr><th scope=\"col\">candidate</th><th scope=\"col\">cost ({_e(meta.get('cost_unit', 'cost'))})</th>"
-            f"<th scope=\"col\">mean {_e(meta.get('metric', 'quality'))}</th><th scope=\"col\">on hull</th>"
-            "<th scope=\"col\">router gain at its cost</th><th scope=\"col\">router cost ratio to match</th></tr>")
-    return (f'<h2 id="candidates">Fixed candidates</h2><div class="scroll"><table class="data"><caption>Always sending '
-            f"every test prompt to one candidate, against the router at that candidate's cost.</caption><thead>{head}</thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div>")
-
-
-def _routers_table(report: Mapping[str, Any]) -> str:
-    routers = report.get("routers")
-    if not isinstance(routers, Mapping) or not routers:
-        return ""
-    rows = []
-    for label, sub in routers.items():
-        s = (sub or {}).get("summary") or {}
-        tr = s.get("trials") if isinstance(s.get("trials"), Mapping) else {}
-        rows.append(f"<tr><td>{_e(label)}</td><td>{_num(s.get('quality_at_best_fixed_cost'))}</td>"
-                    f"<td>{_signed(s.get('area_over_hull'))}</td><td>{_num(s.get('cost_ratio_or_miss'), 3)}</td>"
-                    f"<td>{_num(tr.get('win_rate'), 3)}</td></tr>")
-    head = ("<tr><th scope=\"col\">router</th><th scope=\"col\">quality at best fixed cost</th><th scope=\"col\">area over hull"
-            "</th><th scope=\"col\">cost ratio to match</th><th scope=\"col\">win rate</th></tr>")
-    return (f'<h2 id="routers">Routers compared</h2><div class="scroll"><table class="data"><thead>{head}</thead>'
-            f"<tbody>{''.join(rows)}</tbody></table></div>")
-
-
-def _all_figures(report: Mapping[str, Any]) -> str:
-    flat: list[tuple[str, Any]] = []
-    _flatten("", report.get("summary") or {}, flat)
-    if not flat:
-        return ""
-    rows = "".join(f"<tr><td><code>{_e(k)}</code></td><td>{_e(_num(v))}</td></tr>" for k, v in flat)
-    return (f'<details><summary>All summary figures ({len(flat)})</summary><div class="scroll"><table class="data">'
-            f'<thead><tr><th scope="col">key</th><th scope="col">value</th></tr></thead><tbody>{rows}</tbody></table>'
-            "</div></details>")
-
-
-def _ring(indices: Sequence[int]) -> str:
-    """Nested box-shadow rings, one per budget that chose this cell, innermost = first budget."""
-    rings = [f"0 0 0 {RING_PX * (k + 1)}px var(--b{i})" for k, i in enumerate(indices)]
-    return f' style="box-shadow: {", ".join(rings)}"' if rings else ""
+@dataclass
+class GalleryView:
+    intro: str
+    note: str
+    legend: list[tuple[int, str, str]]  # (budget index, label, detail)
+    metric: str
+    rows: list[tuple[GalleryRow, list[CellView]]] = field(default_factory=list)
 
 
 def _row_best(values: Sequence[float | None]) -> float | None:
@@ -354,111 +311,207 @@ def _row_best(values: Sequence[float | None]) -> float | None:
     return max(finite) if len(finite) > 1 else None
 
 
-def _figure(name: str, value: float | None, best: float | None) -> str:
-    text = _num(value, 3)
-    if best is not None and value is not None and value == best:
-        text = f"<b>{text}</b>"
-    return f'<span class="k">{name}</span> {text}'
-
-
-def _gallery_cell(row: GalleryRow, cell: GalleryCell, gallery: Gallery) -> str:
-    labels = [b.label for b in gallery.budgets]
-    picked = [i for i, label in enumerate(labels) if row.chosen.get(label) == cell.candidate]
-    embedded = embed_image(cell.image) if cell.image is not None else None
-    if embedded:
-        pixelated = ' class="px"' if max(embedded.width, embedded.height) < THUMB_PX else ""
-        alt = f"{cell.candidate}'s image for: {row.prompt[:120]}"
-        inner = (f'<img src="{embedded.uri}" alt="{_e(alt)}" width="{THUMB_PX}" height="{THUMB_PX}"{pixelated}'
-                 f' title="{embedded.width}×{embedded.height} px">')
-    else:
-        inner = f'<span class="none">{"image not readable" if cell.image is not None else "no image"}</span>'
+def _cell_figures(row: GalleryRow, cell: GalleryCell) -> list[tuple[str, str, bool]]:
     best_mean = _row_best([c.mean_score for c in row.cells])
     best_pred = _row_best([c.predicted for c in row.cells])
     figs = []
     if cell.score is not None:
-        figs.append(_figure("score", cell.score, None))
+        figs.append(("score", num(cell.score, 3), False))
     if cell.mean_score is not None and (cell.n_samples > 1 or cell.score is None):
-        figs.append(_figure(f"mean of {cell.n_samples}", cell.mean_score, best_mean))
+        figs.append((f"mean of {cell.n_samples}", num(cell.mean_score, 3), cell.mean_score == best_mean))
     if cell.score is None and cell.mean_score is None:
-        figs.append('<span class="k">no score</span>')
-    figs.append(_figure("predicted", cell.predicted, best_pred))
-    tags = "".join(f'<br><span class="tag" style="border-color: var(--b{i})">chosen at {_e(labels[i])}</span>'
-                   for i in picked)
-    return f'<td><div class="frame"{_ring(picked)}>{inner}</div><div class="figs">{"<br>".join(figs)}{tags}</div></td>'
+        figs.append(("no score", "", False))
+    figs.append(("predicted", num(cell.predicted, 3), cell.predicted is not None and cell.predicted == best_pred))
+    return figs
 
 
-def _budget_legend(gallery: Gallery) -> str:
-    items = []
+def _cell_view(row: GalleryRow, cell: GalleryCell, gallery: Gallery, cost: float | None) -> CellView:
+    labels = [b.label for b in gallery.budgets]
+    picked = [(i, label) for i, label in enumerate(labels) if row.chosen.get(label) == cell.candidate]
+    embedded = embed_image(cell.image) if cell.image is not None else None
+    rings = ", ".join(f"0 0 0 {RING_PX * (k + 1)}px var(--b{i})" for k, (i, _) in enumerate(picked))
+    return CellView(
+        candidate=cell.candidate, cost=f"cost {num(cost)}" if cost is not None else "", image=embedded,
+        pixelated=bool(embedded and max(embedded.width, embedded.height) < THUMB_PX),
+        alt=f"{cell.candidate}'s image for: {row.prompt[:120]}",
+        missing="image not readable" if cell.image is not None else "no image",
+        figures=_cell_figures(row, cell), chosen=picked, ring=rings,
+    )
+
+
+def _legend(gallery: Gallery) -> list[tuple[int, str, str]]:
     costs = dict(zip(gallery.candidates, gallery.costs)) if gallery.costs is not None else {}
+    items = []
     for i, b in enumerate(gallery.budgets):
-        text = f"chosen at <strong>{_e(b.label)}</strong>"
+        parts = []
         if b.value is not None:
-            text += f": average-cost budget {_num(b.value)} {_e(gallery.cost_unit)}"
+            parts.append(f"average-cost budget {num(b.value)} {gallery.cost_unit}")
         if b.lam is not None:
-            text += f", λ = {_num(b.lam, 3)}"
+            parts.append(f"λ = {num(b.lam, 3)}")
         spent = [costs[r.chosen[b.label]] for r in gallery.rows if b.label in r.chosen] if costs else []
         if spent:
-            text += f"; the choices below cost {_num(float(np.mean(spent)))} on average"
-        items.append(f'<li><span class="swatch" style="background: var(--b{i})"></span>{text}</li>')
-    return f'<ul class="legend">{"".join(items)}</ul>'
+            parts.append(f"the choices below cost {num(float(np.mean(spent)))} on average")
+        items.append((i, b.label, "; ".join(parts)))
+    return items
 
 
-def _gallery(gallery: Gallery | None) -> str:
+def gallery_view(gallery: Gallery | None) -> GalleryView | None:
     if gallery is None:
-        return ""
+        return None
     shown = len(gallery.rows)
     total = gallery.n_total if gallery.n_total is not None else shown
-    intro = (f"<p>{shown} prompt{'s' if shown != 1 else ''}" + (f" (of {total})" if total > shown else "") +
-             f". Each cell: the candidate's image, its <em>score</em> ({_e(gallery.metric)}; the mean over samples when "
-             f"there are several) and the router's <em>predicted</em> quality. Bold: the row's best mean score "
-             f"and best prediction. A ring and a label mark the candidate the router chose at each budget.</p>")
-    note = f'<p class="muted">{_e(gallery.note)}</p>' if gallery.note else ""
+    intro = f"{shown} prompt{'s' if shown != 1 else ''}" + (f" (of {total})" if total > shown else "")
     costs = gallery.costs or [None] * len(gallery.candidates)
-    head = '<th scope="col">prompt</th>' + "".join(
-        f'<th scope="col">{_e(c)}<span class="muted">{"cost " + _num(k) if k is not None else ""}</span></th>'
-        for c, k in zip(gallery.candidates, costs))
-    body = []
+    view = GalleryView(intro=intro, note=gallery.note or "", legend=_legend(gallery), metric=gallery.metric)
     for row in gallery.rows:
-        pid = f"<code>{_e(row.prompt_id)}</code>" if row.prompt_id else ""
-        cells = "".join(_gallery_cell(row, cell, gallery) for cell in row.cells)
-        body.append(f'<tr><th scope="row" class="prompt">{_e(row.prompt)}{pid}</th>{cells}</tr>')
-    return (f'<h2 id="gallery">Gallery: what the router chose</h2>{intro}{note}{_budget_legend(gallery)}'
-            f'<div class="scroll"><table class="gallery"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
-            "</table></div>")
+        view.rows.append((row, [_cell_view(row, cell, gallery, k) for cell, k in zip(row.cells, costs)]))
+    return view
 
 
-def render_html(report: Mapping[str, Any], gallery: Gallery | None = None, plot_png: bytes | None = None) -> str:
-    """The whole page as one string (pure: no files read except the gallery's image paths)."""
+# --- plans at work ----------------------------------------------------------------------------------
+
+
+@dataclass
+class AttemptView:
+    title: str  # "1. small-4"
+    seed: str
+    image: Embedded | None
+    pixelated: bool
+    alt: str
+    decision: str
+    judge: str
+    accepted: bool
+    returned: bool
+    cost: str
+
+
+@dataclass
+class TraceView:
+    prompt: str
+    prompt_id: str
+    plan: str
+    context: str  # budget and lambda the plan was chosen at
+    attempts: list[AttemptView]
+
+
+def _attempt_view(trace: PlanTrace, k: int) -> AttemptView:
+    a = trace.attempts[k]
+    embedded = embed_image(a.image) if a.image is not None else None
+    return AttemptView(
+        title=f"{k + 1}. {a.candidate}", seed=f"seed {a.seed}", image=embedded,
+        pixelated=bool(embedded and max(embedded.width, embedded.height) < THUMB_PX),
+        alt=f"attempt {k + 1} ({a.candidate}, seed {a.seed}) for: {trace.prompt[:120]}",
+        decision=num(a.decision, 3), judge=num(a.judge, 3), accepted=a.accepted, returned=a.returned,
+        cost=num(a.cost) if a.cost is not None else "",
+    )
+
+
+def trace_views(traces: Sequence[PlanTrace]) -> list[TraceView]:
+    views = []
+    for t in traces:
+        context = ", ".join(part for part in (f"budget {num(t.budget)}" if t.budget is not None else "",
+                                              f"λ = {num(t.lam, 3)}" if t.lam is not None else "") if part)
+        views.append(TraceView(t.prompt, t.prompt_id or "", t.plan, context,
+                               [_attempt_view(t, k) for k in range(len(t.attempts))]))
+    return views
+
+
+def _traced_policies(report: Mapping[str, Any], traces: Mapping[str, Sequence[PlanTrace]] | None) -> list[dict[str, Any]]:
+    """Per policy with traces: what decides, what judges, and its traced plans (images when given)."""
+    out = []
+    for view in policy_views(report):
+        plans = (traces or {}).get(view.name)
+        if plans is None:
+            plans = plan_traces(report, view.name) if view.traces else []
+        if plans:
+            out.append({"name": view.name, "decision_metric": view.decision_metric, "judge_metric": view.judge_metric,
+                        "upper_bound": view.upper_bound, "traces": trace_views(plans),
+                        "images": any(a.image is not None for t in plans for a in t.attempts)})
+    return out
+
+
+def _side_by_side(views: Sequence[PolicyView]) -> list[list[str]]:
+    rows = []
+    for v in views:
+        s, t = v.summary, v.summary.get("trials") if isinstance(v.summary.get("trials"), Mapping) else {}
+        misses = f" ({num(t.get('misses', 0))} of {num(t.get('n'))} missed)" if t.get("n") else ""
+        rows.append([v.name, v.decision_metric, v.judge_metric + (" (upper bound)" if v.upper_bound else ""),
+                     num(s.get("quality_at_best_fixed_cost")), signed(t.get("mean_area_over_hull", s.get("area_over_hull"))),
+                     num(t.get("mean_cost_ratio_or_miss", s.get("cost_ratio_or_miss")), 3) + misses,
+                     num(t.get("mean_apgr", s.get("apgr")), 3), num(t.get("mean_cpt_50", s.get("cpt_50")), 3),
+                     num(t.get("mean_cpt_80", s.get("cpt_80")), 3)])
+    return rows
+
+
+# --- the page ---------------------------------------------------------------------------------------
+
+
+def _subtitle(meta: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(before, strong, after) parts joined by ' · '."""
+    parts = []
+    if "estimator" in meta:
+        emb = (meta.get("embedder") or {}).get("name") if isinstance(meta.get("embedder"), Mapping) else meta.get("embedder")
+        parts.append(("router ", str(meta["estimator"]), f" on {emb} embeddings" if emb else ""))
+    if "n_test" in meta:
+        parts.append(("", "", f"{meta['n_test']} test prompts" + (f" of {meta['n_prompts']}" if "n_prompts" in meta else "")))
+    if meta.get("candidates"):
+        parts.append(("", "", f"{len(meta['candidates'])} candidates"))
+    parts.append(("", "", f"judge {meta.get('metric', 'metric')}, cost in {meta.get('cost_unit', 'the pool unit')}"))
+    return parts
+
+
+def _routers_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    routers = report.get("routers")
+    if not isinstance(routers, Mapping):
+        return []
+    rows = []
+    for label, sub in routers.items():
+        s = (sub or {}).get("summary") or {}
+        tr = s.get("trials") if isinstance(s.get("trials"), Mapping) else {}
+        rows.append([str(label), num(s.get("quality_at_best_fixed_cost")), signed(s.get("area_over_hull")),
+                     num(s.get("cost_ratio_or_miss"), 3) + (" (a miss)" if s.get("missed_best_fixed") else ""),
+                     num(tr.get("win_rate"), 3)])
+    return rows
+
+
+def page_model(report: Mapping[str, Any], gallery: Gallery | None, plot_png: bytes | None,
+               traces: Mapping[str, Sequence[PlanTrace]] | None = None) -> dict[str, Any]:
+    """Everything the template shows, as plain values (the template only lays them out and escapes).
+    `traces` (policy -> traced plans, with images) replaces the report's own traces (no images)."""
     meta = report.get("meta") or {}
-    title = f"catimage evaluation: {meta.get('metric', 'quality')} vs cost ({meta.get('cost_unit', 'cost')})"
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<title>{_e(title)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<header><div class="wrap"><h1>{_e(title)}</h1><p class="sub">{_subtitle(report)}</p></div></header>
-<main class="wrap">
-{_notes(report)}
-<h2 id="summary">Summary (trial 0)</h2>
-{_headline(report)}
-<h2 id="plot">Deferral curve</h2>
-{_plot(plot_png, report)}
-{_routers_table(report)}
-{_candidates_table(report)}
-{_gallery(gallery)}
-{_all_figures(report)}
-</main>
-<footer><div class="wrap">Written by catimage {_e(__version__)} on {when}. One self-contained file: every image is
-embedded; no scripts, no external resources.</div></footer>
-</body>
-</html>
-"""
+    flat: list[tuple[str, Any]] = []
+    _flatten("", report.get("summary") or {}, flat)
+    views = [v for v in policy_views(report) if v.summary or v.curve]
+    return {
+        "side_by_side": _side_by_side(views) if len(views) > 1 else [],
+        "best_fixed": str(views[0].summary.get("best_fixed", "the best fixed candidate")) if views else "",
+        "traced": _traced_policies(report, traces),
+        "title": f"catimage evaluation: {meta.get('metric', 'quality')} vs cost ({meta.get('cost_unit', 'cost')})",
+        "csp": CSP, "thumb_px": THUMB_PX, "ring_px": RING_PX, "colours": BUDGET_COLOURS,
+        "subtitle": _subtitle(meta), "notes": [str(n) for n in meta.get("notes") or []],
+        "policies": [policy_section(report, v) for v in views],
+        "cost_unit": str(meta.get("cost_unit", "cost")), "metric": str(meta.get("metric", "quality")),
+        "plot_uri": f"data:image/png;base64,{base64.b64encode(plot_png).decode('ascii')}" if plot_png else None,
+        "plot_alt": f"Deferral curves: mean {meta.get('metric', 'quality')} against average cost per prompt for "
+                    + ", ".join(v.name for v in views) + ", the oracle, the best random mix of fixed candidates, "
+                    "and each fixed candidate as a point",
+        "routers": _routers_rows(report), "ratio_rule": describe_miss_rule(),
+        "gallery": gallery_view(gallery), "all_figures": [(k, num(v)) for k, v in flat],
+        "version": __version__, "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _environment() -> Any:
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    return Environment(loader=PackageLoader("catimage.evaluation", "templates"), autoescape=True,
+                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def render_html(report: Mapping[str, Any], gallery: Gallery | None = None, plot_png: bytes | None = None,
+                traces: Mapping[str, Sequence[PlanTrace]] | None = None) -> str:
+    """The whole page as one string (pure: no files read except the gallery's image paths)."""
+    return _environment().get_template(TEMPLATE).render(page_model(report, gallery, plot_png, traces))
 
 
 def _plot_bytes(report: Mapping[str, Any], out: Path, plot: bytes | Path | None) -> bytes | None:
@@ -470,17 +523,17 @@ def _plot_bytes(report: Mapping[str, Any], out: Path, plot: bytes | Path | None)
         return path.read_bytes()
     if not report.get("fixed") and not report.get("router"):
         return None
-    meta = report.get("meta") or {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            return plot_deferral({str(meta.get("estimator", "router")): report}, Path(tmp) / "p.png").read_bytes()
+            return plot_deferral(report, Path(tmp) / "p.png").read_bytes()
     except (CatimageError, KeyError, TypeError, ValueError) as err:
         log.warning("could not draw the deferral plot for report.html (%s); the page shows none", err)
         return None
 
 
 def write_html_report(
-    report: Mapping[str, Any], out_dir: str | Path, gallery: Gallery | None = None, plot: bytes | Path | None = None
+    report: Mapping[str, Any], out_dir: str | Path, gallery: Gallery | None = None, plot: bytes | Path | None = None,
+    traces: Mapping[str, Sequence[PlanTrace]] | None = None,
 ) -> Path:
     """Write `out_dir/report.html` (self-contained) and return its path.
 
@@ -490,6 +543,6 @@ def write_html_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
-    path.write_text(render_html(report, gallery, _plot_bytes(report, out, plot)), encoding="utf-8")
+    path.write_text(render_html(report, gallery, _plot_bytes(report, out, plot), traces), encoding="utf-8")
     log.info("wrote %s", path)
     return path
