@@ -1,0 +1,187 @@
+"""The logging deployment (serve/log_deployment.py): rows reach the served log, a killed replica's
+unflushed rows are counted as lost, the privacy switch stores no prompt text.
+
+The loss test is counted from three independent places: the rows this test submitted, the rows on
+disk after shutdown (read back with catimage.tables.served_log), and what the deployment reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from catimage.errors import TableError  # noqa: E402
+from catimage.tables.served_log import ServedRow, read_served_log  # noqa: E402
+from serve.log_deployment import LogServeArgs, audit_tallies  # noqa: E402
+
+METRIC = "scene_decider"
+
+
+def _rows(i: int, n: int) -> list[ServedRow]:
+    prompt = f"{1 + i % 3} red circles"
+    return [
+        ServedRow(prompt_id=f"p{i}", prompt=prompt, candidate="small-4", seed=1000 * i + j, pool_cost=1.4,
+                  request_id=f"r{i}", scores={METRIC: 0.5}, attempt=j, returned=j == n - 1, policy="cascade",
+                  decision_cost=0.04)
+        for j in range(n)
+    ]
+
+
+def _write_tally(root: Path, key: str, replica: str, **counts) -> None:
+    folder = root / "_tally" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{replica}.json").write_text(json.dumps(counts))
+
+
+def test_audit_counts_only_what_dead_replicas_never_wrote(tmp_path):
+    key = "app#ServedLog"
+    _write_tally(tmp_path, key, "dead1", accepted=10, written=4, dropped=1, closed=False)  # 5 lost
+    _write_tally(tmp_path, key, "dead2", accepted=7, written=7, dropped=0, closed=True)  # shut down cleanly
+    _write_tally(tmp_path, key, "live", accepted=9, written=2, dropped=0, closed=False)  # still buffering
+    audit = audit_tallies(str(tmp_path), key, alive=["live"])
+    assert (audit.lost, audit.dropped, audit.dead) == (5, 1, {"dead1": 5})
+    assert audit_tallies(str(tmp_path), key, alive=[]).lost == 5 + 7
+
+
+def test_hashing_without_a_key_is_refused_with_what_to_do(monkeypatch):
+    monkeypatch.delenv("CATIMAGE_LOG_SALT", raising=False)
+    with pytest.raises(TableError, match="export a long random secret"):
+        LogServeArgs(uri="x", hash_prompts=True).writer_config([METRIC])
+    assert LogServeArgs(uri="rel/dir").absolute().uri == str(Path("rel/dir").resolve())
+
+
+@pytest.fixture(scope="module")
+def ray_serve():
+    import ray
+    from ray import serve
+    from train_serve_fixtures import free_port, start_local_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CATIMAGE_LOG_SALT", "test-salt-not-secret")  # replicas inherit the raylet's environment
+    start_local_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    try:
+        yield serve
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        mp.undo()
+
+
+def _deploy(serve, name: str, args: LogServeArgs, replicas: int):
+    from serve.log_deployment import ServedLog, log_options
+
+    args = args.model_copy(update={"num_replicas": replicas, "num_cpus": 0})
+    return serve.run(ServedLog.options(**log_options(args)).bind(args.model_dump(), [METRIC]),
+                     name=name, route_prefix=None)
+
+
+def _replicas(app: str) -> list[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#ServedLog#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+
+
+def _holding_replica(app: str, uri: str) -> str:
+    """The actor name of a live replica whose tally says it holds unwritten rows."""
+    folder = Path(uri) / "_tally" / f"{app}#ServedLog"
+    for name in _replicas(app):
+        tally = folder / f"{name.rsplit('#', 1)[1]}.json"
+        if tally.is_file():
+            counts = json.loads(tally.read_text())
+            if counts["accepted"] - counts["written"] > 0:
+                return name
+    raise AssertionError("no logger replica holds rows yet")
+
+
+async def _load_with_a_kill(handle, app: str, uri: str, n_requests: int) -> tuple[int, dict]:
+    """Submit n_requests requests' rows (1-3 each) through a LogClient, killing a logger replica that
+    holds rows once half of those sent so far are acknowledged. Returns (rows submitted, client counts)."""
+    import ray
+
+    from serve.log_deployment import LogClient
+
+    client = LogClient(handle, max_in_flight=10_000, retries=1)
+    submitted, killed = 0, False
+    for i in range(n_requests):
+        rows = _rows(i, 1 + i % 3)
+        client.submit(rows)
+        submitted += len(rows)
+        if i % 10 == 9:
+            await asyncio.sleep(0)  # let the calls go out
+        if not killed and i >= n_requests // 4:
+            while client.counts["acked"] < submitted // 2:
+                await asyncio.sleep(0.01)
+            victim = _holding_replica(app, uri)
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            killed = True
+    await client.drain()
+    return submitted, client.state()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_logger_replica_loses_only_its_unflushed_rows_and_says_how_many(ray_serve, tmp_path):
+    app = "logs"
+    uri = str(tmp_path / "log")
+    # Nothing is flushed before shutdown: every row a replica holds when it is killed is lost.
+    args = LogServeArgs(uri=uri, flush_rows=10_000, flush_interval_s=3600)
+    handle = _deploy(ray_serve, app, args, replicas=2)
+    assert len(_replicas(app)) == 2
+    submitted, client = asyncio.run(_load_with_a_kill(handle, app, uri, 300))
+    assert client["dropped"] == 0 and client["refused"] == 0 and client["in_flight"] == 0
+    # A live replica tells the loss (from the dead replica's tally), before anything is shut down.
+    deadline = time.monotonic() + 60
+    state = handle.state.remote().result()
+    while state["rows_lost"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = handle.state.remote().result()
+    reported = state["rows_lost"]
+    ray_serve.delete(app)  # graceful: the live replicas write what they hold
+    on_disk = read_served_log(uri).num_rows
+    audit = audit_tallies(uri, f"{app}#ServedLog", alive=[])
+    lost = submitted - on_disk
+    assert lost > 0 and reported == audit.lost, (lost, reported, audit)
+    # What the deployment says it lost is what is missing, up to the rows resent after a replica
+    # died (possibly counted by the dead one too) and the rows whose call failed for good.
+    assert audit.lost - client["retried"] <= lost <= audit.lost + client["failed"], (lost, audit, client)
+    tallies = [json.loads(p.read_text()) for p in (Path(uri) / "_tally" / f"{app}#ServedLog").glob("*.json")]
+    assert sum(t["accepted"] for t in tallies) == on_disk + audit.lost  # every accepted row: on disk or lost
+    assert sum(t["closed"] for t in tallies) == len(tallies) - 1  # all shut down cleanly but the killed one
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rows_are_written_on_shutdown_and_prompts_hashed_when_asked(ray_serve, tmp_path):
+    from serve.log_deployment import LogClient
+
+    app = "hashed"
+    uri = str(tmp_path / "log")
+    handle = _deploy(ray_serve, app, LogServeArgs(uri=uri, flush_rows=4, hash_prompts=True), replicas=1)
+
+    async def send() -> dict:
+        client = LogClient(handle)
+        for i in range(5):
+            client.submit(_rows(i, 2))
+        await client.drain()
+        return client.state()
+
+    assert asyncio.run(send())["acked"] == 10
+    ray_serve.delete(app)
+    table = read_served_log(uri)
+    assert table.num_rows == 10
+    assert all(p.startswith("hash:") for p in table.column("prompt").to_pylist())
+    assert all(table.column("prompt_hashed").to_pylist())
+    assert "red circles" not in " ".join(map(str, table.to_pylist()))
+    assert sorted(table.column("seed").to_pylist()) == sorted(1000 * i + j for i in range(5) for j in range(2))
