@@ -22,8 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catimage.policy.plans import Plan, executed_attempts  # noqa: E402
-from serve.plan_executor import NoImageDrawn, PlanExecutor, attempt_seeds, served_rows  # noqa: E402
+from catimage.policy.plans import Plan, executed_attempts
+from serve.plan_executor import NoImageDrawn, PlanExecutor, attempt_seeds, served_rows
 
 COSTS = {"a": 1.0, "b": 2.0, "c": 4.0}
 SCORE_COST = 0.25
@@ -124,7 +124,7 @@ def test_sequential_execution_matches_the_reference_stop_rule():
         async def draw(c, p, s):
             return b"x"
 
-        async def score(p, im):
+        async def score(p, im, it=it):
             return next(it)
 
         run = asyncio.run(PlanExecutor(draw, score, COSTS, SCORE_COST).run(plan, "p", list(range(k))))
@@ -175,7 +175,7 @@ KILL_APP = "cascade"
 def served():
     import ray
     from ray import serve
-    from serve_planted import Planted, PlanHarness, Stuck
+    from serve_planted import PlanHarness, Planted, Stuck
     from train_serve_fixtures import free_port, start_local_ray
 
     from catimage.metrics.spec import MetricSpec

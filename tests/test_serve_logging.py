@@ -18,9 +18,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catimage.errors import TableError  # noqa: E402
-from catimage.tables.served_log import ServedRow, read_served_log  # noqa: E402
-from serve.log_deployment import LogServeArgs, audit_tallies  # noqa: E402
+from catimage.errors import TableError
+from catimage.tables.served_log import ServedRow, read_served_log
+from serve.log_deployment import LogServeArgs, audit_tallies
 
 METRIC = "scene_decider"
 
