@@ -38,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    from catimage.evaluation.trials import evaluate_table
+    from catimage.evaluation.trials import EvaluateOptions, evaluate_table
     from catimage.features.cache import CachedEmbedder
     from catimage.features.registry import make_embedder
     from catimage.tables.table import load_pool_matrix
@@ -56,8 +56,8 @@ def main() -> None:
 
     start = time.perf_counter()
     report = evaluate_table(
-        matrix, costs, args.estimator, {}, embedder, trials=args.trials, cost_unit=pool.cost_unit,
-        bootstrap=args.bootstrap, progress=progress,
+        matrix, costs, EvaluateOptions(estimator=args.estimator, embedder=embedder, trials=args.trials,
+                                       cost_unit=pool.cost_unit, bootstrap=args.bootstrap), progress=progress,
     )
     total = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6

@@ -32,7 +32,7 @@ from rich.table import Table  # noqa: E402
 
 from catimage.evaluation.confidence import combined_interval
 from catimage.evaluation.noise import label_noise
-from catimage.evaluation.trials import evaluate_table
+from catimage.evaluation.trials import EvaluateOptions, evaluate_table
 from catimage.features.cache import CachedEmbedder
 from catimage.features.registry import make_embedder
 
@@ -70,8 +70,9 @@ def main() -> None:
             embedder = _embedder(emb_name)
             for est in args.estimators:
                 start = time.perf_counter()
-                report = evaluate_table(matrix, costs, est, {}, embedder, test_frac=0.1, calibration_frac=0.1, seed=0,
-                                        trials=args.trials, cost_unit=pool.cost_unit, bootstrap=args.bootstrap)
+                report = evaluate_table(matrix, costs, EvaluateOptions(
+                    estimator=est, embedder=embedder, test_frac=0.1, calibration_frac=0.1, seed=0, trials=args.trials,
+                    cost_unit=pool.cost_unit, bootstrap=args.bootstrap))
                 t = report["summary"]["trials"]
                 secs = time.perf_counter() - start
                 row = [est, emb_name, str(report["summary"]["best_fixed"]), _cell(t, "area_over_hull", True),

@@ -2,7 +2,8 @@
 
     python benchmarks/world_routing.py build [--prompts 1200] [--seeds 4]    # Ray Data, ~1 h on 2 cores
     python benchmarks/world_routing.py evaluate [--trials 10]                # seconds, from the shipped table
-    python benchmarks/world_routing.py foreign [--prompts FILE] [--seeds 4]  # the shipped router on new phrasing
+    python benchmarks/world_routing.py evaluate --policy both --estimators twoway-ridge [--decision-noise 0.1]
+    python benchmarks/world_routing.py foreign [--prompts FILE] [--seeds 4]  # shipped router + cascade, new phrasing
 
 `build` draws held-out world prompts (scenes no generator trained on, disjoint from the demo's),
 runs the Ray Data build job over every candidate of catimage/data/world_pool.yaml x S seeds with
@@ -13,9 +14,16 @@ catimage/data/world_table.parquet, the table the package ships.
 of objects in the prompt (read with the verifier's parser; the router never sees it), and (2) the
 routing figures over re-drawn splits (`catimage evaluate` on the same table gives the same).
 
+`evaluate --policy cascade|both [--decision-noise 0.1]` adds the cascade (catimage.evaluation.cascade):
+plans simulated on the test prompts' own seeds, deciding on scene_decider when the table has it, else
+on scene_score (an UPPER BOUND, said), optionally blurred by Gaussian noise as a stand-in decider.
+
 `foreign` builds prompts written outside the grammar (default: benchmarks/world_foreign_prompts.txt,
-hand-written in the world's vocabulary with other sentence shapes) and routes them with the SHIPPED
-router (catimage/data/world_router): does the gain hold on phrasing it was not fitted on?
+hand-written in the world's vocabulary with other sentence shapes; S >= 4 seeds) and evaluates the
+SHIPPED router (catimage/data/world_router) and the shipped cascade (catimage/data/world_cascade; until
+one ships, a cascade fitted on the shipped table around the shipped router) on them, nothing refitted
+on the new prompts. Its last line reads
+`cascade: cost ratio to match <best fixed> <ratio or miss>; route: <ratio or miss>`.
 """
 
 from __future__ import annotations
@@ -91,51 +99,130 @@ def complexity_table(console: Console) -> None:
     console.print(tab)
 
 
+def world_draws(table_path: Path, candidates: list[str], decision: str, noise: float, seed: int = 0):
+    """Per-draw scores of a world table: the decision metric (plus Gaussian noise of sd `noise`, a stand-in
+    for a learned decider before one exists) and scene_score as the judge."""
+    from catimage.tables.draws import draws_from_table
+    from catimage.tables.table import read_quality_table
+
+    draws = draws_from_table(read_quality_table(table_path), candidates, decision, METRIC)
+    if noise > 0:
+        rng = np.random.default_rng(seed)
+        draws.decision = draws.decision + rng.normal(0.0, noise, draws.decision.shape)
+        draws.decision_metric = f"{decision}+N(0,{noise:g})"
+    return draws
+
+
+def default_decision(table_path: Path) -> str:
+    """The learned decider's column when the table has one, else the judge itself (an upper bound)."""
+    from catimage.tables.table import metric_columns
+
+    return "scene_decider" if "scene_decider" in metric_columns(pq.read_table(table_path)) else METRIC
+
+
 def evaluate(args: argparse.Namespace) -> None:
-    from catimage.evaluation.trials import evaluate_table
+    from catimage.evaluation.trials import EvaluateOptions, evaluate_table
     from catimage.features.registry import make_embedder
+    from catimage.model.cascade_model import CascadeOptions
     from catimage.tables.table import load_pool_matrix
 
     console = Console(width=200)
-    complexity_table(console)
+    if args.policy == "route":
+        complexity_table(console)
     pool, matrix, costs = load_pool_matrix(TABLE, POOL, metric=METRIC)
-    tab = Table(title=f"routing on the world table: {args.trials} re-drawn splits, test {args.test_frac:.0%}")
-    for col in ("estimator", "best fixed", "area over hull (mean, min)", "q@best cost", "cost ratio to match (miss = 1)",
-                "splits above hull", "s"):
+    decision = args.decision_metric or default_decision(TABLE)
+    draws = None if args.policy == "route" else world_draws(TABLE, matrix.candidates, decision, args.decision_noise)
+    label = "" if draws is None else f"; cascade decides on {draws.decision_metric}" + (
+        " (UPPER BOUND: the judge decides)" if draws.upper_bound else "") + f", scorer cost {args.decision_cost:g}"
+    tab = Table(title=f"{args.policy} on the world table: {args.trials} re-drawn splits, test {args.test_frac:.0%}{label}")
+    for col in ("estimator", "policy", "best fixed", "area over hull (mean, min)", "q@best cost",
+                "cost ratio to match (mean; per split)", "APGR", "CPT50/80", "s"):
         tab.add_column(col, justify="right")
     embedder = make_embedder("minilm")  # one instance for every estimator: MiniLM loads once
     for name in args.estimators:
         start = time.perf_counter()
-        report = evaluate_table(matrix, costs, name, {}, embedder, test_frac=args.test_frac,
-                                calibration_frac=0.1, seed=0, trials=args.trials, cost_unit=pool.cost_unit)
-        areas = np.array([t["area_over_hull"] for t in report["per_trial"]])
-        s, over = report["summary"], report["summary"]["trials"]
-        tab.add_row(name, s["best_fixed"], f"{areas.mean():+.4f}, {areas.min():+.4f}",
-                    f"{s['quality_at_best_fixed_cost']:.3f} vs {s['best_fixed_quality']:.3f}",
-                    f"{over['mean_cost_ratio_or_miss']:.3f} ({over['misses']} miss)", f"{int((areas > 0).sum())}/{len(areas)}",
-                    f"{time.perf_counter() - start:.0f}")
+        options = EvaluateOptions(estimator=name, embedder=embedder, test_frac=args.test_frac, calibration_frac=0.1,
+                                  seed=0, trials=args.trials, cost_unit=pool.cost_unit, bootstrap=args.bootstrap,
+                                  policy=args.policy, score_cost=args.decision_cost,
+                                  cascade=CascadeOptions(max_attempts=args.max_attempts))
+        report = evaluate_table(matrix, costs, options, draws=draws)
+        for policy, block in report["policies"].items():
+            _policy_row(tab, name, policy, block, time.perf_counter() - start)
     console.print(tab)
 
 
+def _policy_row(tab: Table, name: str, policy: str, block: dict, secs: float) -> None:
+    areas = np.array([t["area_over_hull"] for t in block["per_trial"]])
+    ratios = [t["cost_ratio_or_miss"] for t in block["per_trial"]]
+    s, over = block["summary"], block["summary"]["trials"]
+    tab.add_row(name, policy, s["best_fixed"], f"{areas.mean():+.4f}, {areas.min():+.4f}",
+                f"{s['quality_at_best_fixed_cost']:.3f} vs {s['best_fixed_quality']:.3f}",
+                f"{over['mean_cost_ratio_or_miss']:.3f} ({over['misses']} miss); " + ", ".join(f"{r:.3f}" for r in ratios),
+                _num(over.get("mean_apgr")), f"{_num(over.get('mean_cpt_50'))}/{_num(over.get('mean_cpt_80'))}",
+                f"{secs:.0f}")
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _ratio_text(summary: dict) -> str:
+    return "miss" if summary["missed_best_fixed"] else f"{summary['cost_ratio_or_miss']:.3f}"
+
+
+def shipped_cascade(router_dir: Path, decision: str, noise: float, score_cost: float):
+    """The shipped cascade when one exists (catimage/data/world_cascade), else one fitted on the shipped
+    table around the SHIPPED router (its embedder and predictions unchanged): the draw estimator learns
+    from every shipped prompt but a 10 % calibration split."""
+    from catimage.model.cascade_model import CascadeModel, fit_cascade
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.table import load_pool_matrix, split_prompts
+
+    shipped = DATA / "world_cascade"
+    if (shipped / "cascade.json").is_file():
+        return CascadeModel.load(shipped), f"the shipped cascade {shipped}"
+    _, matrix, costs = load_pool_matrix(TABLE, POOL, metric=METRIC)
+    draws = world_draws(TABLE, matrix.candidates, decision, noise)
+    split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=0)
+    router = RouterModel.load(router_dir)
+    model = fit_cascade(matrix, draws, costs, router.cost_unit, split.train, split.calibration, score_cost=score_cost,
+                        router=router)
+    return model, f"a cascade fitted on {TABLE.name} around the shipped router (no shipped cascade yet)"
+
+
 def foreign(args: argparse.Namespace) -> None:
+    from catimage.evaluation.cascade import evaluate_cascade_trial, usable_prompts
     from catimage.evaluation.figures import evaluate_predictions
+    from catimage.features.stage import embed_features
     from catimage.model.router_model import RouterModel
     from catimage.tables.build import BuildConfig
     from catimage.tables.table import load_pool_matrix
     from jobs.build_dataset import print_summary, run_build
 
-    out = Path(args.work) / f"foreign-{Path(args.prompts).stem}"
+    if args.seeds < 4:
+        raise SystemExit("foreign needs --seeds >= 4: a cascade's attempts each draw a fresh seed")
+    out = Path(args.work) / f"foreign-{Path(args.prompts).stem}-s{args.seeds}"
     result = run_build(BuildConfig(pool=POOL, prompts=Path(args.prompts), output=out, seeds=args.seeds,
                                    num_cpus=args.num_cpus), progress=True)
     print_summary(result, Console())
     pool, matrix, costs = load_pool_matrix(result.table_path, POOL, metric=METRIC)
     router = RouterModel.load(args.router)
-    ev = evaluate_predictions(router.predict(matrix.prompts), matrix.mean, costs, matrix.candidates)
-    s = ev.summary
-    print(f"{matrix.n_prompts} prompts from {args.prompts}, S={args.seeds}, router {args.router}")
-    print(f"best fixed {s['best_fixed']} ({s['best_fixed_quality']:.3f} at cost {s['best_fixed_cost']:.3g} {pool.cost_unit}); "
-          f"router at that cost {s['quality_at_best_fixed_cost']:.3f}; cost ratio to match "
-          f"{s['cost_ratio_or_miss']:.3f}{' (a miss)' if s['missed_best_fixed'] else ''}; area over hull {s['area_over_hull']:+.4f}")
+    decision = args.decision_metric or default_decision(result.table_path)
+    draws = world_draws(Path(result.table_path), matrix.candidates, decision, args.decision_noise, seed=1)
+    keep = np.isfinite(matrix.mean).all(axis=1) & usable_prompts(draws, 4)
+    prompts = [matrix.prompts[i] for i in np.flatnonzero(keep)]
+    route = evaluate_predictions(router.predict(prompts), matrix.mean[keep], costs, matrix.candidates).summary
+    model, what = shipped_cascade(Path(args.router), decision, args.decision_noise, args.decision_cost)
+    X = embed_features(model.router.embedder, prompts, "pooled")
+    cascade = evaluate_cascade_trial(model, draws.subset(np.flatnonzero(keep)), X, costs, bootstrap=0, seed=0,
+                                     n_traces=0).result.summary
+    bound = " (UPPER BOUND: the judge decides)" if draws.upper_bound else ""
+    print(f"{int(keep.sum())} prompts from {args.prompts}, S={args.seeds}; router {args.router}; {what}; the cascade "
+          f"decides on {draws.decision_metric}{bound}, scorer cost {args.decision_cost:g} {pool.cost_unit}")
+    for name, s in (("route", route), ("cascade", cascade)):
+        print(f"{name}: best fixed {s['best_fixed']} ({s['best_fixed_quality']:.3f} at {s['best_fixed_cost']:.3g} "
+              f"{pool.cost_unit}); at that cost {s['quality_at_best_fixed_cost']:.3f}; area over hull {s['area_over_hull']:+.4f}")
+    print(f"cascade: cost ratio to match {cascade['best_fixed']} {_ratio_text(cascade)}; route: {_ratio_text(route)}")
 
 
 def main() -> None:
@@ -150,10 +237,19 @@ def main() -> None:
     e.add_argument("--trials", type=int, default=10)
     e.add_argument("--test-frac", type=float, default=0.2)
     e.add_argument("--estimators", nargs="+", default=["knn", "linear", "transformer"])
-    f = sub.add_parser("foreign", help="build prompts written outside the grammar and route them with the shipped router")
+    e.add_argument("--bootstrap", type=int, default=200)
+    f = sub.add_parser("foreign", help="build prompts written outside the grammar; the shipped router and cascade on them")
     f.add_argument("--prompts", default=str(FOREIGN))
     f.add_argument("--seeds", type=int, default=4)
     f.add_argument("--router", default=str(ROUTER))
+    for p in (e, f):
+        p.add_argument("--policy", choices=("route", "cascade", "both"), default="route" if p is e else "both")
+        p.add_argument("--decision-metric", default=None,
+                       help="what the cascade reads online (default: scene_decider when the table has it, else scene_score)")
+        p.add_argument("--decision-noise", type=float, default=0.0,
+                       help="add N(0, sd) to the decision scores: a noisy stand-in for a learned decider")
+        p.add_argument("--decision-cost", type=float, default=0.0, help="the decision scorer's cost per image (GFLOPs)")
+        p.add_argument("--max-attempts", type=int, default=4)
     f.add_argument("--num-cpus", type=float, default=None)
     f.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "catimage-world-table"))
     args = parser.parse_args()

@@ -52,6 +52,12 @@ class EstimatorOpt(str, Enum):
     ensemble = "ensemble"
 
 
+class PolicyOpt(str, Enum):
+    route = "route"
+    cascade = "cascade"
+    both = "both"
+
+
 class EmbedderOpt(str, Enum):
     minilm = "minilm"
     clip = "clip"
@@ -180,8 +186,20 @@ def evaluate(
     model: Annotated[list[Path] | None, typer.Option("--model", help="With --logged: a fitted router (repeat)")] = None,
     lam: Annotated[float | None, typer.Option("--lambda", help="With --logged: decide at this lambda")] = None,
     budget: Annotated[float | None, typer.Option(help="With --logged: decide at each model's lambda for it")] = None,
+    policy: Annotated[PolicyOpt, typer.Option(help="route (one blind draw), cascade (score each image, escalate; "
+                                              "needs --decision-metric) or both")] = PolicyOpt.route,
+    decision_metric: Annotated[str | None, typer.Option(
+        help="Cascade: the metric column a plan reads online to accept or escalate (default: the judge, --metric: "
+             "then every cascade figure is an upper bound)")] = None,
+    decision_cost: Annotated[float | None, typer.Option(
+        help="Cascade: the decision scorer's cost per image, in the pool's cost unit (default: the pool's "
+             "`cost` of that metric when it declares one, else 0, said in the report)")] = None,
+    max_attempts: Annotated[int, typer.Option(min=1, max=6, help="Cascade: the most attempts a plan draws")] = 4,
 ) -> None:
     """Fit on the train split, evaluate on the test split: deferral curves, fixed points, oracle, hull.
+
+    --policy cascade|both also evaluates plans (draw, score with --decision-metric, accept or escalate)
+    by simulating them on the test prompts' own seed rows, judged by --metric.
 
     With --logged LOG --model DIR: off-policy evaluation of fitted routers on served traffic instead."""
     _setup_logging(verbose)
@@ -191,28 +209,36 @@ def evaluate(
         return
     if table is None or pool is None or out is None:
         _run(_fail, "evaluate needs TABLE, --pool and --out (or --logged LOG --model MODEL for served traffic)")
-    _run(_evaluate, table, pool, out, fmt, metric, estimator, embedder, estimator_params, test_frac, calibration_frac, seed,
-         trials, embed_cache, bootstrap)
+    from catimage.evaluation.trials import EvaluateOptions
+    from catimage.model.cascade_model import CascadeOptions
+
+    options = EvaluateOptions(
+        estimator_params=_run(_parse_params, estimator_params, "--estimator-params"), test_frac=test_frac,
+        calibration_frac=calibration_frac, seed=seed, trials=trials, bootstrap=bootstrap, policy=policy.value,
+        cascade=CascadeOptions(max_attempts=max_attempts),
+    )
+    _run(_evaluate, table, pool, out, fmt, metric, estimator, embedder, embed_cache, options, decision_metric, decision_cost)
 
 
-def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimator_params, test_frac, calibration_frac, seed,
-              trials, embed_cache, bootstrap=200):
+def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, embed_cache, options, decision_metric=None,
+              decision_cost=None):
+    """`catimage evaluate TABLE`: each estimator's route and/or cascade policy over re-drawn splits."""
+    from dataclasses import replace
+
     from catimage.evaluation.report import write_report
     from catimage.evaluation.trials import evaluate_table
 
     pool, matrix, costs = _load_matrix(table, pool_path, fmt, metric)
-    params = _parse_params(estimator_params, "--estimator-params")
+    draws, score_cost, notes = _cascade_inputs(table, fmt, pool, matrix, options, decision_metric, decision_cost)
+    options = replace(options, cost_unit=pool.cost_unit, notes=(*pool.report_notes(), *notes), score_cost=score_cost)
     reports = {}
     for est in estimators:
         prefix = f"{est.value} + {embedder.value}"
-        console.print(f"[bold]{prefix}[/]: {trials} trial(s) on {matrix.n_prompts} prompts x {len(matrix.candidates)} candidates")
+        console.print(f"[bold]{prefix}[/]: {options.trials} trial(s) of {options.policy} on {matrix.n_prompts} prompts x "
+                      f"{len(matrix.candidates)} candidates")
         with _progress(prefix) as prog:
-            report = evaluate_table(
-                matrix, costs, est.value, params, _make_embedder(embedder.value, embed_cache),
-                test_frac=test_frac, calibration_frac=calibration_frac, seed=seed, trials=trials,
-                cost_unit=pool.cost_unit, notes=pool.report_notes(), bootstrap=bootstrap, progress=prog.line,
-            )
-        reports[est.value] = report
+            run = replace(options, estimator=est.value, embedder=_make_embedder(embedder.value, embed_cache))
+            reports[est.value] = evaluate_table(matrix, costs, run, draws=draws, progress=prog.line)
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(reports.values()))
     if len(reports) > 1:
@@ -225,6 +251,33 @@ def _evaluate(table, pool_path, out, fmt, metric, estimators, embedder, estimato
 
 def _fail(message: str) -> None:
     raise CatimageError(message)
+
+
+def _cascade_inputs(table, fmt, pool, matrix, options, decision_metric, decision_cost):
+    """(draws, decision scorer cost, report notes) for --policy cascade|both; (None, 0, ()) for route."""
+    if options.policy == "route":
+        if decision_metric is not None or decision_cost is not None:
+            raise CatimageError("--decision-metric / --decision-cost apply to --policy cascade or both")
+        return None, 0.0, ()
+    from catimage.tables.draws import draws_from_table
+    from catimage.tables.table import read_quality_table
+
+    decision = decision_metric or matrix.metric
+    draws = draws_from_table(read_quality_table(table, fmt.value), matrix.candidates, decision, matrix.metric)
+    notes = []
+    if draws.upper_bound:
+        notes.append(f"The cascade decides on {decision}, the judge itself: its figures are UPPER BOUNDS; pass "
+                     "--decision-metric with another metric for a figure a deployment can reach.")
+    if decision_cost is None:
+        spec = next((m for m in pool.metrics if m.name == decision), None)
+        decision_cost = getattr(spec, "cost", None)
+        if decision_cost is None:
+            decision_cost = 0.0
+            notes.append(f"The pool declares no cost for the decision scorer {decision}: plans are charged for "
+                         "generation only (pass --decision-cost to count it).")
+    if decision_cost < 0:
+        raise CatimageError(f"--decision-cost must be >= 0 (in {pool.cost_unit}), got {decision_cost}")
+    return draws, float(decision_cost), tuple(notes)
 
 
 def _evaluate_logged(log_dir: Path, models: list[Path], metric: str | None, lam: float | None, budget: float | None,
@@ -273,29 +326,11 @@ def _gallery(report: dict, table: Path, fmt: Any) -> Any:
 
 def _print_summary(reports: dict[str, dict], cost_unit: str) -> None:
     for name, report in reports.items():
-        summary = report["summary"]
-        from catimage.evaluation.confidence import combined_interval
-
-        trials = summary.get("trials", {})
-        tab = Table(title=f"router: {name} (costs in {cost_unit}); mean over {trials.get('n')} trial(s) [95% interval: the "
-                          "wider of the test-prompt bootstrap and the over-trials t interval] (spread: std over trials)")
-        tab.add_column("figure")
-        tab.add_column("value", justify="right")
-        tab.add_row("best fixed candidate", str(summary.get("best_fixed")))
-        for key, label in (("area_over_hull", "area over hull"), ("gain_at_best_fixed_cost", "gain at best fixed cost"),
-                           ("quality_at_best_fixed_cost", "quality at best fixed cost"),
-                           ("cost_ratio_or_miss", "cost ratio to match best (misses counted)"),
-                           ("oracle_gain_fraction", "oracle gain fraction")):
-            lo, hi = combined_interval(trials, key)
-            interval = f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None else ""
-            tab.add_row(label, f"{_fmt(trials.get(f'mean_{key}'))}{interval} (±{_fmt(trials.get(f'std_{key}'))})")
-        tab.add_row("win rate / misses", f"{_fmt(trials.get('win_rate'))} / {trials.get('misses', 0)}")
-        console.print(tab)
+        for policy, block in (report.get("policies") or {"route": report}).items():
+            _print_policy(f"{policy}: {name}", block, cost_unit)
         selection = report.get("meta", {}).get("estimator_selection")
         if selection:
             console.print(f"[bold]selection (trial 0):[/] {selection}")
-        for line in summary.get("verdict", []):
-            console.print(f"[bold]verdict:[/] {line}")
         noise = report.get("noise", {})
         if noise.get("available"):
             console.print(
@@ -306,6 +341,35 @@ def _print_summary(reports: dict[str, dict], cost_unit: str) -> None:
             )
     for note in next(iter(reports.values())).get("meta", {}).get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
+
+
+def _print_policy(title: str, block: dict, cost_unit: str) -> None:
+    """One policy's Table 1 (mean over trials with intervals), RouteLLM figures and verdict."""
+    from catimage.evaluation.confidence import combined_interval
+
+    summary = block["summary"]
+    trials = summary.get("trials", {})
+    decides = block.get("decision_metric")
+    bound = " — UPPER BOUND (the judge decides)" if block.get("upper_bound") else ""
+    tab = Table(title=f"{title} (costs in {cost_unit}{'; decides on ' + decides if decides else ''}{bound}); mean over "
+                      f"{trials.get('n')} trial(s) [95% interval: the wider of the test-prompt bootstrap and the "
+                      "over-trials t interval] (spread: std over trials)")
+    tab.add_column("figure")
+    tab.add_column("value", justify="right")
+    tab.add_row("best fixed candidate", str(summary.get("best_fixed")))
+    for key, label in (("area_over_hull", "area over hull"), ("gain_at_best_fixed_cost", "gain at best fixed cost"),
+                       ("quality_at_best_fixed_cost", "quality at best fixed cost"),
+                       ("cost_ratio_or_miss", "cost ratio to match best (misses counted)"),
+                       ("oracle_gain_fraction", "oracle gain fraction")):
+        lo, hi = combined_interval(trials, key)
+        interval = f" [{_fmt(lo)}, {_fmt(hi)}]" if lo is not None else ""
+        tab.add_row(label, f"{_fmt(trials.get(f'mean_{key}'))}{interval} (±{_fmt(trials.get(f'std_{key}'))})")
+    for key, label in (("apgr", "APGR (RouteLLM)"), ("cpt_50", "CPT(50%)"), ("cpt_80", "CPT(80%)")):
+        tab.add_row(label, _fmt(trials.get(f"mean_{key}")))
+    tab.add_row("win rate / misses", f"{_fmt(trials.get('win_rate'))} / {trials.get('misses', 0)}")
+    console.print(tab)
+    for line in summary.get("verdict", []):
+        console.print(f"[bold]verdict:[/] {line}")
 
 
 def _fmt(value: Any) -> str:

@@ -200,17 +200,17 @@ def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Pa
     from catimage.evaluation.gallery import gallery_from_router
     from catimage.evaluation.jsonable import to_jsonable
     from catimage.evaluation.report import write_report
-    from catimage.evaluation.trials import evaluate_table
+    from catimage.evaluation.trials import EvaluateOptions, evaluate_table
     from catimage.features.registry import make_embedder
     from catimage.model.router_model import RouterModel
     from catimage.tables.table import load_pool_matrix, read_quality_table
 
     pool, matrix, costs = load_pool_matrix(fit_table, pool_path, metric=metric)
     params = {"max_epochs": max_epochs} if estimator == "transformer" else {}
-    report = evaluate_table(
-        matrix, costs, estimator, params, make_embedder(embedder), test_frac=0.2, calibration_frac=0.1, seed=0,
-        trials=trials, cost_unit=pool.cost_unit, notes=pool.report_notes(),
-    )
+    report = evaluate_table(matrix, costs, EvaluateOptions(
+        estimator=estimator, estimator_params=params, embedder=make_embedder(embedder), test_frac=0.2,
+        calibration_frac=0.1, seed=0, trials=trials, cost_unit=pool.cost_unit, notes=tuple(pool.report_notes()),
+    ))
     router = RouterModel.load(model_dir)
     budgets = _budgets(report)
     if fresh_table != fit_table:

@@ -205,15 +205,96 @@ def test_curve_invariants_random():
     assert np.all(np.diff(slopes) <= 1e-9)
 
 
-def test_curve_is_fast_at_paper_scale():
-    import time
-
+def test_curve_at_paper_scale_is_exact_and_linear_in_switches():
+    """Scale/complexity instead of a wall clock (timings: benchmarks/policy_speed.py): on 5,000 prompts x
+    12 candidates the sweep produces at most one point per (prompt, hull edge) plus the start, and every
+    point equals routing at its lambda, computed independently by brute force."""
     rng = np.random.default_rng(0)
-    pred = rng.random((5000, 12))
-    t0 = time.perf_counter()
-    curve = deferral_curve(pred, rng.random(12) * 3, pred)
-    assert time.perf_counter() - t0 < 2.0
-    assert len(curve) > 1000
+    n, m = 5000, 12
+    pred, costs = rng.random((n, m)), rng.random(m) * 3
+    lam, cost, qual = deferral_curve_arrays(pred, costs, pred)
+    assert 1000 < lam.size <= n * (m - 1) + 1
+    rows = np.arange(n)
+    for k in rng.choice(lam.size - 1, 6, replace=False):
+        # the router at lambda_k holds on [lambda_k, lambda_k+1): read it in the middle, where no float
+        # rounding of an exact tie can matter
+        util = pred - (lam[k] + lam[k + 1]) / 2 * costs
+        pick = np.array([min(range(m), key=lambda j: (-util[i, j], costs[j], j)) for i in range(n)])
+        assert cost[k] == pytest.approx(costs[pick].mean(), rel=1e-9)
+        assert qual[k] == pytest.approx(pred[rows, pick].mean(), rel=1e-9)
+
+
+# --- per-prompt costs (the cascade's plans) -------------------------------------------------------
+
+
+def _brute_route(pred: np.ndarray, costs: np.ndarray, lam: float) -> np.ndarray:
+    """argmax of pred - lam * cost per prompt, ties to the cheaper then the lower index, one by one."""
+    return np.array([min(range(pred.shape[1]), key=lambda j: (-(pred[i, j] - lam * costs[i, j]), costs[i, j], j))
+                     for i in range(pred.shape[0])])
+
+
+def test_route_with_per_prompt_costs_matches_brute_force():
+    rng = np.random.default_rng(3)
+    pred = np.round(rng.random((60, 9)), 1)  # rounded: many exact ties
+    costs = np.round(rng.random((60, 9)) * 4, 1)
+    for lam in (0.0, 0.05, 0.25, 1.0, 7.0):
+        assert np.array_equal(route(pred, costs, lam), _brute_route(pred, costs, lam))
+    cheapest = route(pred, costs, np.inf)
+    assert np.array_equal(costs[np.arange(60), cheapest], costs.min(axis=1))
+
+
+def test_per_prompt_cost_sweep_equals_brute_force_over_a_lambda_grid():
+    rng = np.random.default_rng(4)
+    n, m = 40, 30
+    pred, costs = rng.random((n, m)), rng.random((n, m)) * 5
+    quality, paid = rng.random((n, m)), rng.random((n, m)) * 5  # what a plan realises differs from the prediction
+    lam, cost, qual = deferral_curve_arrays(pred, costs, quality, realized_cost=paid)
+    assert np.all(np.diff(lam) > 0) and lam[0] == 0.0
+    rows = np.arange(n)
+    # every point is the rule on [lambda_k, lambda_k+1) (read in the middle: no rounding at exact ties)
+    for k in range(lam.size):
+        at = (lam[k] + lam[k + 1]) / 2 if k + 1 < lam.size else lam[k] * 2 + 1
+        pick = _brute_route(pred, costs, at)
+        assert cost[k] == pytest.approx(paid[rows, pick].mean(), abs=1e-9)
+        assert qual[k] == pytest.approx(quality[rows, pick].mean(), abs=1e-9)
+    # a grid of lambdas finds no average cost the curve lacks
+    seen = {round(c, 9) for c in cost}
+    for at in np.geomspace(1e-4, 1e3, 300):
+        assert round(float(paid[rows, _brute_route(pred, costs, at)].mean()), 9) in seen
+
+
+def test_per_prompt_costs_equal_to_one_vector_give_routing_curve():
+    rng = np.random.default_rng(5)
+    pred, true, costs = rng.random((50, 6)), rng.random((50, 6)), rng.random(6) * 2
+    one = deferral_curve_arrays(pred, costs, true)
+    many = deferral_curve_arrays(pred, np.tile(costs, (50, 1)), true)
+    for a, b in zip(one, many):
+        assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_calibration_with_per_prompt_costs_meets_the_budget_and_is_the_smallest():
+    rng = np.random.default_rng(6)
+    pred, costs = rng.random((80, 25)), rng.random((80, 25)) * 4
+    rows = np.arange(80)
+    for budget in (costs.min(axis=1).mean(), 0.8, 1.3, 2.0, 10.0):
+        lam = calibrate_lambda(pred, costs, budget)
+        assert np.isfinite(lam)
+        assert costs[rows, _brute_route(pred, costs, lam)].mean() <= budget + 1e-9
+        if lam > 0:  # any smaller lambda overspends
+            assert costs[rows, _brute_route(pred, costs, lam * (1 - 1e-6))].mean() > budget
+    with pytest.raises(BudgetError, match="cheapest options"):
+        calibrate_lambda(pred, costs, costs.min(axis=1).mean() * 0.99)
+
+
+def test_calibration_is_finite_where_hull_slopes_overflow():
+    """Issue 15: calibrate_lambda could return inf (and decide then made NaN utilities). Costs a
+    subnormal apart make the hull slope overflow to inf, so the sweep never reaches the cheapest
+    candidate; a budget at the cheapest cost must still give a finite lambda that meets it."""
+    pred = np.array([[0.0, 0.5], [0.1, 0.9]])
+    costs = np.array([0.0, 1e-320])
+    lam = calibrate_lambda(pred, costs, 0.0)
+    assert np.isfinite(lam) and lam >= 0
+    assert costs[route(pred, costs, lam)].mean() <= 1e-12 * 1.0  # the budget, within its stated tolerance
 
 
 def test_curve_rejects_nan_labels():

@@ -110,6 +110,7 @@ class CascadeModel:
         self.notes = list(notes)
         distinct = bool(options.distinct)
         extra: list[float | None] = [None] if options.best_of else []
+        self._calibration_values: tuple[np.ndarray, np.ndarray] | None = None
         self.plans = enumerate_plans(self.candidates, options.max_attempts, [*self.plan_thresholds.tolist(), *extra],
                                      distinct=distinct)
 
@@ -149,8 +150,9 @@ class CascadeModel:
             raise BudgetError(f"budget must be a number, got {budget!r}") from None
         if not np.isfinite(budget) or budget < 0:
             raise BudgetError(f"budget must be a non-negative number of {self.cost_unit}, got {budget}")
-        value, cost = self.plan_values(self.calibration_stats)
-        return calibrate_lambda(value, cost, budget)
+        if self._calibration_values is None:  # the calibration prompts' plan values, computed once
+            self._calibration_values = self.plan_values(self.calibration_stats)
+        return calibrate_lambda(*self._calibration_values, budget)
 
     def plan(self, prompts: Sequence[str], budget: float | None = None, lam: float | None = None,
              X: np.ndarray | None = None) -> list[Plan]:

@@ -1,0 +1,98 @@
+"""The per-draw view of a table and the k-NN draw estimator, on hand tables and planted signals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.base import clone
+
+from catimage.errors import TableError
+from catimage.estimators.base import EstimatorError
+from catimage.estimators.draws import DrawEstimator, load_draw_estimator
+from catimage.tables.draws import draws_from_table
+
+
+def _table() -> pa.Table:
+    # prompt p1: cheap has seeds 1, 0 (out of order), dear seed 0 only; prompt p2: both seeds 0 and 1
+    return pa.table({
+        "prompt_id": ["p1", "p1", "p1", "p2", "p2", "p2", "p2", "p1"],
+        "prompt": ["one", "one", "one", "two", "two", "two", "two", "one"],
+        "candidate": ["cheap", "cheap", "dear", "cheap", "cheap", "dear", "dear", "other"],
+        "seed": [1, 0, 0, 0, 1, 1, 0, 0],
+        "score": [0.2, 0.1, 0.5, 0.3, 0.4, 0.8, 0.7, 0.9],
+        "decider": [0.25, 0.15, 0.55, 0.35, 0.45, 0.85, 0.75, 0.95],
+    })
+
+
+def test_draws_by_hand():
+    d = draws_from_table(_table(), ["cheap", "dear"], "decider", "score")
+    assert d.prompt_ids == ["p1", "p2"] and d.prompts == ["one", "two"] and d.n_seeds == 2
+    assert d.judge[0, 0].tolist() == [0.1, 0.2]  # seeds sorted: 0 then 1
+    assert d.decision[0, 0].tolist() == [0.15, 0.25]
+    assert d.seed[0, 1].tolist() == [0, -1] and np.isnan(d.judge[0, 1, 1])  # dear has one draw on p1
+    assert d.judge[1, 1].tolist() == [0.7, 0.8]
+    assert d.judge_mean() == pytest.approx(np.array([[0.15, 0.5], [0.35, 0.75]]))
+    assert not d.upper_bound and draws_from_table(_table(), ["cheap"], "score", "score").upper_bound
+    sub = d.subset([1])
+    assert sub.prompt_ids == ["p2"] and sub.judge[0, 0].tolist() == [0.3, 0.4]
+
+
+def test_draws_refuse_unknown_metrics_and_candidates():
+    with pytest.raises(TableError, match=r"decision metric 'clip'.*\['score', 'decider'\]"):
+        draws_from_table(_table(), ["cheap"], "clip", "score")
+    with pytest.raises(TableError, match="judge metric 'q'"):
+        draws_from_table(_table(), ["cheap"], "score", "q")
+    with pytest.raises(TableError, match="no rows"):
+        draws_from_table(_table(), ["cheap", "missing"], "score", "score")
+    dup = _table().slice(0, 2).set_column(3, "seed", pa.array([0, 0], pa.int64()))
+    with pytest.raises(TableError, match="twice"):
+        draws_from_table(dup, ["cheap"], "score", "score")
+
+
+def _planted(n: int = 120, s: int = 4, seed: int = 0):
+    """Two kinds of prompt (embedding +e0 or +e1). Candidate 0 passes (decision 1) on kind A always
+    and never on kind B; candidate 1 passes half the time on both."""
+    rng = np.random.default_rng(seed)
+    kind = np.arange(n) % 2
+    X = np.zeros((n, 4), np.float32)
+    X[np.arange(n), kind] = 1.0
+    X += rng.normal(0, 0.05, X.shape).astype(np.float32)
+    dec = np.empty((n, 2, s))
+    dec[:, 0] = (kind == 0)[:, None]
+    dec[:, 1] = rng.random((n, s)) < 0.5
+    return X, dec, 0.2 + 0.6 * dec, kind
+
+
+def test_estimator_recovers_a_planted_pass_rate_and_judge():
+    X, dec, jud, kind = _planted()
+    est = DrawEstimator().fit(X[:100], dec[:100], jud[:100])
+    st = est.predict(X[100:], [0.5], candidates=["c0", "c1"])
+    a = kind[100:] == 0
+    assert st.candidates == ("c0", "c1")
+    # shrinkage toward the global 50 % moves a pass rate of 1 or 0 by a / (k S + a) at most (a <= 16, k S >= 20)
+    assert np.all(st.p_pass[a, 0, 0] > 0.7) and np.all(st.p_pass[~a, 0, 0] < 0.3)
+    assert np.all(np.abs(st.p_pass[:, 1, 0] - 0.5) < 0.2)
+    assert st.q_pass[a, 0, 0] == pytest.approx(0.8) and st.q_fail[~a, 0, 0] == pytest.approx(0.2)
+    assert est.selection_["k"] in (5, 10, 20, 40, 80)
+
+
+def test_estimator_contract_save_load_and_errors(tmp_path):
+    X, dec, jud, _ = _planted(60)
+    est = DrawEstimator(k=10, prior_weight=2.0)
+    assert clone(est).get_params() == est.get_params() and est.set_params(k=5).k == 5
+    with pytest.raises(EstimatorError, match="not fitted"):
+        est.predict(X, [0.5])
+    est.fit(X, dec, jud)
+    loaded = load_draw_estimator(est.save(tmp_path / "draws"))
+    a, b = est.predict(X[:7], [0.3, 0.6]), loaded.predict(X[:7], [0.3, 0.6])
+    for name in ("p_pass", "q_pass", "q_fail", "q_mean"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    with pytest.raises(EstimatorError, match="width"):
+        est.predict(X[:, :3], [0.5])
+    nan = dec.copy()
+    nan[:, 1] = np.nan
+    with pytest.raises(EstimatorError, match=r"column\(s\) \[1\]"):
+        DrawEstimator().fit(X, nan, jud)
+    with pytest.raises(EstimatorError, match="draw_estimator.json"):
+        load_draw_estimator(tmp_path)
