@@ -24,7 +24,10 @@ COST = [1.0, 3.0, 1.8, 2.5, 5.0]
 GREEDY = ExplorationConfig(epsilon=0.0)
 
 
-def _choose(lam=0.0, limits=RequestLimits(), config=GREEDY, seed=0):
+NO_LIMITS = RequestLimits()
+
+
+def _choose(lam=0.0, limits=NO_LIMITS, config=GREEDY, seed=0):
     return choose_plan(VALUE, COST, PLANS, lam, limits, config, np.random.default_rng(seed))
 
 
