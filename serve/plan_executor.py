@@ -53,6 +53,8 @@ __all__ = [
     "served_rows",
 ]
 
+PaidFn = Callable[["Attempt", float], None]
+"""Called the moment an attempt costs something: (attempt, amount) for its drawing, then its scoring."""
 DrawFn = Callable[[str, str, int], Awaitable[bytes | None]]
 """(candidate, prompt, seed) -> the image as PNG bytes; raises when no image could be drawn."""
 ScoreFn = Callable[[str, Any], Awaitable[float]]
@@ -162,11 +164,14 @@ class PlanExecutor:
     `costs`: each candidate's cost in the pool's unit; `score_cost`: the decision scorer's cost per
     image in the same unit; `always_score`: score even the one-attempt routing plan (so that routed
     traffic is logged with an online score and can be learned from; its cost then includes scoring).
+    `on_paid(attempt, amount)`: called the moment an image exists and the moment its scoring is
+    asked, so the caller's accounting (the budget controller) sees every cost even when the request
+    is cancelled halfway through its plan.
     """
 
     def __init__(
         self, draw: DrawFn, score: ScoreFn | None, costs: Mapping[str, float], score_cost: float = 0.0,
-        always_score: bool = False,
+        always_score: bool = False, on_paid: PaidFn | None = None,
     ) -> None:
         if score_cost < 0:
             raise ValueError(f"the decision scorer's cost must be >= 0, got {score_cost}")
@@ -175,6 +180,7 @@ class PlanExecutor:
         self.costs = {k: float(v) for k, v in costs.items()}
         self.score_cost = float(score_cost)
         self.always_score = bool(always_score)
+        self.on_paid = on_paid
 
     async def run(self, plan: Plan, prompt: str, seeds: Sequence[int], parallel: int = 1) -> PlanRun:
         """Draw, score, accept or escalate; returns every attempt. Raises NoImageDrawn when none drew."""
@@ -216,9 +222,11 @@ class PlanExecutor:
         a.generate_ms = (time.perf_counter() - start) * 1000
         a.image = image
         a.pool_cost = self.costs[a.candidate]
+        self._paid(a, a.pool_cost)
         if not scored or self.score is None:
             return
         a.decision_cost = self.score_cost
+        self._paid(a, a.decision_cost)
         start = time.perf_counter()
         try:
             a.score = float(await self.score(prompt, image))
@@ -227,6 +235,11 @@ class PlanExecutor:
         a.score_ms = (time.perf_counter() - start) * 1000
         if a.score is not None and a.score != a.score:  # NaN: as unscored
             a.score, a.score_error = None, "the scorer returned NaN"
+
+
+    def _paid(self, a: Attempt, amount: float) -> None:
+        if self.on_paid is not None and amount > 0:
+            self.on_paid(a, amount)
 
 
 def _pick(done: list[Attempt], threshold: float | None, final: bool) -> Attempt | None:
