@@ -1,6 +1,7 @@
 """Per-prompt router latency on this machine (prints; asserts nothing).
 
     .venv/bin/python benchmarks/router_latency.py [--batch 64] [--repeats 5] [--single 60]
+    .venv/bin/python benchmarks/router_latency.py --world-only [--single 200]
 
 Times, batched, (a) the prompt embedder and (b) estimator.predict + the routing rule, for every
 estimator, on GenAI-Bench prompts when ../shared/data is there (else the embedded demo prompts).
@@ -11,6 +12,15 @@ model thread runs torch on one thread): float32, int8 dynamic quantisation, a ca
 concurrent prompts batched into one call (what `@serve.batch` does under load), per prompt; medians
 over `--single` prompts, the variants interleaved so background load hits all alike. And how often
 the int8 embeddings change a routing decision of a knn fitted on float32 ones.
+
+Then the shipped world router (catimage/data/world_router, MiniLM + twoway-ridge) on the world table's
+1,000 prompts, each unseen (no cache), one at a time on one torch thread, as the Serve router's model
+thread runs it: per prompt, the embedding alone and the whole decision (embed + predict + rule: the
+router's own share of the hop), with MiniLM in float32 torch, float32 through ONNX Runtime (the
+shipped config's `embedder_overrides: {backend: onnx}`) and torch int8; and the share of prompts whose
+decision equals float32 torch's, at the shipped config's budget and across budgets (goal: <= 10 ms
+per unseen prompt with >= 98 % of decisions equal). The HTTP hop (router - passthrough) is measured
+by benchmarks/serve_load.py.
 """
 
 from __future__ import annotations
@@ -24,15 +34,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
 
-from catimage.estimators import make_estimator  # noqa: E402
+from catimage.estimators import make_estimator
 from catimage.features.registry import make_embedder
-from catimage.policy.routing import calibrate_lambda, route  # noqa: E402
-from catimage.tables.table import MetricScaler, aggregate, read_quality_table  # noqa: E402
+from catimage.policy.routing import calibrate_lambda, route
+from catimage.tables.table import MetricScaler, aggregate, read_quality_table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,7 +76,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--single", type=int, default=60, help="prompts timed one at a time (MiniLM variants)")
     parser.add_argument("--single-only", action="store_true", help="only the one-prompt-at-a-time MiniLM section")
+    parser.add_argument("--world-only", action="store_true", help="only the shipped world router section")
     args = parser.parse_args()
+    if args.world_only:
+        world_router(args.single, Console(width=160))
+        return
     prompts, Y, costs = _prompts_and_labels(args.data)
     batch = prompts[: args.batch]
     console = Console(width=160)
@@ -100,6 +114,7 @@ def main() -> None:
         table.add_row(f"estimator + rule: {est_name}", f"{ms:.3f}", "<= 1")
     console.print(table)
     single_prompt(prompts, Y, costs, args.single, console)
+    world_router(args.single, console)
 
 
 def single_prompt(prompts: list[str], Y: np.ndarray, costs: np.ndarray, n: int, console: Console) -> None:
@@ -143,6 +158,75 @@ def single_prompt(prompts: list[str], Y: np.ndarray, costs: np.ndarray, n: int, 
         cos = float(np.median(np.sum(X32 * X8, axis=1)))
         console.print(f"int8 vs float32: median cosine of embeddings {cos:.4f}; routing decisions equal on "
                       f"{np.mean(a == b):.1%} of {len(a)} held-out prompts (knn fitted on float32)")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _world_variants() -> dict:
+    """The shipped world router with MiniLM run three ways (each its own fitted-model copy)."""
+    from catimage.features.registry import load_embedder
+    from catimage.model.router_model import RouterModel
+
+    bundle = ROOT / "catimage" / "data" / "world_router"
+    out = {}
+    for name, runtime in (("float32 torch", {}), ("float32 onnx", {"backend": "onnx"}), ("int8 torch", None)):
+        model = RouterModel.load(bundle)
+        if runtime is None:
+            model.embedder = make_embedder("minilm", quantize="int8")
+        elif runtime:
+            model.embedder = load_embedder(bundle / "embedder", **runtime)
+        out[name] = model
+    return out
+
+
+def world_router(n: int, console: Console) -> None:
+    """Per unseen prompt ms (embedding, whole decision) and decision agreement with float32 torch."""
+    import statistics
+
+    import pyarrow.parquet as pq
+
+    from catimage.policy.routing import utility_ranking
+
+    prompts = list(dict.fromkeys(pq.read_table(ROOT / "catimage" / "data" / "world_table.parquet",
+                                               columns=["prompt"]).column("prompt").to_pylist()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        models = _world_variants()
+        for model in models.values():
+            model.predict(prompts[:8])  # load + first pass (ONNX: export once, then cached)
+        ref = models["float32 torch"]
+        lam = ref.lambda_for_budget(3.0)  # serve/config.yaml's budget
+        embed: dict[str, list[float]] = {k: [] for k in models}
+        decide: dict[str, list[float]] = {k: [] for k in models}
+        for i in range(n):
+            p = [f"{prompts[i % len(prompts)]}, take {i}"]  # never seen: no cache anywhere can answer
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.embedder.encode(p)
+                embed[name].append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                utility_ranking(model.predict(p), model.costs, lam)
+                decide[name].append((time.perf_counter() - start) * 1000)
+        table = Table(title=f"world router, one unseen prompt per call, 1 torch thread (median of {n}, interleaved)")
+        for col in ("MiniLM", "embed ms", "decision ms (embed+predict+rule)"):
+            table.add_column(col, justify="right" if col != "MiniLM" else "left")
+        for name in models:
+            table.add_row(name, f"{statistics.median(embed[name]):.2f}", f"{statistics.median(decide[name]):.2f}")
+        console.print(table)
+        preds = {name: model.predict(prompts) for name, model in models.items()}
+        budgets = (1.2, 2.0, 3.0, 4.5, 6.0)
+        for name in ("float32 onnx", "int8 torch"):
+            agree = []
+            for budget in budgets:
+                lam_b = ref.lambda_for_budget(budget)
+                a = route(preds["float32 torch"], ref.costs, lam_b)
+                b = route(preds[name], ref.costs, lam_b)
+                agree.append(float(np.mean(a == b)))
+            cos = float(np.median(np.sum(ref.embedder.encode(prompts[:200]) * models[name].embedder.encode(prompts[:200]), axis=1)))
+            console.print(f"{name}: decisions equal to float32 torch's on {agree[budgets.index(3.0)]:.1%} of {len(prompts)} "
+                          f"world prompts at budget 3.0 (by budget {dict(zip(budgets, [f'{x:.1%}' for x in agree]))}); "
+                          f"median embedding cosine {cos:.6f}")
     finally:
         torch.set_num_threads(threads)
 

@@ -2,6 +2,16 @@
 
     .venv/bin/python benchmarks/serve_load.py [--requests 200] [--concurrency 16] [--embedder minilm]
         [--phases latency,load,burst] [--burst 48] [--burst-rounds 3] [--mu 0.02]
+    .venv/bin/python benchmarks/serve_load.py --world [--requests 400] [--build-prompts 40] [--build-seeds 4]
+
+`--world`: serving vs build throughput on the shipped world pool. First the Ray Data build of the world
+pool (catimage/data/world_pool.yaml: 7 candidates, both metrics scored) over `--build-prompts` world
+prompts x `--build-seeds` seeds, its steady images/s read from its part files as
+benchmarks/build_throughput.py does (rows after the first part file / time from the first to the
+last); then the shipped serve/config.yaml app (world router, world pool, its batching and queues) on
+a fresh local Ray, `--requests` concurrent /v1/generate (all at once) of distinct world prompts, each
+with its PNG: answered, failed, images/s of answered requests over the wall time, p50/p99, candidates
+drawn, and serving / build (goal >= 0.7 with 0 failed).
 
 What it does, all on 127.0.0.1 with a local Ray (2 CPUs) and the tiny pool:
 
@@ -56,9 +66,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-import httpx  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
-from ray import serve  # noqa: E402
+import httpx
+from fastapi import FastAPI
+from ray import serve
 
 passthrough_api = FastAPI(title="direct generator passthrough (benchmark only)")
 
@@ -353,6 +363,95 @@ def burst_phase(url: str, workdir: Path, args: argparse.Namespace) -> None:
           "(goal >= -2 %)")
 
 
+def _world_prompts(n: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(ROOT / "catimage" / "data" / "world_table.parquet", columns=["prompt"])
+    prompts = list(dict.fromkeys(table.column("prompt").to_pylist()))
+    return [prompts[i % len(prompts)] + ("" if i < len(prompts) else f", take {i // len(prompts)}") for i in range(n)]
+
+
+def world_build_rate(workdir: Path, n_prompts: int, seeds: int) -> float:
+    """Steady images/s of the Ray Data build of the world pool (benchmarks/build_throughput.py's figure)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from build_throughput import run_ray
+
+    prompts = workdir / "world_prompts.txt"
+    prompts.write_text("\n".join(_world_prompts(n_prompts)) + "\n")
+    pool = ROOT / "catimage" / "data" / "world_pool.yaml"
+    print(f"build: world pool, {n_prompts} prompts x {seeds} seeds x 7 candidates (load avg {os.getloadavg()[0]:.1f})",
+          flush=True)
+    wall, rate = run_ray(pool, prompts, seeds, workdir / "world_build")
+    print(f"  wall {wall:.1f} s (Ray start, actors, scoring included); steady {rate:.1f} images/s", flush=True)
+    return rate
+
+
+async def _world_load(url: str, prompts: list[str]) -> dict:
+    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def one(i: int) -> tuple[float | None, str]:
+            start = time.perf_counter()
+            try:
+                r = await client.post("/v1/generate", json={"prompt": prompts[i], "seed": i})
+            except httpx.HTTPError as err:
+                return None, f"{type(err).__name__}: {err}"
+            if r.status_code != 200 or not r.json().get("image"):
+                return None, f"HTTP {r.status_code}: {r.text[:200]}"
+            return (time.perf_counter() - start) * 1000, r.json()["candidate"]
+
+        start = time.perf_counter()
+        out = await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "ok": [(ms, c) for ms, c in out if ms is not None], "errors": [e for ms, e in out if ms is None]}
+
+
+def world_serve_rate(n: int) -> float:
+    """Images/s of `n` concurrent /v1/generate on the shipped config, answered ones only."""
+    import ray
+    import yaml
+    from train_serve_fixtures import free_port
+
+    from serve.app import build_app
+
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    (app,) = config["applications"]
+    args = {k: (str(ROOT / v) if k in ("model_dir", "pool") else v) for k, v in app["args"].items()}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
+    try:
+        t = time.perf_counter()
+        serve.run(build_app(args), name="catimage", route_prefix="/")
+        print(f"serve: the shipped serve/config.yaml app deployed in {time.perf_counter() - t:.1f} s; "
+              f"{n} concurrent /v1/generate (load avg {os.getloadavg()[0]:.1f})", flush=True)
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(_world_load(url, _world_prompts(8)))  # first calls: connections, first batches
+        result = asyncio.run(_world_load(url, _world_prompts(n)[::-1]))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    lats = [ms for ms, _ in result["ok"]]
+    drawn: dict[str, int] = {}
+    for _, cand in result["ok"]:
+        drawn[cand] = drawn.get(cand, 0) + 1
+    rate = len(lats) / result["wall_s"]
+    print(f"  answered {len(lats)} of {n}, failed {len(result['errors'])}; wall {result['wall_s']:.1f} s; "
+          f"{rate:.1f} images/s; latency p50 {_pct(lats, 50) / 1000:.1f} s, p99 {_pct(lats, 99) / 1000:.1f} s")
+    print(f"  drawn by {dict(sorted(drawn.items()))}")
+    for err in result["errors"][:5]:
+        print(f"    failed: {err}")
+    return rate
+
+
+def world_main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="catimage-serve-world-") as tmp:
+        build = world_build_rate(Path(tmp), args.build_prompts, args.build_seeds)
+        served = world_serve_rate(args.requests)
+    print(f"serving / build steady throughput: {served:.1f} / {build:.1f} images/s = {served / build:.2f} (goal >= 0.7)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -365,7 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=48, help="requests arriving at once in the burst phase")
     parser.add_argument("--burst-rounds", type=int, default=3)
     parser.add_argument("--mu", type=float, default=0.02, help="load-aware price of one second of expected wait")
+    parser.add_argument("--world", action="store_true", help="serving vs build throughput on the shipped world pool")
+    parser.add_argument("--build-prompts", type=int, default=40, help="--world: prompts of the build run")
+    parser.add_argument("--build-seeds", type=int, default=4, help="--world: seeds of the build run")
     args = parser.parse_args(argv)
+    if args.world:
+        if not 1 <= args.requests <= 2000:
+            parser.error("keep it bounded: --requests 1..2000")
+        return world_main(args)
     phases = {p.strip() for p in args.phases.split(",") if p.strip()}
     if not (1 <= args.requests <= 2000 and 1 <= args.concurrency <= 64):
         parser.error("keep it bounded: --requests 1..2000, --concurrency 1..64")

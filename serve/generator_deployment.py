@@ -88,11 +88,14 @@ class Generator:
                 await asyncio.wait({task}, timeout=0.05)
             raise
 
+    def _draw_encoded(self, items: list[tuple[str, int, bool]]) -> list[bytes | None]:
+        """One generate() call for the batch, and the PNGs of those who want one, in one thread hop."""
+        images = self._draw([p for p, _, _ in items], [s for _, s, _ in items])
+        return [_png_bytes(image) if want else None for image, (_, _, want) in zip(images, items)]
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _draw_batch(self, items: list[tuple[str, int]]) -> list[Any]:
-        prompts = [p for p, _ in items]
-        seeds = [s for _, s in items]
-        return await asyncio.to_thread(self._draw, prompts, seeds)
+    async def _draw_batch(self, items: list[tuple[str, int, bool]]) -> list[bytes | None]:
+        return await asyncio.to_thread(self._draw_encoded, items)
 
     def stats(self) -> dict[str, Any]:
         """Requests and generate() calls this replica served, and where it draws (`.stats.remote()`)."""
@@ -101,8 +104,8 @@ class Generator:
     async def __call__(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
         self._stats["requests"] += 1
         if self._batched:
-            image = await self._draw_batch((prompt, seed))
-        elif self._exclusive:
+            return await self._draw_batch((prompt, seed, want_image))
+        if self._exclusive:
             async with self._lock:
                 image = (await self._draw_cancellable([prompt], [seed]))[0]
         else:

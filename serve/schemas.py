@@ -8,6 +8,7 @@ Limits are documented in docs/serving.md.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -45,8 +46,24 @@ def _check_text(text: str, what: str) -> str:
     return text
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+"""C0 controls except tab, newline and carriage return; DEL; C1 controls. No tokenizer reads them
+as text, and a NUL ends strings in C code downstream (a hosted API, a log line)."""
+
+
+def _check_controls(text: str, what: str) -> str:
+    found = _CONTROL.search(text)
+    if found:
+        raise ValueError(
+            f"{what} holds a control character (U+{ord(found.group()):04X}) at character {found.start()}; "
+            "send printable text (tab, newline and carriage return are allowed)"
+        )
+    return text
+
+
 def _check_prompt(text: str) -> str:
     _check_text(text, "prompt")
+    _check_controls(text, "prompt")
     if not text.strip():
         raise ValueError("prompt is empty; send the text to draw")
     if len(text) > MAX_PROMPT_CHARS:
@@ -57,7 +74,7 @@ def _check_prompt(text: str) -> str:
 def _no_bool(value: Any, what: str) -> Any:
     """JSON true/false are not numbers: pydantic would read `true` as 1.0, a silent wrong budget."""
     if isinstance(value, bool):
-        raise ValueError(f"{what} must be a number, not {str(value).lower()}")
+        raise ValueError(f"{what} must be a number, not {str(value).lower()}")  # noqa: TRY004 - pydantic wants ValueError
     return value
 
 
@@ -334,8 +351,28 @@ class AppArgs(BaseModel):
     route_chunk_size: int = Field(default=32, ge=1, description="/v1/route batches run this many prompts at a time.")
     decision_batch_size: int = Field(default=16, ge=1, description="Concurrent single-prompt decisions batched (@serve.batch).")
     embedder_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Runtime options for the bundle's embedder, e.g. {quantize: int8} for minilm."
+        default_factory=dict,
+        description="Runtime options the bundle's fitted embedder is loaded with (device, batch_size, backend), "
+        "e.g. {backend: onnx} for minilm on CPU; nothing that changes what it computes.",
     )
+    wait_for_resources: bool = Field(
+        default=False, description="Deploy even when the cluster cannot place the app yet (nodes will join).",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=5.0, ge=0, description="How long a stopping replica lets in-flight requests finish (Serve's default: 20 s).",
+    )
+
+    @field_validator("embedder_overrides")
+    @classmethod
+    def _runtime_only(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from catimage.errors import CatimageError
+        from serve.bundle import check_overrides
+
+        try:
+            check_overrides(v)
+        except CatimageError as err:
+            raise ValueError(str(err)) from None
+        return v
 
     @model_validator(mode="after")
     def _not_both(self) -> AppArgs:
@@ -343,6 +380,11 @@ class AppArgs(BaseModel):
             raise ValueError("give the app a default budget or a default lambda, not both")
         if self.budget_controller is not None and self.budget_controller.budget is None and self.budget is None:
             raise ValueError("budget_controller needs a budget: set budget_controller.budget or the app's budget")
+        if self.budget_controller is not None and self.controller_budget() == 0:
+            raise ValueError(
+                "budget_controller needs a budget > 0 (it corrects lambda by the relative error to its budget), and "
+                "the app's budget is 0: drop budget_controller (a budget of 0 needs none), or give it a positive budget"
+            )
         return self
 
     def controller_budget(self) -> float | None:

@@ -1,6 +1,8 @@
-"""Test-wide settings: never reach a hub, keep torch to the two cores we have."""
+"""Test-wide settings (never reach a hub, keep torch to the two cores we have) and the Ray sessions tests
+run on: one fixture per kind (`ray_local`, `serve_url`, `two_node_cluster`), each on free ports."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -9,10 +11,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -39,3 +41,84 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory):
             yield root
     finally:
         torch.set_num_threads(threads)
+
+
+# --- Ray sessions: one fixture per kind, each on free ports, each stopped when its module ends --------
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:  # train_serve_fixtures, for every test module and Ray worker alike
+    sys.path.insert(0, str(TESTS_DIR))
+
+from train_serve_fixtures import (
+    SERVE_KEYS_ENV,
+    SERVE_OTHER_TOKEN,
+    SERVE_TEST_TOKEN,
+    free_port,
+    start_local_ray,
+)
+
+RAY_TEST_ENV = {
+    # Custom metrics exported every 0.5 s instead of 10 s (the Prometheus test need not wait long).
+    "RAY_metrics_report_interval_ms": "500",
+    # Serve's autoscaling metrics likewise.
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    # API keys an app may read (auth_token_env); replicas inherit the environment Ray starts with.
+    SERVE_KEYS_ENV: f"tester:{SERVE_TEST_TOKEN},other:{SERVE_OTHER_TOKEN}",
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray (2 CPUs, no dashboard) for one test module; the environment above is set
+    while it starts (Ray's processes keep it) and restored afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in RAY_TEST_ENV.items():
+            mp.setenv(key, value)
+        start_local_ray()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_local):
+    """Serve's HTTP proxy on a free loopback port of `ray_local`: its base URL."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture
+def two_node_cluster():
+    """ray.cluster_utils.Cluster: a 1-CPU head with the dashboard (job API) on free ports and a
+    2-CPU worker node. Yields (cluster, worker node, dashboard address)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    dash = free_port()
+    cluster = Cluster(
+        initialize_head=True,
+        # Free ports for the dashboard and its agent (the agent's default, 52365, may be another Ray's).
+        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
+                        "dashboard_agent_listen_port": free_port()},
+    )
+    try:
+        worker = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        yield cluster, worker, f"http://127.0.0.1:{dash}"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

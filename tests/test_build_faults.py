@@ -20,10 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_serve_fixtures import REPO, free_port  # noqa: E402
+from train_serve_fixtures import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PROMPTS = [f"a {c} {t}" for c in ("red", "blue", "green") for t in ("cat", "boat", "house", "tree")][:10]
@@ -33,9 +30,8 @@ def _ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
+def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache, two_node_cluster):
     import ray
-    from ray.cluster_utils import Cluster
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
 
@@ -50,19 +46,8 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
     pool_path = tmp_path / "pool.yaml"
     pool_path.write_text(yaml.safe_dump(pool, sort_keys=False))
     out = tmp_path / "build"
-    dash = free_port()
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        # Free ports for the dashboard and its agent (the agent's default, 52365, may be another Ray's).
-        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
-                        "dashboard_agent_listen_port": free_port()},
-    )
+    cluster, worker, address = two_node_cluster
     try:
-        worker = cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
-        address = f"http://127.0.0.1:{dash}"
         client = JobSubmissionClient(address)
         env = {**os.environ, "RAY_ADDRESS": address}
         command = [_ray_bin(), "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
@@ -102,7 +87,6 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache):
         assert status == JobStatus.SUCCEEDED, logs[-4000:]
     finally:
         ray.shutdown()
-        cluster.shutdown()
     table = pq.read_table(out / "quality.parquet")
     keys = list(zip(table.column("prompt_id").to_pylist(), table.column("candidate").to_pylist(),
                     table.column("seed").to_pylist()))

@@ -1,43 +1,40 @@
-"""The Serve app for real: a local Ray, Serve on a free port, HTTP requests with httpx.
+"""The Serve app for real: a local Ray, Serve on a free port (tests/conftest.py), HTTP requests with httpx.
 
-One module-scoped deployment serves two applications:
+One module-scoped deployment serves three applications:
 
 * `catimage` (route /): the tiny pool, except that `tiny-sd-2`'s generator is a hosted endpoint
   that is down (a closed local port), so any request routed there must fall back; bearer-token
   auth on (the shared client sends the key), the online budget controller on;
 * `broken` (route /broken): every generator fails (two closed ports, one endpoint that accepts the
-  connection and never answers, cut off by the candidate's request_timeout_s) -> 503.
+  connection and never answers, cut off by the candidate's request_timeout_s) -> 503;
+* `scripted` (route /scripted): only `tiny-sd-2` draws, through a real loopback endpoint whose
+  answers each test scripts (ok / fail / hold until released: tests/train_serve_fixtures.py), with
+  the budget controller on: partial failures, in-flight counts and accounting, decided by events.
 
 The router model is a knn over TF-IDF fitted on the planted quality table (tests/train_serve_fixtures.py):
 animal prompts are predicted good and cheap on tiny-sd-2, text prompts need tiny-sd-8/tiny-sdxl-4.
-`test_serve_run_config` runs `serve run` on a generated config in a subprocess (its own Ray) first,
-before the shared Ray starts.
+`serve run` of the shipped config is tests/test_serve_run.py.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import os
-import signal
 import socket
-import subprocess
-import sys
+import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train_serve_fixtures import (  # noqa: E402
+from train_serve_fixtures import (
     REPO,
+    SERVE_KEYS_ENV,
+    SERVE_OTHER_TOKEN,
+    SERVE_TEST_TOKEN,
+    ScriptedImageServer,
     free_port,
-    start_local_ray,
     tiny_pool_dict,
     write_planted_table,
     write_pool,
@@ -45,9 +42,9 @@ from train_serve_fixtures import (  # noqa: E402
 
 CAT = "a photo of a cat in the snow"
 SIGN = 'a neon sign that reads "SALE"'
-TOKEN = "test-token-" + "x" * 24
-OTHER_TOKEN = "other-token-" + "y" * 24
-KEYS_ENV = "CATIMAGE_TEST_API_KEYS"
+TOKEN = SERVE_TEST_TOKEN
+OTHER_TOKEN = SERVE_OTHER_TOKEN
+KEYS_ENV = SERVE_KEYS_ENV
 
 
 def _down_url() -> str:
@@ -70,7 +67,14 @@ def silent_server():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, silent_server):
+def scripted_server():
+    server = ScriptedImageServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, silent_server, scripted_server):
     """Quality table, the two pools and the router model (knn + tfidf, fitted in-process)."""
     from jobs.train_estimator import run_train
 
@@ -87,10 +91,16 @@ def files(tmp_path_factory, silent_server):
         cand["serve"] = {"num_cpus": 0.05, "request_timeout_s": 60}
     broken["candidates"][1]["generator"] = _http_generator(silent_server)
     broken["candidates"][1]["serve"]["request_timeout_s"] = 1.0
+    scripted = tiny_pool_dict()  # only tiny-sd-2 draws, through the scripted endpoint
+    scripted["candidates"][0]["generator"] = scripted_server.generator_block()
+    scripted["candidates"][0]["serve"] = {"num_cpus": 0.05, "request_timeout_s": 120}
+    for cand in scripted["candidates"][1:]:
+        cand.pop("generator")
     main_pool = write_pool(root / "main_pool.yaml", main)
     broken_pool = write_pool(root / "broken_pool.yaml", broken)
+    scripted_pool = write_pool(root / "scripted_pool.yaml", scripted)
     model = run_train(table, main_pool, root / "model", estimator="knn", embedder="tfidf").model_dir
-    return {"root": root, "model": model, "main_pool": main_pool, "broken_pool": broken_pool}
+    return {"root": root, "model": model, "main_pool": main_pool, "broken_pool": broken_pool, "scripted_pool": scripted_pool}
 
 
 # --- shipped configs ----------------------------------------------------------------------------
@@ -141,95 +151,31 @@ def test_rayjob_entrypoint_parses():
     assert (REPO / args.pool).is_file()
 
 
-# --- `serve run` (first: it starts its own Ray before the shared one exists) ----------------------
-
-
-@pytest.mark.slow
-def test_serve_run_config(files):
-    """`serve run serve/config.yaml` as shipped (only the port changed: the world router and pool in the
-    package, no demo run first) gets healthy, draws a routed image, and stops on SIGINT."""
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    path = files["root"] / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    serve_bin = Path(sys.executable).with_name("serve")
-    log_path = files["root"] / "serve_run.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [str(serve_bin), "run", str(path)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline, health = time.monotonic() + 150, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                if health.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        assert health is not None and health.status_code == 200, log_path.read_text()[-3000:]
-        world = yaml.safe_load((REPO / "catimage" / "data" / "world_pool.yaml").read_text())
-        names = [c["name"] for c in world["candidates"]]
-        assert health.json()["candidates"] == names
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "two red squares above a blue circle"},
-                       timeout=120)
-        assert r.status_code == 200, r.text
-        assert r.json()["candidate"] in names and len(base64.b64decode(r.json()["image"])) > 100
-        proc.send_signal(signal.SIGINT)  # only after readiness (NOTES.md: earlier SIGINTs may be lost)
-        assert proc.wait(timeout=60) == 0, log_path.read_text()[-3000:]  # a clean shutdown, not a crash
-    finally:
-        if proc.poll() is None:  # the kill fallback: the whole session `serve run` started
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    # Ray's worker processes of that session may outlive `serve run` by a moment; not our business.
-
-
 # --- the shared deployment ----------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def served(files):
-    import ray
+def served(files, serve_url):
+    """Three apps on one Serve: `catimage` (auth, controller), `broken` (/broken), `scripted` (/scripted)."""
     from ray import serve
 
     from serve.app import AppArgs, build_app
 
-    if ray.is_initialized():
-        ray.shutdown()
-    # Export custom metrics every 0.5 s instead of 10 s, so test_prometheus_metrics need not wait.
-    # The API keys: replicas inherit the environment Ray starts with.
-    saved = {k: os.environ.get(k) for k in ("RAY_metrics_report_interval_ms", KEYS_ENV)}
-    os.environ["RAY_metrics_report_interval_ms"] = "500"
-    os.environ[KEYS_ENV] = f"tester:{TOKEN},other:{OTHER_TOKEN}"
-    start_local_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        main_args = AppArgs(
-            model_dir=files["model"], pool=str(files["main_pool"]), auth_token_env=KEYS_ENV, budget=4.0,
-            budget_controller={"window": 20, "sync_interval_s": 0.1, "per_key_budgets": {"other": 7.0}},
-        )
-        serve.run(build_app(main_args), name="catimage", route_prefix="/")
-        serve.run(
-            build_app(AppArgs(model_dir=files["model"], pool=str(files["broken_pool"]), router_num_cpus=0.1)),
-            name="broken", route_prefix="/broken",
-        )
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120, headers=headers) as client:
-            yield client
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    main_args = AppArgs(
+        model_dir=files["model"], pool=str(files["main_pool"]), auth_token_env=KEYS_ENV, budget=4.0,
+        budget_controller={"window": 20, "sync_interval_s": 0.1, "per_key_budgets": {"other": 7.0}},
+    )
+    serve.run(build_app(main_args), name="catimage", route_prefix="/")
+    serve.run(
+        build_app(AppArgs(model_dir=files["model"], pool=str(files["broken_pool"]), router_num_cpus=0.1)),
+        name="broken", route_prefix="/broken",
+    )
+    scripted_args = AppArgs(model_dir=files["model"], pool=str(files["scripted_pool"]), router_num_cpus=0.05,
+                            budget=4.0, budget_controller={"window": 20, "sync_interval_s": 0.1})
+    serve.run(build_app(scripted_args), name="scripted", route_prefix="/scripted")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=serve_url, timeout=120, headers=headers) as client:
+        yield client
 
 
 def _png(answer: dict) -> Image.Image:
@@ -382,24 +328,32 @@ def test_batched_generator_draws_concurrent_requests(served):
     assert stats["largest_batch"] > 1 and stats["batches"] < stats["requests"], stats
 
 
-def test_in_flight_counts_outstanding_calls(served):
-    """While a call hangs at the silent endpoint, /v1/pool counts it; afterwards it is back to 0."""
-    from concurrent.futures import ThreadPoolExecutor
+def _pool_rows(served, prefix: str = "") -> dict:
+    return {c["name"]: c for c in served.get(f"{prefix}/v1/pool").json()["candidates"]}
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(
-            served.post, "/broken/v1/generate", json={"prompt": CAT, "candidate": "tiny-sd-8", "return": "none"}
-        )
-        seen = 0
-        deadline = time.monotonic() + 0.9
-        while time.monotonic() < deadline and not pending.done():
-            rows = {c["name"]: c for c in served.get("/broken/v1/pool").json()["candidates"]}
-            seen = max(seen, rows["tiny-sd-8"]["in_flight"])
-            time.sleep(0.05)
-        assert pending.result().status_code == 503
-    assert seen == 1
-    rows = {c["name"]: c for c in served.get("/broken/v1/pool").json()["candidates"]}
-    assert all(row["in_flight"] == 0 for row in rows.values())
+
+def test_in_flight_counts_outstanding_calls(served, scripted_server):
+    """While a call is held at the scripted endpoint (an event, not a time window), /v1/pool counts
+    it; once released (the endpoint then fails), it is back to 0."""
+    scripted_server.arrived.clear()
+    scripted_server.release.clear()
+    scripted_server.script[:] = ["hold"]
+    out: dict = {}
+
+    def call() -> None:
+        out["r"] = served.post("/scripted/v1/generate", json={"prompt": CAT, "candidate": "tiny-sd-2", "return": "none"})
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    try:
+        assert scripted_server.arrived.wait(120), "the held request never reached the endpoint"
+        held = _pool_rows(served, "/scripted")
+    finally:
+        scripted_server.release.set()
+        thread.join(120)
+    assert held["tiny-sd-2"]["in_flight"] == 1 and held["tiny-sd-8"]["in_flight"] == 0
+    assert out["r"].status_code == 503  # the held call failed, and no other candidate has a generator
+    assert all(row["in_flight"] == 0 for row in _pool_rows(served, "/scripted").values())
 
 
 def test_all_candidates_failing_is_503(served):
@@ -570,10 +524,36 @@ def test_budget_controller_counts_realised_costs_per_key(served):
     assert state["*"]["lambda"] > lam_offline
     assert lams[0] >= lam_offline - 1e-12 and max(lams) <= state["*"]["lambda"] + 1e-12
     assert state["*"]["window_mean_cost"] > 4.0
-    # Requests with their own budget bypass the controller (and do not feed it).
-    served.post("/v1/generate", json={"prompt": CAT, "budget": 8.0, "return": "none"})
-    time.sleep(0.5)
-    assert served.get("/v1/pool").json()["budget_controller"]["*"]["observed"] == state["*"]["observed"]
+
+
+def _observed(served, prefix: str = "", key: str = "*") -> int:
+    return served.get(f"{prefix}/v1/pool").json()["budget_controller"][key]["observed"]
+
+
+def _wait_observed(served, at_least: int, prefix: str = "") -> int:
+    """The controller's count once it reaches `at_least` (the router syncs every 0.1 s)."""
+    deadline = time.monotonic() + 60
+    seen = _observed(served, prefix)
+    while seen < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen = _observed(served, prefix)
+    return seen
+
+
+def test_own_budget_and_pinned_requests_do_not_feed_the_controller(served):
+    """A request with its own budget, and one pinned to a candidate (`candidate`, OpenAI `model`), is
+    not the controller's to hold: neither moves lambda for routed traffic (docs/serving.md). Checked
+    by order, not by waiting: a routed request sent after them is synced with or after them (one
+    router replica, costs kept in order), so once it is counted, they would have been too."""
+    before = _observed(served)
+    assert served.post("/v1/generate", json={"prompt": CAT, "budget": 8.0, "return": "none"}).status_code == 200
+    pinned = served.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sdxl-4", "return": "none"})
+    assert pinned.status_code == 200 and pinned.json()["candidate"] == "tiny-sdxl-4"
+    openai_pinned = served.post("/v1/images/generations", json={"prompt": SIGN, "model": "tiny-sd-8"})
+    assert openai_pinned.status_code == 200, openai_pinned.text
+    routed = served.post("/v1/generate", json={"prompt": SIGN, "return": "none", "seed": 5})
+    assert routed.status_code == 200
+    assert _wait_observed(served, before + 1) == before + 1
 
 
 # --- the OpenAI-compatible Images endpoint ---------------------------------------------------------
@@ -618,3 +598,85 @@ def test_openai_client_sees_errors_as_openai_errors(served):
     with pytest.raises(openai.AuthenticationError, match="missing or unknown API key"):
         openai.OpenAI(base_url=str(served.base_url).rstrip("/") + "/v1", api_key="wrong-" + "k" * 20,
                       max_retries=0).images.generate(model="auto", prompt=CAT)
+
+
+# --- budget accounting with several images, sizes, control characters, start-up checks -------------
+
+
+def test_images_drawn_before_a_failed_one_are_returned_and_paid(served, scripted_server):
+    """n=2, the second draw fails (the scripted endpoint answers 500; no other candidate draws): the
+    client gets the one image that was drawn with the failure said, and its cost reaches the
+    controller (counted: one routed request sent afterwards brings the count to exactly +2)."""
+    before = _observed(served, "/scripted")
+    scripted_server.script[:] = ["ok", "fail"]
+    r = served.post("/scripted/v1/images/generations", json={"prompt": CAT, "n": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["data"]) == 1 and body["catimage"]["candidates"] == ["tiny-sd-2"]
+    assert body["catimage"]["requested"] == 2 and body["catimage"]["cost"] == 2.0  # one image of tiny-sd-2
+    (failed,) = body["catimage"]["failed"]
+    assert failed["index"] == 1 and "tiny-sd-2" in failed["reason"] and "HTTP 500" in failed["reason"]
+    assert served.post("/scripted/v1/generate", json={"prompt": CAT, "return": "none"}).status_code == 200
+    assert _wait_observed(served, before + 2, "/scripted") == before + 2
+    state = served.get("/scripted/v1/pool").json()["budget_controller"]["*"]
+    assert state["observed"] == before + 2
+
+
+def test_no_image_drawn_is_503(served, scripted_server):
+    scripted_server.script[:] = ["fail"]
+    r = served.post("/scripted/v1/images/generations", json={"prompt": CAT, "n": 3})
+    assert r.status_code == 503 and "every candidate failed" in r.json()["error"]["message"]
+
+
+def test_unknown_size_names_the_sizes_offered(served):
+    r = served.post("/v1/images/generations", json={"prompt": CAT, "size": "512x512"})
+    assert r.status_code == 400
+    # The pool: tiny-sd-2 is a hosted endpoint (HttpSpec's default size), the two tiny models draw 64x64.
+    assert r.json()["detail"] == (
+        "size '512x512' is not offered; sizes offered, by candidate: tiny-sd-2 1024x1024, tiny-sd-8 64x64, "
+        "tiny-sdxl-4 64x64"
+    )
+
+
+def test_pinned_model_is_never_dropped_by_the_size_filter(served):
+    r = served.post("/v1/images/generations", json={"prompt": CAT, "model": "tiny-sd-2", "size": "64x64"})
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("model 'tiny-sd-2' draws 1024x1024, not size '64x64'")
+    ok = served.post("/v1/images/generations", json={"prompt": CAT, "model": "tiny-sd-8", "size": "64x64"})
+    assert ok.status_code == 200 and ok.json()["catimage"]["candidate"] == "tiny-sd-8"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/v1/generate", {"prompt": "a cat\x00 in the snow"}, "control character (U+0000) at character 5"),
+        ("/v1/route", {"prompts": [CAT, "a \x1b[31mred\x1b[0m cat"]}, "prompts[1]: prompt holds a control character (U+001B)"),
+        ("/v1/images/generations", {"prompt": "a cat\x7f"}, "control character (U+007F)"),
+    ],
+)
+def test_control_characters_are_422(served, path, body, needle):
+    r = served.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["detail"]
+
+
+def test_tabs_and_newlines_are_text(served):
+    r = served.post("/v1/route", json={"prompts": ["a cat\tin the snow\r\nat night"], "lambda": 0.0})
+    assert r.status_code == 200, r.text
+
+
+def test_an_app_the_cluster_cannot_place_fails_before_deploying(files, served):
+    """A candidate asking for a GPU on this GPU-less local Ray: build_app refuses at once, naming what
+    is missing, instead of Serve waiting forever with the replica PENDING."""
+    import ray
+
+    from catimage.errors import CatimageError
+    from serve.app import AppArgs, build_app
+
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    pool = yaml.safe_load(files["main_pool"].read_text())
+    pool["candidates"][1]["serve"]["num_gpus"] = 1
+    path = write_pool(files["root"] / "gpu_pool.yaml", pool)
+    with pytest.raises(CatimageError, match=r"cannot place the Serve application: 1 GPU in all, the cluster has 0 GPU"):
+        build_app(AppArgs(model_dir=files["model"], pool=str(path)))
+    assert build_app(AppArgs(model_dir=files["model"], pool=str(path), wait_for_resources=True)) is not None

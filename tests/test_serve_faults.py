@@ -15,24 +15,12 @@ tiny pool, with:
 
 from __future__ import annotations
 
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train_serve_fixtures import (  # noqa: E402
-    free_port,
-    start_local_ray,
-    tiny_pool_dict,
-    write_planted_table,
-    write_pool,
-)
+from train_serve_fixtures import tiny_pool_dict, write_planted_table, write_pool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 APP = "faults"
@@ -40,8 +28,7 @@ SIGN = 'a neon sign that reads "SALE"'
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_cache):
-    import ray
+def app(tmp_path_factory, tiny_cache, serve_url):
     from ray import serve
 
     from jobs.train_estimator import run_train
@@ -59,22 +46,13 @@ def app(tmp_path_factory, tiny_cache):
     sdxl4["serve"] = {"num_cpus": 0.1, "request_timeout_s": 60}
     pool_path = write_pool(root / "pool.yaml", pool)
     model = run_train(table, pool_path, root / "model", estimator="knn", embedder="tfidf").model_dir
-    if ray.is_initialized():
-        ray.shutdown()
-    start_local_ray()
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        args = AppArgs(
-            model_dir=model, pool=str(pool_path), router_num_cpus=0.1,
-            router_max_ongoing_requests=4, router_max_queued_requests=8, retry_after_s=3,
-        )
-        serve.run(build_app(args), name=APP, route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=180) as client:
-            yield client
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    args = AppArgs(
+        model_dir=model, pool=str(pool_path), router_num_cpus=0.1,
+        router_max_ongoing_requests=4, router_max_queued_requests=8, retry_after_s=3,
+    )
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    with httpx.Client(base_url=serve_url, timeout=180) as client:
+        yield client
 
 
 def _replica_actors(deployment: str) -> list[str]:

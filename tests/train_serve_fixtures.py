@@ -8,6 +8,7 @@ that learned anything sends animal prompts to tiny-sd-2 at a tight budget.
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def write_planted_table(path: Path) -> Path:
     return write_quality_table(planted_table(), path)
 
 
+SERVE_TEST_TOKEN = "test-token-" + "x" * 24
+SERVE_OTHER_TOKEN = "other-token-" + "y" * 24
+SERVE_KEYS_ENV = "CATIMAGE_TEST_API_KEYS"
+"""The API keys every test Ray starts with (tests/conftest.py), for apps with auth_token_env."""
+
 COSTS = {"tiny-sd-2": 2.0, "tiny-sd-8": 8.0, "tiny-sdxl-4": 6.0}
 
 
@@ -91,7 +97,68 @@ def start_local_ray(**kwargs) -> None:
         try:
             ray.init(**kwargs)
             return
-        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for this
+        except Exception as err:
             if "timed out during startup" not in str(err) or attempt == 2:
                 raise
             ray.shutdown()
+
+
+class ScriptedImageServer:
+    """A real hosted images endpoint on loopback (OpenAI's `{"data": [{"b64_json": ...}]}`) whose
+    answers the test scripts, one per request in order: "ok" (a 64x64 PNG), "fail" (HTTP 500), or
+    "hold" (wait until `release` is set, then HTTP 500). With the script empty it answers "ok".
+
+    `arrived` is set when a "hold" request is being held: tests wait on these events, never on time.
+    """
+
+    def __init__(self) -> None:
+        import base64
+        import http.server
+        import io
+        import threading
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="PNG")
+        self.ok_body = json.dumps({"data": [{"b64_json": base64.b64encode(buf.getvalue()).decode()}]}).encode()
+        self.script: list[str] = []
+        self.served: list[str] = []
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                with server._lock:
+                    action = server.script.pop(0) if server.script else "ok"
+                    server.served.append(action)
+                if action == "hold":
+                    server.arrived.set()
+                    server.release.wait(120)
+                ok = action == "ok"
+                body = server.ok_body if ok else b'{"error": {"message": "scripted failure"}}'
+                self.send_response(200 if ok else 500)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1/images/generations"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def generator_block(self) -> dict:
+        """A pool `generator:` block that draws through this server (64x64, no retries)."""
+        return {"kind": "http", "url": self.url, "model": "scripted", "size": "64x64", "max_retries": 0, "timeout_s": 120}
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -21,8 +21,11 @@ from catimage.errors import CatimageError
 
 EMBEDDER_JSON = "embedder.json"
 EMBEDDER_TENSORS = "embedder.safetensors"
-# Keys of a spec that change how fast an embedder runs, not what it returns: not part of cache keys.
-RUNTIME_KEYS = frozenset({"device", "batch_size"})
+# Keys of a spec that change how fast an embedder runs, not what it returns: not part of cache keys,
+# and the only options a fitted embedder may be loaded with (`load_embedder(dir, **runtime)`).
+# (`backend`: minilm through ONNX Runtime, equal to torch to ~1e-6; int8 `quantize` is not one: it
+# changes what the embedder returns.)
+RUNTIME_KEYS = frozenset({"device", "batch_size", "backend"})
 
 
 def as_prompt_list(prompts: Sequence[str]) -> list[str]:
@@ -123,9 +126,9 @@ class Embedder(ABC):
         text = json.dumps(self.identity(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
-    def load_state(self, directory: Path, data: dict[str, Any]) -> Embedder:
+    def load_state(self, directory: Path, data: dict[str, Any], runtime: dict[str, Any] | None = None) -> Embedder:
         """Restore what `save` wrote beyond the spec (called by `load_embedder`); kinds that learn
-        nothing have nothing to restore."""
+        nothing have nothing to restore. `runtime`: the load's runtime options, for parts loaded here."""
         return self
 
     def save(self, directory: str | Path) -> Path:

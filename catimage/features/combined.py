@@ -173,8 +173,9 @@ class CombinedEmbedder(Embedder):
         self._text.save(directory / "text")
         return directory
 
-    def load_state(self, directory: Path, data: dict[str, Any]) -> CombinedEmbedder:
-        """Restore the fitted state written by `save` (called by `catimage.features.registry.load_embedder`)."""
+    def load_state(self, directory: Path, data: dict[str, Any], runtime: dict[str, Any] | None = None) -> CombinedEmbedder:
+        """Restore the fitted state written by `save` (called by `catimage.features.registry.load_embedder`);
+        `runtime` options (device, batch_size, backend) reach the text part, the one that runs a model."""
         state = data.get("state")
         if not state:
             raise CatimageError(f"{directory} holds an unfitted combined embedder (no state)")
@@ -184,6 +185,6 @@ class CombinedEmbedder(Embedder):
         self._stat_std = np.asarray(state["stat_std"], dtype=np.float64)
         if self._tfidf is not None:
             self._tfidf = load_single_embedder(directory / "tfidf")
-        text = load_single_embedder(directory / "text")
+        text = load_single_embedder(directory / "text", **(runtime or {}))
         self._text = CachedEmbedder(text, self.cache_dir) if self.cache else text
         return self

@@ -22,5 +22,6 @@ def make_embedder(name: str, **params: Any) -> Embedder:
 
 
 def load_embedder(directory: str | Path, **runtime: Any) -> Embedder:
-    """Reverse `Embedder.save`; `runtime` overrides device / batch_size (e.g. ``device='cuda'``)."""
+    """Reverse `Embedder.save`; `runtime` sets runtime options only (`RUNTIME_KEYS`: device, batch_size,
+    backend), e.g. ``device='cuda'``; anything else is refused (it would change what was fitted)."""
     return restore_embedder(EMBEDDERS, directory, **runtime)

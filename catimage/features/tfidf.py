@@ -145,7 +145,7 @@ class TfidfEmbedder(Embedder):
         save_file(tensors, str(directory / EMBEDDER_TENSORS))
         return directory
 
-    def load_state(self, directory: Path, data: dict[str, Any]) -> TfidfEmbedder:
+    def load_state(self, directory: Path, data: dict[str, Any], runtime: dict[str, Any] | None = None) -> TfidfEmbedder:
         """Rebuild the fitted vectorizer (and SVD) from what `save` wrote."""
         from safetensors.numpy import load_file
 
