@@ -8,42 +8,25 @@ loop resumes from the epoch-1 checkpoint instead of starting over.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train_serve_fixtures import (  # noqa: E402
+from train_serve_fixtures import (
     CANDIDATES,
     planted_prompts,
     planted_table,
-    start_local_ray,
     tiny_pool_dict,
     write_planted_table,
     write_pool,
 )
 
-from catimage.errors import CatimageError  # noqa: E402
-from catimage.tables.table import write_quality_table  # noqa: E402
+from catimage.errors import CatimageError
+from catimage.tables.table import write_quality_table
 
 PARAMS = {"width": 32, "layers": 1, "heads": 2, "lr": 3e-3, "batch_size": 8, "patience": 4, "dropout": 0.0}
 MAX_EPOCHS = 12
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    start_local_ray()
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
