@@ -111,3 +111,15 @@ def test_action_key_names_candidates_as_themselves():
     assert action_key("small-4") == "small-4"
     with pytest.raises(CatimageError, match="cannot name"):
         action_key(3)
+
+
+def test_action_key_names_a_plan_exactly_and_a_route_plan_as_its_candidate():
+    import json
+
+    from catimage.policy.plans import Plan
+
+    plan = Plan(("small-4", "small-4", "small-16-g3"), 0.8123456789)
+    key = action_key(plan)
+    assert Plan.from_dict(json.loads(key)) == plan  # exact to the threshold: no rounding in the name
+    assert action_key(Plan.route("mini-8")) == "mini-8"
+    assert action_key(Plan(("mini-8", "small-4"), 0.5)) != action_key(Plan(("small-4", "mini-8"), 0.5))
