@@ -144,7 +144,8 @@ def evaluate(args: argparse.Namespace) -> None:
         options = EvaluateOptions(estimator=name, embedder=embedder, test_frac=args.test_frac, calibration_frac=0.1,
                                   seed=0, trials=args.trials, cost_unit=pool.cost_unit, bootstrap=args.bootstrap,
                                   policy=args.policy, score_cost=args.decision_cost,
-                                  cascade=CascadeOptions(max_attempts=args.max_attempts))
+                                  cascade=CascadeOptions(max_attempts=args.max_attempts,
+                                                         router_means=not args.knn_means))
         report = evaluate_table(matrix, costs, options, draws=draws)
         for policy, block in report["policies"].items():
             _policy_row(tab, name, policy, block, time.perf_counter() - start)
@@ -250,6 +251,8 @@ def main() -> None:
                        help="add N(0, sd) to the decision scores: a noisy stand-in for a learned decider")
         p.add_argument("--decision-cost", type=float, default=0.0, help="the decision scorer's cost per image (GFLOPs)")
         p.add_argument("--max-attempts", type=int, default=4)
+        p.add_argument("--knn-means", action="store_true",
+                       help="value a draw by the draw estimator's own k-NN means instead of the router's predictions")
     f.add_argument("--num-cpus", type=float, default=None)
     f.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "catimage-world-table"))
     args = parser.parse_args()

@@ -171,9 +171,11 @@ class CascadeTrial:
 
 def evaluate_cascade_trial(
     model: Any, draws: Draws, X: np.ndarray, costs: np.ndarray, *, bootstrap: int, seed: int, n_traces: int = 6,
+    means: np.ndarray | None = None,
 ) -> CascadeTrial:
-    """Figures of a fitted `CascadeModel` on test prompts (`draws`, their pooled features `X`)."""
-    value, expected = model.plan_values(model.predict_stats(draws.prompts, X))
+    """Figures of a fitted `CascadeModel` on test prompts (`draws`, their pooled features `X`, the
+    router's predictions `means` when already computed)."""
+    value, expected = model.plan_values(model.predict_stats(draws.prompts, X, means))
     real = simulate_plans(model.plans, draws, costs, model.score_cost)
     true = draws.judge_mean()
     lam, c, q = deferral_curve_arrays(value, expected, real.quality, realized_cost=real.cost)

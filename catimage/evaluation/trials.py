@@ -150,7 +150,7 @@ def evaluate_table(
                                   score_cost=options.score_cost, options=options.cascade, router=model, features=features)
             X = features.get(model.embedder, matrix.prompts, "pooled")[test]
             trial = evaluate_cascade_trial(cascade, draws.subset(test), X, costs, bootstrap=options.bootstrap,
-                                           seed=seed + 2000)
+                                           seed=seed + 2000, means=pred)
             _add_cascade(cascade_runs, trial, seed, n_plans=len(cascade.plans))
             if t == 0:
                 cascade_runs.budget_check, cascade_runs.traces = trial.budget_check, trial.traces

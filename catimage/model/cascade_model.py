@@ -40,7 +40,7 @@ from catimage.features.stage import FeatureCache, embed_features
 from catimage.model.router_model import RouterModel, fit_router
 from catimage.policy.cascade import DrawStats, choose_plans, enumerate_plans, plan_values
 from catimage.policy.plans import Plan
-from catimage.policy.routing import calibrate_lambda
+from catimage.policy.routing import calibrate_lambda, pareto_options
 from catimage.tables.draws import Draws
 from catimage.tables.table import QualityMatrix
 
@@ -59,6 +59,10 @@ class CascadeOptions:
     `threshold_levels` of the training prompts' decision scores (every draw of every candidate).
     `distinct`: each candidate at most once per plan; None: when the table has one sample per cell.
     `best_of`: also the plans without early acceptance (draw all, keep the best-scoring).
+    `router_means`: the mean judge score of a draw is the ROUTER's prediction (its estimator, chosen by
+    the routing objective inside the training prompts), and the draw estimator's pass laws are moved
+    under it (`DrawStats.with_means`); then the route plans are valued exactly as routing values them,
+    and the cascade only adds options. False: the draw estimator's own k-NN means.
     """
 
     max_attempts: int = 4
@@ -66,6 +70,7 @@ class CascadeOptions:
     threshold_levels: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
     distinct: bool | None = None
     best_of: bool = False
+    router_means: bool = True
     draw_estimator: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,11 +137,18 @@ class CascadeModel:
         return self.decision_metric == self.judge_metric
 
     # --- prediction ----------------------------------------------------------------------------
-    def predict_stats(self, prompts: Sequence[str], X: np.ndarray | None = None) -> DrawStats:
-        """Predicted per-draw statistics of `prompts` (or of their pooled features `X`, when given)."""
+    def predict_stats(self, prompts: Sequence[str], X: np.ndarray | None = None,
+                      means: np.ndarray | None = None) -> DrawStats:
+        """Predicted per-draw statistics of `prompts` (or of their pooled features `X`, when given);
+        `means`: the router's predictions for them when already computed (with `router_means`)."""
         if X is None:
             X = embed_features(self.router.embedder, list(prompts), "pooled")
-        return self.estimator.predict(X, self.grid, self.candidates)
+        stats = self.estimator.predict(X, self.grid, self.candidates)
+        if not self.options.router_means:
+            return stats
+        if means is None:
+            means = self.router.predict(list(prompts))[:, : len(self.candidates)]
+        return stats.with_means(means)
 
     def plan_values(self, stats: DrawStats) -> tuple[np.ndarray, np.ndarray]:
         """(expected judge value, expected cost), each (n, P) over `self.plans`."""
@@ -150,8 +162,8 @@ class CascadeModel:
             raise BudgetError(f"budget must be a number, got {budget!r}") from None
         if not np.isfinite(budget) or budget < 0:
             raise BudgetError(f"budget must be a non-negative number of {self.cost_unit}, got {budget}")
-        if self._calibration_values is None:  # the calibration prompts' plan values, computed once
-            self._calibration_values = self.plan_values(self.calibration_stats)
+        if self._calibration_values is None:  # the calibration prompts' non-dominated plans, computed once
+            self._calibration_values = pareto_options(*self.plan_values(self.calibration_stats))[:2]
         return calibrate_lambda(*self._calibration_values, budget)
 
     def plan(self, prompts: Sequence[str], budget: float | None = None, lam: float | None = None,
@@ -254,6 +266,8 @@ def fit_cascade(
         options = CascadeOptions(**{**options.to_dict(), "distinct": draws.n_seeds == 1,
                                     "plan_thresholds": options.plan_thresholds})
     calibration_stats = estimator.predict(X[calibration], grid, matrix.candidates)
+    if options.router_means:
+        calibration_stats = calibration_stats.with_means(router.base_calibration_pred)
     notes = list(router.notes)
     if draws.upper_bound:
         notes.append(f"The decision metric is the judge ({draws.judge_metric}): every cascade figure is an upper bound.")

@@ -126,6 +126,16 @@ class DrawStats:
         lower_e = np.concatenate([e_pass, 0 * one], axis=2)
         return np.maximum(upper_p - lower_p, 0.0), upper_e - lower_e
 
+    def with_means(self, q_mean: Any) -> DrawStats:
+        """The same per-draw shape around other mean predictions: q_pass and q_fail move by each
+        (prompt, candidate)'s change of mean, so q_mean = p q_pass + (1 - p) q_fail still holds.
+        Used to put a better mean predictor (the router's) under the draw estimator's pass laws."""
+        q_mean = np.asarray(q_mean, dtype=np.float64)
+        if q_mean.shape != self.q_mean.shape:
+            raise CatimageError(f"means of shape {q_mean.shape} for statistics of shape {self.q_mean.shape}")
+        delta = (q_mean - self.q_mean)[:, :, None]
+        return DrawStats(self.candidates, self.thresholds, self.p_pass, self.q_pass + delta, self.q_fail + delta, q_mean)
+
     @classmethod
     def from_sums(
         cls, candidates: Sequence[str], thresholds: Any, count: np.ndarray, n_pass: np.ndarray,
