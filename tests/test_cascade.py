@@ -149,7 +149,7 @@ def test_moving_the_means_keeps_each_draws_shape():
     moved = st.with_means(st.q_mean + np.array([[0.1, -0.2, 0.0]]))
     assert moved.p_pass == pytest.approx(st.p_pass)
     assert moved.q_pass[0, 0] == pytest.approx(st.q_pass[0, 0] + 0.1) and moved.q_fail[0, 1] == pytest.approx(st.q_fail[0, 1] - 0.2)
-    pi, e = moved.bins()
+    _pi, e = moved.bins()
     assert e.sum(axis=2) == pytest.approx(moved.q_mean)  # the bins still add up to the new mean
     # every plan's value moves by the returned draw's candidate shift: a > b @.5 returns a w.p. 1/2, else b
     value, _ = plan_values(moved, [Plan(("a", "b"), 0.5)], COSTS, S_COST)

@@ -200,7 +200,7 @@ def test_curve_invariants_random():
     hull = mixture_hull(costs, true.mean(axis=0))
     assert np.all(q_oracle >= interpolate_curve(hull, grid) - 1e-9)
     # the router's own predicted curve is concave in cost (it is the Lagrangian frontier)
-    lam, c, q = deferral_curve_arrays(pred, costs, pred)
+    _lam, c, q = deferral_curve_arrays(pred, costs, pred)
     slopes = np.diff(q[::-1]) / np.diff(c[::-1])
     assert np.all(np.diff(slopes) <= 1e-9)
 

@@ -43,10 +43,13 @@ DRAWS_JSON = "draw_estimator.json"
 DRAWS_TENSORS = "draw_estimator.safetensors"
 FORMAT_VERSION = 1
 
-__all__ = ["DrawEstimator", "load_draw_estimator", "default_thresholds"]
+__all__ = ["DrawEstimator", "default_thresholds", "load_draw_estimator"]
 
 
-def default_thresholds(decision: np.ndarray, levels: Any = np.linspace(0.05, 0.95, 19)) -> np.ndarray:
+GRID_LEVELS = tuple(np.round(np.linspace(0.05, 0.95, 19), 2))
+
+
+def default_thresholds(decision: np.ndarray, levels: Any = GRID_LEVELS) -> np.ndarray:
     """A threshold grid from quantiles of the (training) draws' decision scores: distinct values only."""
     values = np.asarray(decision, dtype=np.float64)
     values = values[np.isfinite(values)]

@@ -54,8 +54,15 @@ from catimage.tables.draws import Draws
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Realized", "seed_slots", "simulate_plans", "attempt_trace", "CascadeTrial", "evaluate_cascade_trial",
-           "usable_prompts"]
+__all__ = [
+    "CascadeTrial",
+    "Realized",
+    "attempt_trace",
+    "evaluate_cascade_trial",
+    "seed_slots",
+    "simulate_plans",
+    "usable_prompts",
+]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 from catimage.errors import CatimageError
 from catimage.policy.routing import area_between, cost_to_reach
 
-__all__ = ["routellm_figures", "ROUTELLM_FIGURES"]
+__all__ = ["ROUTELLM_FIGURES", "routellm_figures"]
 
 ROUTELLM_FIGURES = ("apgr", "cpt_50", "cpt_80")
 

@@ -122,55 +122,88 @@ def evaluate_table(
     embedder = options.embedder
     if isinstance(embedder, str):
         embedder = make_embedder(embedder, **dict(options.embedder_params))
-    say = progress or (lambda _msg: None)
-    features = FeatureCache()
-    route_runs, cascade_runs = _PolicyTrials(), _PolicyTrials()
-    selections: list[str] = []
-    first_test: dict[str, Any] = {}
-    dropped0 = 0
+    run = _Evaluation(matrix, costs, options, draws, embedder, progress or (lambda _msg: None))
     for t in range(options.trials):
-        start = time.perf_counter()
-        split = split_prompts(matrix.n_prompts, test_frac=options.test_frac, calibration_frac=options.calibration_frac,
-                              seed=options.seed + t)
-        say(f"trial {t + 1}/{options.trials}: fitting {options.estimator} on {split.train.size} prompts")
-        model = fit_router(matrix, costs, options.cost_unit, split.train, split.calibration, estimator=options.estimator,
-                           estimator_params=dict(options.estimator_params), embedder=embedder, features=features,
-                           notes=options.notes)
+        run.trial(t)
+    return run.report()
+
+
+@dataclass
+class _Evaluation:
+    """The trial loop's state: inputs, the shared feature cache, and each policy's results so far."""
+
+    matrix: QualityMatrix
+    costs: np.ndarray
+    options: EvaluateOptions
+    draws: Draws | None
+    embedder: Embedder
+    say: Callable[[str], None]
+    features: FeatureCache = field(default_factory=FeatureCache)
+    route: _PolicyTrials = field(default_factory=_PolicyTrials)
+    cascade: _PolicyTrials = field(default_factory=_PolicyTrials)
+    selections: list[str] = field(default_factory=list)
+    first_test: dict[str, Any] = field(default_factory=dict)
+    dropped0: int = 0
+    cascade_meta: dict[str, Any] = field(default_factory=dict)
+
+    def trial(self, t: int) -> None:
+        """Split with seed + t, fit the router (the one fit pipeline), evaluate each policy on the test prompts."""
+        opt, matrix, start = self.options, self.matrix, time.perf_counter()
+        split = split_prompts(matrix.n_prompts, test_frac=opt.test_frac, calibration_frac=opt.calibration_frac,
+                              seed=opt.seed + t)
+        self.say(f"trial {t + 1}/{opt.trials}: fitting {opt.estimator} on {split.train.size} prompts")
+        model = fit_router(matrix, self.costs, opt.cost_unit, split.train, split.calibration, estimator=opt.estimator,
+                           estimator_params=dict(opt.estimator_params), embedder=self.embedder, features=self.features,
+                           notes=opt.notes)
         if model.selection:
-            selections.append(model.selection)
-        test = _test_prompts(matrix, split.test, draws, options, t)
-        seed = options.seed + t
-        pred = model.scaler.inverse_transform(model.estimator.predict(features.get(model.embedder, matrix.prompts,
-                                                                                   model.estimator.input_kind)[test]))
-        if options.wants_route or t == 0:
-            _route_trial(route_runs, model, pred, matrix.mean[test], costs, matrix.candidates, options, seed, say, t)
-        if options.wants_cascade:
-            say(f"trial {t + 1}/{options.trials}: cascade plans")
-            cascade = fit_cascade(matrix, draws, costs, options.cost_unit, split.train, split.calibration,
-                                  score_cost=options.score_cost, options=options.cascade, router=model, features=features)
-            X = features.get(model.embedder, matrix.prompts, "pooled")[test]
-            trial = evaluate_cascade_trial(cascade, draws.subset(test), X, costs, bootstrap=options.bootstrap,
-                                           seed=seed + 2000, means=pred)
-            _add_cascade(cascade_runs, trial, seed, n_plans=len(cascade.plans))
-            if t == 0:
-                cascade_runs.budget_check, cascade_runs.traces = trial.budget_check, trial.traces
-                cascade_meta = {"n_plans": len(cascade.plans), "max_attempts": options.cascade.max_attempts,
-                                "thresholds": cascade.plan_thresholds.tolist(), "score_cost": options.score_cost,
-                                "distinct": cascade.options.distinct, "draw_estimator": cascade.estimator.selection_}
-        say(f"trial {t + 1}/{options.trials} done in {time.perf_counter() - start:.0f} s: " + _trial_line(route_runs, cascade_runs, options))
+            self.selections.append(model.selection)
+        test = _test_prompts(matrix, split.test, self.draws, opt, t)
+        X = self.features.get(model.embedder, matrix.prompts, model.estimator.input_kind)
+        pred = model.scaler.inverse_transform(model.estimator.predict(X[test]))
+        if opt.wants_route or t == 0:  # trial 0's route figures are the report's top level
+            _route_trial(self.route, model, pred, matrix.mean[test], self.costs, matrix.candidates, opt, opt.seed + t,
+                         self.say, t)
+        if opt.wants_cascade:
+            self._cascade_trial(t, split, model, test, pred)
+        self.say(f"trial {t + 1}/{opt.trials} done in {time.perf_counter() - start:.0f} s: "
+                 + _trial_line(self.route, self.cascade, opt))
         if t == 0:
-            dropped0 = int(matrix.n_prompts and split.test.size - test.size)
-            first_test = {"prompt_ids": [matrix.prompt_ids[i] for i in test], "pred": pred,
-                          "calibration_pred": model.calibration_pred}
-    report = _route_report(route_runs, matrix, costs, options, embedder, selections, first_test, dropped0)
-    report["policies"] = {}
-    if options.wants_route:
-        report["policies"]["route"] = _policy_block(route_runs, matrix.metric, None, False, matrix.metric)
-    if options.wants_cascade:
-        block = _policy_block(cascade_runs, matrix.metric, draws.decision_metric, draws.upper_bound, matrix.metric)
-        block["traces"], block["plans"] = to_jsonable(cascade_runs.traces), to_jsonable(cascade_meta)
-        report["policies"]["cascade"] = block
-    return report
+            self.dropped0 = int(split.test.size - test.size)
+            self.first_test = {"prompt_ids": [matrix.prompt_ids[i] for i in test], "pred": pred,
+                               "calibration_pred": model.calibration_pred}
+
+    def _cascade_trial(self, t: int, split: Any, model: RouterModel, test: np.ndarray, pred: np.ndarray) -> None:
+        """fit_cascade around this trial's router (same features), then simulate its plans on the test rows."""
+        opt, draws = self.options, self.draws
+        assert draws is not None
+        self.say(f"trial {t + 1}/{opt.trials}: cascade plans")
+        cascade = fit_cascade(self.matrix, draws, self.costs, opt.cost_unit, split.train, split.calibration,
+                              score_cost=opt.score_cost, options=opt.cascade, router=model, features=self.features)
+        X = self.features.get(model.embedder, self.matrix.prompts, "pooled")[test]
+        trial = evaluate_cascade_trial(cascade, draws.subset(test), X, self.costs, bootstrap=opt.bootstrap,
+                                       seed=opt.seed + t + 2000, means=pred)
+        _add_cascade(self.cascade, trial, opt.seed + t, n_plans=len(cascade.plans))
+        if t == 0:
+            self.cascade.budget_check, self.cascade.traces = trial.budget_check, trial.traces
+            self.cascade_meta = {"n_plans": len(cascade.plans), "max_attempts": opt.cascade.max_attempts,
+                                 "thresholds": cascade.plan_thresholds.tolist(), "score_cost": opt.score_cost,
+                                 "distinct": cascade.options.distinct, "router_means": opt.cascade.router_means,
+                                 "draw_estimator": cascade.estimator.selection_}
+
+    def report(self) -> dict[str, Any]:
+        """Today's route top level plus `policies` (route and/or cascade blocks)."""
+        metric = self.matrix.metric
+        report = _route_report(self.route, self.matrix, self.costs, self.options, self.embedder, self.selections,
+                               self.first_test, self.dropped0)
+        report["policies"] = {}
+        if self.options.wants_route:
+            report["policies"]["route"] = _policy_block(self.route, metric, None, False, metric)
+        if self.options.wants_cascade:
+            assert self.draws is not None
+            block = _policy_block(self.cascade, metric, self.draws.decision_metric, self.draws.upper_bound, metric)
+            block["traces"], block["plans"] = to_jsonable(self.cascade.traces), to_jsonable(self.cascade_meta)
+            report["policies"]["cascade"] = block
+        return report
 
 
 def _check(matrix: QualityMatrix, costs: Any, options: EvaluateOptions, draws: Draws | None) -> np.ndarray:
@@ -286,13 +319,13 @@ def _meta(matrix: QualityMatrix, costs: np.ndarray, options: EvaluateOptions, em
     if dropped0:
         notes.append(f"{dropped0} test prompt(s) with a missing label were dropped from trial 0.")
     notes += [
-        "Quality at a given cost is read by linear interpolation between consecutive deferral-curve points "
-        "(randomising between two routers).",
-        "The oracle routes on the test labels themselves (means of few samples), so its curve includes label "
-        "noise: an upper bound, not a reachable target.",
-        f"Curves come from trial 0 (split seed {options.seed}); `trials` summarises {options.trials} re-drawn split(s); "
+        ("Quality at a given cost is read by linear interpolation between consecutive deferral-curve points "
+        "(randomising between two routers)."),
+        ("The oracle routes on the test labels themselves (means of few samples), so its curve includes label "
+        "noise: an upper bound, not a reachable target."),
+        (f"Curves come from trial 0 (split seed {options.seed}); `trials` summarises {options.trials} re-drawn split(s); "
         f"intervals are {int(CONFIDENCE * 100)}% bias-corrected bootstrap intervals over test prompts ({options.bootstrap} "
-        "resamples) and, over trials, mean +- t std / sqrt(T); the verdict uses the wider of the two.",
+        "resamples) and, over trials, mean +- t std / sqrt(T); the verdict uses the wider of the two."),
     ]
     if options.wants_cascade:
         notes.append("Cascade figures simulate each plan on the test prompts' own seed rows (attempt j draws seed slot j), "

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
-__all__ = ["CascadeOptions", "CascadeModel", "fit_cascade"]
+__all__ = ["CascadeModel", "CascadeOptions", "fit_cascade"]
 
 
 @dataclass(frozen=True)

@@ -63,11 +63,11 @@ from catimage.policy.routing import route
 
 __all__ = [
     "DrawStats",
-    "enumerate_plans",
-    "plan_values",
+    "PlanArrays",
     "choose_plans",
     "encode_plans",
-    "PlanArrays",
+    "enumerate_plans",
+    "plan_values",
 ]
 
 _THRESHOLD_ATOL = 1e-9

@@ -33,7 +33,7 @@ from typing import Any
 
 from catimage.errors import CatimageError
 
-__all__ = ["Plan", "plan_cost", "executed_attempts"]
+__all__ = ["Plan", "executed_attempts", "plan_cost"]
 
 
 @dataclass(frozen=True)
