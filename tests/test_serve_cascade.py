@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from catimage.policy.plans import Plan, executed_attempts
 from serve.plan_executor import NoImageDrawn, PlanExecutor, attempt_seeds, served_rows
@@ -181,41 +177,31 @@ KILL_APP = "cascade"
 
 
 @pytest.fixture(scope="module")
-def served():
-    import ray
+def served(serve_url):
     from ray import serve
     from serve_planted import PlanHarness, Planted, Stuck
-    from train_serve_fixtures import free_port, start_local_ray
 
     from catimage.metrics.spec import MetricSpec
     from catimage.tables.pool import Autoscaling, load_pool
     from serve.generator_deployment import Generator
     from serve.scorer_deployment import Scorer, ScorerServeArgs, scorer_options
 
-    if ray.is_initialized():
-        ray.shutdown()
-    start_local_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     world = load_pool(Path(__file__).resolve().parents[1] / "catimage/data/world_pool.yaml").get("small-2")
     costs = {"blank": 1.0, "render": 2.0, "small-2": 1.044349}
-    try:
-        spec = MetricSpec(name="scene_score", batch_size=16, num_cpus=0)
-        fixed = ScorerServeArgs(autoscaling=Autoscaling(min_replicas=2, max_replicas=2))
-        scorer = Scorer.options(**scorer_options(spec, fixed)).bind(spec.model_dump())
-        planted = Planted.bind()
-        gens = {
-            "blank": planted,
-            "render": planted,
-            "small-2": Generator.options(name="Gen-small-2", ray_actor_options={"num_cpus": 0}).bind(
-                "small-2", world.generator.model_dump(mode="json")),
-        }
-        harness = PlanHarness.bind(gens, {"real": scorer, "stuck": Stuck.bind()}, costs, 0.1,
-                                   {"real": 30.0, "stuck": 0.5}, {"blank": "blank", "render": "render"})
-        handle = serve.run(harness, name=KILL_APP, route_prefix=None)
-        yield handle
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    spec = MetricSpec(name="scene_score", batch_size=16, num_cpus=0)
+    fixed = ScorerServeArgs(autoscaling=Autoscaling(min_replicas=2, max_replicas=2))
+    scorer = Scorer.options(**scorer_options(spec, fixed)).bind(spec.model_dump())
+    planted = Planted.bind()
+    gens = {
+        "blank": planted,
+        "render": planted,
+        "small-2": Generator.options(name="Gen-small-2", ray_actor_options={"num_cpus": 0}).bind(
+            "small-2", world.generator.model_dump(mode="json")),
+    }
+    harness = PlanHarness.bind(gens, {"real": scorer, "stuck": Stuck.bind()}, costs, 0.1,
+                               {"real": 30.0, "stuck": 0.5}, {"blank": "blank", "render": "render"})
+    yield serve.run(harness, name=KILL_APP, route_prefix=None)
+    serve.delete(KILL_APP)
 
 
 def _png_equal(png: bytes, expected: bytes) -> bool:

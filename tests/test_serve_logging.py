@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from catimage.errors import TableError
 from catimage.tables.served_log import ServedRow, read_served_log
@@ -59,23 +55,18 @@ def test_hashing_without_a_key_is_refused_with_what_to_do(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ray_serve():
-    import ray
-    from ray import serve
-    from train_serve_fixtures import free_port, start_local_ray
+def log_salt():
+    """The privacy switch's key, in the environment the replicas inherit (set before Ray starts)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CATIMAGE_LOG_SALT", "test-salt-not-secret")
+        yield
 
-    if ray.is_initialized():
-        ray.shutdown()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CATIMAGE_LOG_SALT", "test-salt-not-secret")  # replicas inherit the raylet's environment
-    start_local_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    try:
-        yield serve
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        mp.undo()
+
+@pytest.fixture(scope="module")
+def ray_serve(log_salt, serve_url):
+    from ray import serve
+
+    return serve
 
 
 def _deploy(serve, name: str, args: LogServeArgs, replicas: int):
