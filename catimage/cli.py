@@ -490,25 +490,32 @@ def cost(
     pool: Annotated[Path, typer.Argument(help="Pool YAML whose diffusers candidates to count")],
     out: Annotated[Path | None, typer.Option(help="Write the pool with counted costs here (default: print only)")] = None,
     unit: Annotated[str, typer.Option(help="tflops or gflops (meta-device FLOP count) or seconds (measured here)")] = "tflops",
-    images: Annotated[int, typer.Option(help="Images per candidate when measuring seconds")] = 2,
+    images: Annotated[int, typer.Option(min=1, help="Images per candidate when measuring seconds")] = 2,
 ) -> None:
-    """Count TFLOPs per image (torch FLOP counter on the meta device) or measure seconds per image."""
+    """Count TFLOPs per image (torch FLOP counter on the meta device) or measure seconds per image.
+
+    With --out, the pool is saved in the counted unit; a pool that would then mix units (a candidate
+    that cannot be counted keeps a cost in the old unit) is refused before anything is counted.
+    """
     _offline_defaults()
 
     def _cost() -> None:
-        from catimage.tables.cost import count_pool_costs
+        from catimage.tables.cost import count_pool_costs, counted_candidates, write_pool_costs
         from catimage.tables.pool import load_pool
 
         pool_obj = load_pool(pool)
-        costs = count_pool_costs(pool_obj, unit=unit, n_images=images)
+        if out is None:
+            costs = count_pool_costs(pool_obj, unit=unit, n_images=images)
+        else:
+            saved = write_pool_costs(pool, out, unit=unit, n_images=images)
+            costs = {name: float(saved.get(name).cost) for name in counted_candidates(saved)}
         tab = Table(title=f"cost per image ({unit})")
         tab.add_column("candidate")
         tab.add_column(unit, justify="right")
         for name in pool_obj.names:
-            tab.add_row(name, f"{costs[name]:.4g}" if name in costs else "(declared: not counted)")
+            tab.add_row(name, f"{costs[name]:.4g}" if name in costs else f"(declared {pool_obj.cost_unit}: not counted)")
         console.print(tab)
         if out is not None:
-            pool_obj.with_costs(costs).model_copy(update={"cost_unit": unit}).save(out)
             console.print(f"wrote {out}")
 
     _run(_cost)
@@ -525,10 +532,14 @@ def build(
     save_images: Annotated[str, typer.Option(help="none, png or webp (stored under OUT/images)")] = "none",
     measure_cost: Annotated[bool | None, typer.Option(help="Record seconds per image in the `cost` column")] = None,
     num_cpus: Annotated[float | None, typer.Option(help="CPUs for a local Ray (ignored with RAY_ADDRESS)")] = None,
+    wait_for_resources: Annotated[bool, typer.Option(
+        help="Start even when the cluster lacks the CPUs/GPUs/memory the pool's build blocks ask for (nodes will "
+             "join); default: fail at once")] = False,
 ) -> None:
     """Build the quality table on Ray Data: prompts x candidates x seeds -> images -> metrics -> Parquet.
 
     Re-running with the same --out resumes: rows already written are skipped, none is written twice.
+    A cluster that cannot hold the pool's actor pools is refused before anything starts.
     """
     _offline_defaults()
 
@@ -542,6 +553,7 @@ def build(
             config = BuildConfig(
                 pool=pool, prompts=prompts, output=out, seeds=seeds, limit=limit, candidates=candidates or None,
                 save_images=save_images, measure_cost=measure_cost, num_cpus=num_cpus,
+                wait_for_resources=wait_for_resources,
             )
         except ValidationError as err:
             raise CatimageError(f"bad build options: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}") from None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -44,17 +45,21 @@ from pydantic import ValidationError
 from ray.data import DataContext
 
 from catimage.errors import CatimageError
+from catimage.generators.base import Generator
+from catimage.metrics.base import Scorer
 from catimage.tables.build import (
     BuildConfig,
     BuildResult,
     GenerateStage,
-    ImageGenerator,
-    ImageScorer,
     ScoreStage,
+    StageDemand,
+    build_demand,
     consolidate,
+    describe_demand,
     done_keys,
     expand_work,
     keys_of,
+    missing_resources,
     new_run_dir,
     pending,
     read_prompts,
@@ -62,12 +67,12 @@ from catimage.tables.build import (
     split_blocks,
     write_run_manifest,
 )
-from catimage.tables.pool import Pool
+from catimage.tables.pool import MEASURED_COST_UNIT, Pool
 
 log = logging.getLogger("catimage.jobs.build")
 
-GeneratorFactory = Callable[..., ImageGenerator]  # (spec, device=...) -> Generator
-ScorerFactory = Callable[..., ImageScorer]  # (spec, device=...) -> Scorer
+GeneratorFactory = Callable[..., Generator]  # (spec, device=...) -> Generator
+ScorerFactory = Callable[..., Scorer]  # (spec, device=...) -> Scorer
 # CPUs asked for the (fused) write task: small, so that actor pools never starve it (NOTES.md).
 WRITE_NUM_CPUS = 0.1
 LOST_REASON = "lost: its block failed after Ray's retries (worker crash?); re-run the same command to retry it"
@@ -87,9 +92,15 @@ def _map_actors(
     size: int,
     num_cpus: float,
     num_gpus: float,
+    memory: int | None,
     remote_args: dict[str, Any],
 ) -> ray.data.Dataset:
-    """One fixed-size actor pool stage over Arrow batches (the callable class loads its model once)."""
+    """One fixed-size actor pool stage over Arrow batches (the callable class loads its model once).
+
+    `memory` (bytes) is what Ray reserves per actor, so a node never gets more actors than fit.
+    """
+    if memory:
+        remote_args = {**remote_args, "memory": int(memory)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         return ds.map_batches(
@@ -146,6 +157,7 @@ def build_plan(
             size=res.concurrency,
             num_cpus=res.num_cpus,
             num_gpus=res.num_gpus,
+            memory=res.memory,
             remote_args=restart_args,
         )
         branches.append(ds)
@@ -165,6 +177,7 @@ def build_plan(
             size=spec.concurrency,
             num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus,
+            memory=None,
             remote_args=restart_args,
         )
     return ds
@@ -207,6 +220,37 @@ def _data_context(progress: bool) -> Iterator[DataContext]:
         ctx.max_errored_blocks, ctx.enable_progress_bars = saved
 
 
+def check_cluster_fits(pool: Pool, config: BuildConfig) -> None:
+    """Fail at once when the running cluster cannot hold the build's actor pools, instead of letting
+    Ray Data wait forever ("pending: 48 CPU, 11.75 GPU"): unless it can grow (an autoscaler is
+    configured) or `config.wait_for_resources` says nodes will join."""
+    stages = [*build_demand(pool), StageDemand("write parquet", 1, WRITE_NUM_CPUS, 0.0, 0.0)]
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    largest = {k: max((float(n.get(k, 0.0)) for n in nodes), default=0.0) for k in ("CPU", "GPU", "memory")}
+    problems = missing_resources(stages, ray.cluster_resources(), largest)
+    if not problems:
+        return
+    if config.wait_for_resources or _cluster_can_grow():
+        log.warning("the cluster lacks resources for this build (%s); waiting for nodes to join", "; ".join(problems))
+        return
+    raise CatimageError(
+        f"this Ray cluster cannot run the build of {config.pool}: {'; '.join(problems)}. The pool asks for "
+        f"{describe_demand(stages)}. Run it on a cluster that has them (--address or RAY_ADDRESS), lower the "
+        "`build:` resources (num_cpus, num_gpus, memory, concurrency) in the pool, build fewer candidates at once "
+        "(--candidate), or pass --wait-for-resources if nodes will join"
+    )
+
+
+def _cluster_can_grow() -> bool:
+    """True when an autoscaler may add nodes (Ray Data's own test; a private helper, hence guarded)."""
+    try:
+        from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
+
+        return bool(is_autoscaling_enabled())
+    except Exception:  # noqa: BLE001 - a Ray version without it: assume a fixed cluster
+        return False
+
+
 def run_build(
     config: BuildConfig,
     *,
@@ -227,53 +271,22 @@ def run_build(
     start = time.perf_counter()
     pool = config.load_pool()
     metrics = [m.name for m in pool.metrics]
-    prompts = read_prompts(config.prompts)
-    if config.limit is not None:
-        prompts = prompts.slice(0, config.limit)
-    work = expand_work(prompts, pool.names, config.seeds)
+    work = _work_rows(config, pool)
     output = Path(config.output)
-    done = done_keys(output, metrics)
-    todo = pending(work, done)
+    todo = pending(work, done_keys(output, metrics))
     measure = config.wants_cost(pool)
-    undeclared = [c.name for c in pool.candidates if c.cost is None]
-    if measure and undeclared and pool.cost_unit.lower() not in {"s", "sec", "secs", "second", "seconds"}:
-        log.warning(
-            "measuring cost in seconds per image, but the pool's cost_unit is %r: measured seconds stand in "
-            "for candidates without a declared cost (%s), mixing units; declare their costs or use cost_unit: seconds",
-            pool.cost_unit,
-            undeclared,
-        )
-    log.info(
-        "build: %d prompts x %d candidates x %d seeds = %d rows; %d already complete, %d to do",
-        prompts.num_rows,
-        len(pool.names),
-        config.seeds,
-        work.num_rows,
-        work.num_rows - todo.num_rows,
-        todo.num_rows,
-    )
+    _warn_if_measured_seconds_cannot_be_used(pool, measure)
+    log.info("build: %d rows (prompts x %d candidates x %d seeds); %d already complete, %d to do",
+             work.num_rows, len(pool.names), config.seeds, work.num_rows - todo.num_rows, todo.num_rows)
     run_dir = None
     if todo.num_rows:
         with ray_session(config), _data_context(progress):
-            for attempt in range(1, passes + 1):
-                # A pass writes its own fresh run folder; rows lost to a dead node or worker (their
-                # block failed past Ray's retries) are pending again, so the next pass redoes exactly
-                # those. consolidate() keeps one row per key whatever the passes wrote.
-                remaining = pending(work, done_keys(output, metrics)) if attempt > 1 else todo
-                if remaining.num_rows == 0:
-                    break
-                run_dir = new_run_dir(output)
-                write_run_manifest(run_dir, config, metrics, remaining.num_rows)
-                plan = build_plan(remaining, pool, config, measure, generator_factory, scorer_factory, seed_fn)
-                plan.write_parquet(str(run_dir), ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
-                lost = record_lost(remaining, run_dir, LOST_REASON)
-                if not lost:
-                    break
-                log.warning("%d row(s) were lost to failed blocks (pass %d of %d)%s", lost, attempt, passes,
-                            "; retrying them" if attempt < passes else "; they are in the errors table")
+            check_cluster_fits(pool, config)
+            plan = functools.partial(build_plan, pool=pool, config=config, measure_cost=measure,
+                                     generator_factory=generator_factory, scorer_factory=scorer_factory, seed_fn=seed_fn)
+            run_dir = _run_passes(plan, work, todo, output, config, metrics, passes)
     quality, errors = consolidate(output, metrics, order=work)
     todo_keys = set(keys_of(todo))
-    written = sum(1 for k in keys_of(quality) if k in todo_keys)
     return BuildResult(
         table_path=(output / "quality.parquet") if quality.num_rows else None,
         errors_path=output / "errors.parquet",
@@ -281,11 +294,62 @@ def run_build(
         total_keys=work.num_rows,
         already_done=work.num_rows - todo.num_rows,
         attempted=todo.num_rows,
-        written=written,
+        written=sum(1 for k in keys_of(quality) if k in todo_keys),
         errors=errors.num_rows,
         table_rows=quality.num_rows,
         seconds=time.perf_counter() - start,
     )
+
+
+def _work_rows(config: BuildConfig, pool: Pool) -> pa.Table:
+    """Every (prompt, candidate, seed) row this config asks for."""
+    prompts = read_prompts(config.prompts)
+    if config.limit is not None:
+        prompts = prompts.slice(0, config.limit)
+    return expand_work(prompts, pool.names, config.seeds)
+
+
+def _warn_if_measured_seconds_cannot_be_used(pool: Pool, measure: bool) -> None:
+    """Measured seconds stand in for undeclared costs only in a seconds pool (`Pool.cost_vector`
+    refuses the mix at fit/evaluate time): say so now, not after the build."""
+    undeclared = [c.name for c in pool.candidates if c.cost is None]
+    if measure and undeclared and pool.cost_unit != MEASURED_COST_UNIT:
+        log.warning(
+            "candidates %s declare no cost and the pool counts cost in %s, but the build measures %s: fit and "
+            "evaluate will refuse this pool until their costs are declared in %s (e.g. `catimage cost POOL.yaml "
+            "--unit %s --out POOL.yaml`)", undeclared, pool.cost_unit, MEASURED_COST_UNIT, pool.cost_unit, pool.cost_unit,
+        )
+
+
+def _run_passes(
+    plan: Callable[[pa.Table], ray.data.Dataset],
+    work: pa.Table,
+    todo: pa.Table,
+    output: Path,
+    config: BuildConfig,
+    metrics: list[str],
+    passes: int,
+) -> Path | None:
+    """Write `todo` through the plan; redo rows lost to failed blocks up to `passes` times.
+
+    A pass writes its own fresh run folder; rows lost to a dead node or worker (their block failed
+    past Ray's retries) are pending again, so the next pass redoes exactly those. consolidate()
+    keeps one row per key whatever the passes wrote. Returns the last run folder.
+    """
+    run_dir = None
+    for attempt in range(1, passes + 1):
+        remaining = pending(work, done_keys(output, metrics)) if attempt > 1 else todo
+        if remaining.num_rows == 0:
+            break
+        run_dir = new_run_dir(output)
+        write_run_manifest(run_dir, config, metrics, remaining.num_rows)
+        plan(remaining).write_parquet(str(run_dir), ray_remote_args={"num_cpus": WRITE_NUM_CPUS})
+        lost = record_lost(remaining, run_dir, LOST_REASON)
+        if not lost:
+            break
+        log.warning("%d row(s) were lost to failed blocks (pass %d of %d)%s", lost, attempt, passes,
+                    "; retrying them" if attempt < passes else "; they are in the errors table")
+    return run_dir
 
 
 def print_summary(result: BuildResult, console: Any | None = None) -> None:
@@ -328,6 +392,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else local)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
     p.add_argument("--passes", type=int, default=2, help="passes over rows lost to failed nodes/workers (>= 1)")
+    p.add_argument("--wait-for-resources", action="store_true",
+                   help="start even when the cluster lacks the pool's resources (nodes will join); default: fail at once")
     return p
 
 
@@ -347,6 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_retries=args.max_retries,
             num_cpus=args.num_cpus,
             address=args.address,
+            wait_for_resources=args.wait_for_resources,
         )
         if args.passes < 1:
             raise CatimageError("--passes must be at least 1")

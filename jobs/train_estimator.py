@@ -7,13 +7,13 @@
 The Transformer estimator trains on a Ray Train `TorchTrainer`: the driver reads the quality table,
 averages samples per (prompt, candidate), fits the metric scaler on the train split and embeds every
 prompt once (per-token); the arrays reach the workers as Ray Data datasets (`train` sharded across
-workers, `val` whole on each). Each epoch every worker reports its validation loss with a checkpoint
-(the estimator in the core's safetensors + JSON format, plus the optimizer and early-stopping state);
-Train keeps the two best by validation loss, retries failed workers (`FailureConfig`) and the loop
+workers, `val` (the early-stopping prompts, never the calibration prompts) whole on each). Each epoch
+every worker reports its early-stopping loss `val_loss` with a checkpoint (the estimator in the core's
+safetensors + JSON format, plus the optimizer and early-stopping state); Train keeps the two best by it, retries failed workers (`FailureConfig`) and the loop
 resumes from the latest checkpoint. The best checkpoint becomes the bundle's estimator.
 
 Every other estimator is cheap and fits in-process. Either way the whole fit is
-`catimage.router_model.fit_router` (the pipeline `catimage fit` and `catimage evaluate` use): this
+`catimage.model.router_model.fit_router` (the pipeline `catimage fit` and `catimage evaluate` use): this
 job only supplies its `fit_estimator` hook, so the split, scaler, embedder and calibration set are
 the same as an in-process fit's and a Train-fitted bundle is interchangeable with one.
 """
@@ -40,7 +40,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from catimage.errors import CatimageError  # noqa: E402
+from catimage.errors import CatimageError
 
 log = logging.getLogger("catimage.jobs.train")
 
@@ -61,7 +61,7 @@ class TrainOutcome:
     estimator: str
     embedder: str
     n_train: int
-    n_cal: int
+    n_calibration: int
     best_epoch: int | None = None
     best_val_loss: float | None = None
     epochs_run: int | None = None
@@ -146,8 +146,8 @@ def _load_checkpoint(directory: Path, module: Any, optimizer: Any) -> dict[str, 
     return state
 
 
-def _val_arrays(shard: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The whole validation set as numpy arrays (it is small: one row per held-out prompt)."""
+def _early_stopping_arrays(shard: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The whole early-stopping set as numpy arrays (it is small: one row per held-out prompt)."""
     xs, ys, ws = [], [], []
     for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
         xs.append(batch["x"])
@@ -156,49 +156,104 @@ def _val_arrays(shard: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train worker: AdamW epochs over the `train` shard, validation loss + checkpoint each epoch.
+def _fresh_state(count_scale: float) -> dict[str, Any]:
+    """The loop state a run starts from (and every checkpoint stores)."""
+    return {"epoch": -1, "best_val_loss": None, "best_epoch": None, "waited": 0, "history": [], "resumed_at": [],
+            "count_scale": float(count_scale)}
 
-    Every worker computes the same validation loss on the full `val` set, so all of them stop at the
-    same epoch and call `ray.train.report` the same number of times (it is a barrier). Returns the
-    loop state (history, best epoch, resumptions), which Train hands back as `Result.return_value`.
+
+def _restore_or_start(module: Any, optimizer: Any, count_scale: float) -> dict[str, Any]:
+    """Resume from Train's latest checkpoint (weights, optimizer, loop state) when there is one."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return _fresh_state(count_scale)
+    with checkpoint.as_directory() as ckpt_dir:
+        state = _load_checkpoint(Path(ckpt_dir), module, optimizer)
+    state["resumed_at"] = [*state["resumed_at"], state["epoch"] + 1]
+    log.info("resumed from the checkpoint of epoch %d", state["epoch"])
+    return state
+
+
+def _maybe_inject_failure(config: dict[str, Any], epoch: int) -> None:
+    """The test hook: fail once at `fail_at_epoch` (a marker file says it already did)."""
+    fail_at = config.get("fail_at_epoch")
+    if fail_at is not None and epoch == fail_at and not Path(config["fail_marker"]).exists():
+        Path(config["fail_marker"]).write_text(f"failed once at epoch {epoch}\n")
+        raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
+
+
+def _early_stopping_loss(module: Any, X_val: np.ndarray, Y_val: np.ndarray, W_val: np.ndarray) -> float:
+    import torch
+
+    from catimage.estimators.transformer import masked_bce_loss, predict_module
+
+    probs = torch.from_numpy(predict_module(_unwrap(module), X_val))
+    return float(masked_bce_loss(probs, torch.from_numpy(Y_val).double(), torch.from_numpy(W_val).double()))
+
+
+def _record_epoch(state: dict[str, Any], epoch: int, train_loss: float, val_loss: float) -> None:
+    """Update the best epoch and the patience counter in place."""
+    if state["best_val_loss"] is None or val_loss < state["best_val_loss"] - 1e-7:
+        state["best_val_loss"], state["best_epoch"], state["waited"] = val_loss, epoch, 0
+    else:
+        state["waited"] += 1
+    state["epoch"] = epoch
+    state["history"] = [*state["history"], {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}]
+
+
+def _report_epoch(config: dict[str, Any], module: Any, optimizer: Any, params: dict[str, Any],
+                  state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """`ray.train.report` this epoch's metrics with a checkpoint (a barrier every worker reaches).
+
+    Local mode (num_workers=0) keeps no copy of a reported checkpoint, so there they are written
+    where they stay, keeping the latest and the best epoch; otherwise rank 0 writes a temporary one.
+    """
+    import ray.train
+
+    epoch, saved_params = state["epoch"], {**params, "device": "cpu"}
+    if config.get("local_checkpoint_root"):
+        root = Path(config["local_checkpoint_root"])
+        ckpt_dir = root / f"epoch_{epoch:04d}"
+        _save_checkpoint(ckpt_dir, module, optimizer, saved_params, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
+        for old in root.glob("epoch_*"):
+            if old.name not in (f"epoch_{epoch:04d}", f"epoch_{state['best_epoch']:04d}"):
+                shutil.rmtree(old, ignore_errors=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if ray.train.get_context().get_world_rank() == 0:
+            _save_checkpoint(Path(tmp), module, optimizer, saved_params, state)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker: AdamW epochs over the `train` shard, early-stopping loss + checkpoint each epoch.
+
+    Every worker computes the same early-stopping loss on the full `val` set, so all of them stop at
+    the same epoch and call `ray.train.report` the same number of times (it is a barrier). Returns
+    the loop state (history, best epoch, resumptions), which Train hands back as `Result.return_value`.
     """
     import ray.train
     import ray.train.torch
     import torch
 
-    from catimage.estimators.transformer import arch_params, build_module, masked_bce_loss, predict_module, train_epoch
+    from catimage.estimators.transformer import arch_params, build_module, train_epoch
 
     params = dict(config["params"])
     torch.manual_seed(int(params.get("random_state", 0)))
-    module = build_module(config["d_in"], config["n_outputs"], **arch_params(params))
-    module = ray.train.torch.prepare_model(module)
+    module = ray.train.torch.prepare_model(build_module(config["d_in"], config["n_outputs"], **arch_params(params)))
     optimizer = torch.optim.AdamW(module.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"]))
-
-    state: dict[str, Any] = {
-        "epoch": -1, "best_val_loss": None, "best_epoch": None, "waited": 0, "history": [], "resumed_at": [],
-        "count_scale": float(config["count_scale"]),
-    }
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = _load_checkpoint(Path(ckpt_dir), module, optimizer)
-        state["resumed_at"] = [*state["resumed_at"], state["epoch"] + 1]
-        log.info("resumed from the checkpoint of epoch %d", state["epoch"])
-
-    X_val, Y_val, W_val = _val_arrays(ray.train.get_dataset_shard("val"))
+    state = _restore_or_start(module, optimizer, config["count_scale"])
+    X_val, Y_val, W_val = _early_stopping_arrays(ray.train.get_dataset_shard("val"))
     train_shard = ray.train.get_dataset_shard("train")
-    rank = ray.train.get_context().get_world_rank()
     batch_size, patience = int(params["batch_size"]), int(params["patience"])
-    fail_at = config.get("fail_at_epoch")
-    # Local mode (num_workers=0) keeps no copy of a reported checkpoint: write them where they stay.
-    local_root = Path(config["local_checkpoint_root"]) if config.get("local_checkpoint_root") else None
-
     for epoch in range(state["epoch"] + 1, int(config["max_epochs"])):
         epoch_start = time.perf_counter()
-        if fail_at is not None and epoch == fail_at and not Path(config["fail_marker"]).exists():
-            Path(config["fail_marker"]).write_text(f"failed once at epoch {epoch}\n")
-            raise RuntimeError(f"injected worker failure at epoch {epoch} (test hook)")
+        _maybe_inject_failure(config, epoch)
         batches = (
             (b["x"], b["y"], b["w"])
             for b in train_shard.iter_torch_batches(
@@ -208,33 +263,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         )
         train_loss = train_epoch(module, batches, optimizer)
         train_s = time.perf_counter() - epoch_start
-        probs = torch.from_numpy(predict_module(_unwrap(module), X_val))
-        val_loss = float(masked_bce_loss(probs, torch.from_numpy(Y_val).double(), torch.from_numpy(W_val).double()))
-        if state["best_val_loss"] is None or val_loss < state["best_val_loss"] - 1e-7:
-            state["best_val_loss"], state["best_epoch"], state["waited"] = val_loss, epoch, 0
-        else:
-            state["waited"] += 1
-        state["epoch"] = epoch
-        state["history"] = [*state["history"], {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}]
-        metrics = {
-            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_epoch": state["best_epoch"],
-            "train_s": train_s,
-        }
-        saved_params = {**params, "device": "cpu"}
-        if local_root is not None:
-            ckpt_dir = local_root / f"epoch_{epoch:04d}"
-            _save_checkpoint(ckpt_dir, module, optimizer, saved_params, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
-            for old in local_root.glob("epoch_*"):
-                if old.name not in (f"epoch_{epoch:04d}", f"epoch_{state['best_epoch']:04d}"):
-                    shutil.rmtree(old, ignore_errors=True)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    _save_checkpoint(Path(tmp), module, optimizer, saved_params, state)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt)
+        val_loss = _early_stopping_loss(module, X_val, Y_val, W_val)
+        _record_epoch(state, epoch, train_loss, val_loss)
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "best_epoch": state["best_epoch"],
+                   "train_s": train_s}
+        _report_epoch(config, module, optimizer, params, state, metrics)
         log.info("epoch %d: train %.4f, val %.4f (%.2f s)", epoch, train_loss, val_loss, time.perf_counter() - epoch_start)
         if state["waited"] >= patience:
             break
@@ -289,7 +322,7 @@ def run_train(
 ) -> TrainOutcome:
     """Fit an estimator on a quality table and write the router bundle to `out_dir`.
 
-    The fit is `catimage.router_model.fit_router` (the pipeline `fit` and `evaluate` use), with
+    The fit is `catimage.model.router_model.fit_router` (the pipeline `fit` and `evaluate` use), with
     the estimator fit handed to Ray Train for the transformer: `num_workers` workers (0 = in the
     driver process; `use_gpu` gives each a GPU); every other estimator fits in-process.
     `max_failures` worker failures are retried from the latest checkpoint. Checkpoints live under
@@ -347,66 +380,59 @@ class _RayTrainFit:
         self.options = options
 
     def __call__(self, est: Any, data: Any) -> Any:
+        params, sets = _train_sets(est, data, self.options["max_epochs"])
+        _init_ray(self.options["num_cpus"])
+        storage = Path(self.options["storage_path"] or self.out_dir / "ray_train")
+        storage.mkdir(parents=True, exist_ok=True)
+        run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        loop_config = {
+            "params": params, "d_in": sets.d_in, "n_outputs": sets.n_outputs,
+            "max_epochs": int(params["max_epochs"]), "count_scale": sets.count_scale,
+            "fail_at_epoch": self.options["fail_at_epoch"], "fail_marker": str(storage / f"{run_name}.injected-failure"),
+            "local_checkpoint_root": (str(storage / run_name / "local_checkpoints")
+                                      if self.options["num_workers"] == 0 else None),
+        }
+        log.info("Ray Train: %d train / %d early-stopping prompts, %d worker(s), gpu=%s",
+                 sets.n_train, sets.n_early_stopping, self.options["num_workers"], self.options["use_gpu"])
+        result = self._trainer(loop_config, sets, storage, run_name).fit()
+        if result.error is not None:
+            raise RuntimeError(
+                f"Ray Train run failed after {self.options['max_failures']} retries: {result.error}"
+            ) from result.error
+        return self._fitted(result, loop_config)
+
+    def _trainer(self, loop_config: dict[str, Any], sets: _TrainSets, storage: Path, run_name: str) -> Any:
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        from catimage.estimators import load_estimator
-        from catimage.estimators.transformer import as_token_batch, early_stopping_split, loss_weights
-
-        o = self.options
-        params = _transformer_params(est.get_params(), o["max_epochs"])
-        X = as_token_batch(data.X)
-        batch_size, max_epochs = est._schedule(len(X))
-        params["batch_size"], params["max_epochs"] = batch_size, max_epochs
-        tr, va = early_stopping_split(len(X), float(params["validation_fraction"]), int(params["random_state"]))
-        if va.size == 0:
-            raise CatimageError("Ray Train needs validation prompts for early stopping: use at least 20 training prompts")
-        counts = data.counts if params.get("use_counts", True) else None
-        count_scale = est._mean_count(data.Y[tr], counts[tr]) if counts is not None else 1.0
-        w = loss_weights(data.Y[tr], None if counts is None else counts[tr], count_scale)
-        w_val = loss_weights(data.Y[va], None if counts is None else counts[va], count_scale)
-        X_train, X_val = X[tr].padded(), X[va].padded()
-
-        _init_ray(o["num_cpus"])
-        storage = Path(o["storage_path"]) if o["storage_path"] is not None else self.out_dir / "ray_train"
-        storage.mkdir(parents=True, exist_ok=True)
-        run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        num_workers = o["num_workers"]
-        loop_config = {
-            "params": params, "d_in": int(X.shape[-1]), "n_outputs": int(data.Y.shape[1]),
-            "max_epochs": int(params["max_epochs"]), "count_scale": count_scale,
-            "fail_at_epoch": o["fail_at_epoch"], "fail_marker": str(storage / f"{run_name}.injected-failure"),
-            "local_checkpoint_root": str(storage / run_name / "local_checkpoints") if num_workers == 0 else None,
-        }
-        trainer = TorchTrainer(
+        return TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=o["use_gpu"]),
+            scaling_config=ray.train.ScalingConfig(num_workers=self.options["num_workers"], use_gpu=self.options["use_gpu"]),
             run_config=ray.train.RunConfig(
                 name=run_name,
                 storage_path=str(storage.resolve()),
                 checkpoint_config=ray.train.CheckpointConfig(
                     num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
                 ),
-                failure_config=ray.train.FailureConfig(max_failures=o["max_failures"]),
+                failure_config=ray.train.FailureConfig(max_failures=self.options["max_failures"]),
             ),
-            datasets={"train": _to_dataset(X_train, data.Y[tr], w), "val": _to_dataset(X_val, data.Y[va], w_val)},
+            datasets={"train": sets.train, "val": sets.val},
             dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         )
-        log.info("Ray Train: %d train / %d early-stopping prompts, %d worker(s), gpu=%s",
-                 tr.size, va.size, num_workers, o["use_gpu"])
-        result = trainer.fit()
-        if result.error is not None:
-            raise RuntimeError(f"Ray Train run failed after {o['max_failures']} retries: {result.error}") from result.error
+
+    def _fitted(self, result: Any, loop_config: dict[str, Any]) -> Any:
+        """The best epoch's estimator, with the run's history on it and in the outcome."""
+        from catimage.estimators import load_estimator
+
         last_state = result.return_value
         if not last_state or last_state.get("best_epoch") is None:
             raise RuntimeError("Ray Train finished without a validated epoch; max_epochs must be >= 1")
-        if num_workers == 0:
+        if loop_config["local_checkpoint_root"]:
             best_dir = Path(loop_config["local_checkpoint_root"]) / f"epoch_{last_state['best_epoch']:04d}"
             fitted = load_estimator(best_dir / ESTIMATOR_SUBDIR)
         else:
-            best = result.get_best_checkpoint(metric="val_loss", mode="min")
-            with best.as_directory() as best_dir:
+            with result.get_best_checkpoint(metric="val_loss", mode="min").as_directory() as best_dir:
                 fitted = load_estimator(Path(best_dir) / ESTIMATOR_SUBDIR)
         fitted.best_epoch_ = int(last_state["best_epoch"])
         fitted.train_loss_ = [h["train_loss"] for h in last_state["history"]]
@@ -416,6 +442,42 @@ class _RayTrainFit:
         oc.epochs_run, oc.history = len(last_state["history"]), last_state["history"]
         oc.resumed_at, oc.ray_run_path = last_state["resumed_at"], str(result.path)
         return fitted
+
+
+@dataclass
+class _TrainSets:
+    """The Ray datasets a Train run reads, and the shapes and weight scale the loop needs."""
+
+    train: Any
+    val: Any
+    n_train: int
+    n_early_stopping: int
+    d_in: int
+    n_outputs: int
+    count_scale: float
+
+
+def _train_sets(est: Any, data: Any, max_epochs: int | None) -> tuple[dict[str, Any], _TrainSets]:
+    """(loop params, datasets): the schedule, early-stopping prompts and loss weights exactly as
+    `TransformerEstimator.fit` would choose them, so both fits see the same data."""
+    from catimage.estimators.transformer import as_token_batch, early_stopping_split, loss_weights, mean_count
+
+    params = _transformer_params(est.get_params(), max_epochs)
+    X = as_token_batch(data.X)
+    plan = est.schedule(len(X))
+    params.update(batch_size=plan.batch_size, max_epochs=plan.max_epochs, patience=plan.patience)
+    tr, va = early_stopping_split(len(X), float(params["validation_fraction"]), int(params["random_state"]))
+    if va.size == 0:
+        raise CatimageError("Ray Train needs early-stopping prompts: use at least 20 training prompts")
+    counts = data.counts if params.get("use_counts", True) else None
+    count_scale = mean_count(data.Y[tr], counts[tr]) if counts is not None else 1.0
+    w = loss_weights(data.Y[tr], None if counts is None else counts[tr], count_scale)
+    w_val = loss_weights(data.Y[va], None if counts is None else counts[va], count_scale)
+    return params, _TrainSets(
+        train=_to_dataset(X[tr].padded(), data.Y[tr], w), val=_to_dataset(X[va].padded(), data.Y[va], w_val),
+        n_train=int(tr.size), n_early_stopping=int(va.size), d_in=int(X.shape[-1]), n_outputs=int(data.Y.shape[1]),
+        count_scale=float(count_scale),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,7 +97,7 @@ def test_cli_add_candidate(router, tmp_path):
                       "quality": _new_labels(prompts, ship, 3)})
     write_quality_table(table, tmp_path / "new.parquet")
     (tmp_path / "pool.yaml").write_text(yaml.safe_dump(
-        {"cost_unit": "s", "candidates": [{"name": "cheap", "cost": 1.0}, {"name": "mid", "cost": 2.0},
+        {"cost_unit": "seconds", "candidates": [{"name": "cheap", "cost": 1.0}, {"name": "mid", "cost": 2.0},
                                           {"name": "ace", "cost": 2.5}]}))
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["add-candidate", str(base), "--table", str(tmp_path / "new.parquet"),

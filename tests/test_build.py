@@ -32,7 +32,6 @@ from catimage.tables.build import (
     keys_of,
     new_run_dir,
     pending,
-    read_errors,
     read_prompts,
     record_lost,
     score_batch,
@@ -209,7 +208,7 @@ def test_consolidate_unions_runs_keeps_first_complete_row_and_skips_truncated_pa
 
     table = read_quality_table(out / TABLE_FILE)
     assert table.num_rows == 3
-    assert read_errors(out).num_rows == 1
+    assert pq.read_table(out / ERRORS_FILE).num_rows == 1
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -334,7 +333,7 @@ def test_build_config_checks_pool(tmp_path: Path) -> None:
     with pytest.raises(CatimageError, match="unknown candidates"):
         BuildConfig(pool=TINY_POOL, prompts="p", output="o", candidates=["nope"]).load_pool()
     nometrics = tmp_path / "pool.yaml"
-    nometrics.write_text("cost_unit: s\ncandidates:\n  - {name: a, generator: {model: 'tiny:sd'}}\n")
+    nometrics.write_text("cost_unit: seconds\ncandidates:\n  - {name: a, generator: {model: 'tiny:sd'}}\n")
     with pytest.raises(CatimageError, match="declares no `metrics:`"):
         BuildConfig(pool=nometrics, prompts="p", output="o").load_pool()
 
@@ -345,6 +344,66 @@ def test_cli_reports_bad_input_without_starting_ray(tmp_path: Path, capsys: pyte
     assert "does not exist" in capsys.readouterr().err
     assert build_main([*args, "--prompts", "x.txt", "--seeds", "0"]) == 2
     assert "greater than 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- resources
+
+
+def test_sdxl_pool_demand_is_what_ray_data_reported_pending() -> None:
+    """configs/sdxl_pool.yaml on a GPU-less machine: Ray Data logged "pending: 48 CPU, 11.75 GPU"
+    (11 generator pools of 4 CPUs and 1 GPU; 3 GPU scorers of 1 CPU and 0.25 GPU, sharpness 1 CPU)."""
+    from catimage.tables.build import build_demand, missing_resources
+    from catimage.tables.pool import load_pool
+
+    stages = build_demand(load_pool(ROOT / "configs" / "sdxl_pool.yaml"))
+    assert sum(s.actors * s.cpu for s in stages) == 48 and sum(s.actors * s.gpu for s in stages) == 11.75
+    node = {"CPU": 2.0, "memory": 16 * 2**30}
+    problems = missing_resources(stages, node, node)
+    assert "11.75 GPU in all, the cluster has 0 GPU" in problems
+    assert "48 CPU in all, the cluster has 2 CPU" in problems
+    assert any(p.startswith("one `generate sdxl-euler-1` actor asks 4 CPU, 1 GPU") for p in problems)
+
+
+def test_a_demand_that_fits_the_cluster_in_all_but_not_on_one_node_is_refused() -> None:
+    from catimage.tables.build import StageDemand, missing_resources
+
+    stages = [StageDemand("generate big", 1, 3.0, 0.0, 0.0), StageDemand("score s", 2, 0.5, 0.0, 0.0)]
+    two_nodes = {"CPU": 4.0, "GPU": 0.0, "memory": 8 * 2**30}  # 4 CPUs in all ...
+    assert missing_resources(stages, two_nodes, {"CPU": 4.0, "memory": 4 * 2**30}) == []
+    problems = missing_resources(stages, two_nodes, {"CPU": 2.0, "memory": 4 * 2**30})  # ... but 2 per node
+    assert problems == ["one `generate big` actor asks 3 CPU, the largest node has 2 CPU"]
+
+
+def test_build_memory_per_actor_counts_in_the_demand(tmp_path: Path) -> None:
+    from catimage.tables.build import build_demand, missing_resources
+    from catimage.tables.pool import load_pool
+
+    pool = load_pool(ROOT / "catimage" / "data" / "world_pool.yaml")
+    stages = build_demand(pool)
+    per_actor = {s.stage: s.memory for s in stages}
+    assert all(per_actor[f"generate {c}"] > 0 for c in pool.names)  # declared: Ray reserves it
+    need = sum(s.actors * s.memory for s in stages)
+    cluster = {"CPU": 2.0, "memory": need - 1}
+    assert [p for p in missing_resources(stages, cluster, cluster) if "memory in all" in p]
+
+
+@pytest.mark.timeout(180)
+def test_a_build_the_local_cluster_cannot_hold_fails_at_once(tmp_path: Path) -> None:
+    """A real local Ray of 1 CPU and no GPU, a pool asking one GPU: an error saying what is missing
+    and what to do, before any actor starts (the same pool used to wait forever)."""
+    from catimage.tables.pool import load_pool
+
+    pool = load_pool(small_pool(tmp_path / "pool.yaml", ["tiny-sd-2"]))
+    gpu = pool.get("tiny-sd-2").build.model_copy(update={"num_gpus": 1.0})
+    pool.model_copy(update={"candidates": [pool.get("tiny-sd-2").model_copy(update={"build": gpu})]}).save(tmp_path / "gpu.yaml")
+    prompts = _write_prompts(tmp_path / "prompts.txt", make_prompts(2))
+    cfg = BuildConfig(pool=tmp_path / "gpu.yaml", prompts=prompts, output=tmp_path / "out", num_cpus=1)
+    with pytest.raises(CatimageError) as err:
+        run_build(cfg, progress=False)
+    text = str(err.value)
+    assert "1 GPU in all, the cluster has 0 GPU" in text
+    assert "generate tiny-sd-2: 1 x (0.25 CPU, 1 GPU" in text and "--wait-for-resources" in text
+    assert not list((tmp_path / "out").glob("parts/run-*/*.parquet"))
 
 
 # -------------------------------------------------------------------------- Ray end to end
@@ -461,7 +520,7 @@ def test_failing_prompt_lands_in_errors_table(tmp_path: Path) -> None:
         with Image.open(path) as img:
             assert img.format == "WEBP" and img.size == (64, 64)
     assert (table.column("cost").to_numpy() > 0).all()  # measured seconds per image
-    errors = read_errors(tmp_path / "out").to_pylist()
+    errors = pq.read_table(tmp_path / "out" / ERRORS_FILE).to_pylist()
     assert errors[0]["prompt_id"] == stable_prompt_id(bad) and errors[0]["candidate"] == "tiny-sd-2"
     assert errors[0]["error"].startswith("generate: RuntimeError: planted failure")
     assert errors[0]["attempts"] == 3  # the batch of 5, then 1 + max_retries solo tries

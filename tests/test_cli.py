@@ -107,9 +107,77 @@ def test_bad_input_is_one_clear_line_and_exit_2(table_and_pool, args, message):
     if not (model / "router.json").exists():
         _ok(runner.invoke(app, ["fit", str(table), "--pool", str(pool), "--out", str(model), "--embedder", "tfidf"]))
     badpool = root / "badpool.yaml"
-    badpool.write_text("cost_unit: s\ncandidates:\n  - {name: small, cost: 1.0}\n")
+    badpool.write_text("cost_unit: seconds\ncandidates:\n  - {name: small, cost: 1.0}\n")
     fmt = {"model": model, "root": root, "pool": pool, "table": table, "badpool": badpool}
     result = runner.invoke(app, [a.format(**fmt) for a in args])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def _seconds_table(root):
+    """Two candidates over 30 prompts, each row with its measured seconds (what `catimage build` records)."""
+    rows = {k: [] for k in ("prompt_id", "prompt", "candidate", "seed", "cost", "quality")}
+    for i in range(30):
+        for cand, seconds in (("small", 0.2), ("big", 0.9)):
+            rows["prompt_id"].append(f"p{i}")
+            rows["prompt"].append(f"a scene with {i} things")
+            rows["candidate"].append(cand)
+            rows["seed"].append(0)
+            rows["cost"].append(seconds)
+            rows["quality"].append(0.5 + 0.01 * i)
+    return write_quality_table(pa.table(rows), root / "seconds.parquet")
+
+
+def test_evaluate_refuses_a_gflops_pool_that_would_borrow_measured_seconds(tmp_path):
+    """The acceptance case: one candidate has no cost in a gflops pool; the table measured seconds.
+    Before, those seconds silently became its GFLOPs; now evaluate (and fit) refuse, naming the units."""
+    table = _seconds_table(tmp_path)
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("cost_unit: gflops\ncandidates:\n  - {name: small, cost: 1.5}\n  - {name: big}\n")
+    for command in (["evaluate", str(table), "--pool", str(pool), "--out", str(tmp_path / "r")],
+                    ["fit", str(table), "--pool", str(pool), "--out", str(tmp_path / "m")]):
+        result = runner.invoke(app, [*command, "--embedder", "tfidf"])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert "['big']" in text and "seconds" in text and "gflops" in text and "Traceback" not in text
+    assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
+
+
+def test_cost_out_refuses_to_relabel_declared_costs_in_another_unit(tmp_path):
+    """An http candidate keeps its declared USD; counting the others in TFLOPs and labelling the whole
+    pool tflops would turn 0.04 USD into 0.04 TFLOPs. Refused before counting; nothing written."""
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(
+        "cost_unit: usd\ncandidates:\n"
+        "  - {name: api, cost: 0.04, generator: {kind: http, url: 'http://127.0.0.1:1/v1/images', model: x}}\n"
+        "  - {name: local, cost: 0.01, generator: {model: 'tiny:sd', steps: 2}}\n"
+    )
+    out = tmp_path / "counted.yaml"
+    result = runner.invoke(app, ["cost", str(pool), "--out", str(out), "--unit", "tflops"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "['api']" in text and "usd" in text and "tflops" in text
+    assert not out.exists()
+
+
+def test_cost_rejects_an_unknown_unit(tmp_path):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("cost_unit: usd\ncandidates:\n  - {name: local, cost: 0.01, generator: {model: 'tiny:sd'}}\n")
+    result = runner.invoke(app, ["cost", str(pool), "--unit", "dollars"])
+    assert result.exit_code == 2 and "tflops or gflops" in result.output
+
+
+def test_build_fails_fast_on_a_gpu_pool_without_gpus(tmp_path):
+    """configs/sdxl_pool.yaml on this GPU-less machine: an error naming the missing GPUs, not a hang."""
+    from pathlib import Path
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\n")
+    pool = Path(__file__).resolve().parents[1] / "configs" / "sdxl_pool.yaml"
+    result = runner.invoke(app, ["build", "--pool", str(pool), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                                 "--num-cpus", "2"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "GPU in all, the cluster has 0 GPU" in text and "--wait-for-resources" in text
+    assert not (tmp_path / "o" / "quality.parquet").exists()

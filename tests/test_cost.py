@@ -71,9 +71,66 @@ def test_sdxl_1024_per_step_matches_the_literature(counter):
     assert abs(linear_conv - 11.97) / 11.97 < 0.10
     assert linear_conv == pytest.approx(11.95, abs=0.01)
     assert b.unet_per_step == pytest.approx(13.52, abs=0.01)
-    assert b.unet_total == pytest.approx(50 * b.unet_per_step)
-    assert b.vae_decode == pytest.approx(10.47, abs=0.01) and b.text_encoder == pytest.approx(0.111, abs=0.001)
-    assert b.total == pytest.approx(b.unet_total + b.text_encoder + b.vae_decode)
+
+
+def hook_flops(module: torch.nn.Module, run) -> int:
+    """An independent counter (the ptflops/thop convention): 2 x multiply-adds of every Conv2d and
+    Linear, computed from the shapes their forward hooks see. It cannot see attention products."""
+    total = [0]
+
+    def conv(mod, _inp, out):
+        total[0] += 2 * out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+
+    def linear(mod, _inp, out):
+        total[0] += 2 * out.numel() * mod.in_features
+
+    hooks = [m.register_forward_hook(conv if isinstance(m, torch.nn.Conv2d) else linear)
+             for m in module.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total[0]
+
+
+def test_sdxl_1024_whole_image_matches_an_independent_count(counter):
+    """50 guided Euler steps at 1024x1024, each part counted without FlopCounterMode: the UNet and
+    VAE by forward hooks on their layers plus attention products by hand, the text encoders by hand
+    from their published widths (2 x weights x 77 tokens + attention products)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    def cfg(name: str) -> dict:
+        return json.loads((CONFIG_DIR / name).read_text())
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg("sdxl_unet_config.json")).eval()
+        vae = AutoencoderKL.from_config(cfg("sdxl_vae_config.json")).eval()
+    meta = {"device": "meta"}
+    context = {"encoder_hidden_states": torch.empty(2, 77, 2048, **meta),
+               "added_cond_kwargs": {"text_embeds": torch.empty(2, 1280, **meta), "time_ids": torch.empty(2, 6, **meta)}}
+    latents = torch.empty(2, 4, 128, 128, **meta)
+    unet_step = hook_flops(unet, lambda: unet(latents, torch.tensor(999), **context))
+    unet_step += attention_flops([(4096, 640, 10), (1024, 1280, 60)], 2)
+    # VAE decode: its layers, plus the mid-block's single-head self-attention over 128 x 128 latents.
+    vae_decode = hook_flops(vae, lambda: vae.decode(torch.empty(1, 4, 128, 128, **meta)))
+    vae_decode += 4 * (128 * 128) ** 2 * 512
+
+    def clip_text(width: int, layers: int) -> int:  # q, k, v, o (width^2 each) and a 4x-wide MLP per layer
+        return 2 * 77 * layers * (4 * width**2 + 2 * width * 4 * width) + 4 * 77 * 77 * width * layers
+
+    # CLIP ViT-L/14 (768 wide, 12 layers) + OpenCLIP bigG (1280, 32) with its projection of the pooled
+    # token; one prompt only: SDXL zeroes the empty prompt's embedding instead of encoding it.
+    text = clip_text(768, 12) + clip_text(1280, 32) + 2 * 1280 * 1280
+
+    b = counter.count(DiffusersSpec(model=SDXL, steps=50, guidance_scale=5.0))
+    assert b.unet_evals == 50
+    assert b.unet_per_step * 1e12 == pytest.approx(unet_step, rel=1e-9)
+    assert b.vae_decode * 1e12 == pytest.approx(vae_decode, rel=1e-9)
+    assert b.text_encoder * 1e12 == pytest.approx(text, rel=1e-9)
+    assert b.total * 1e12 == pytest.approx(50 * unet_step + vae_decode + text, rel=1e-9)
+    assert b.total == pytest.approx(686.705, abs=1e-3)  # the cost configs/sdxl_pool.yaml declares
 
 
 def test_tiny_counts_match_a_real_cpu_run_of_the_whole_pipeline(counter):
@@ -179,7 +236,7 @@ def test_count_and_write_pool_costs(tmp_path, counter):
     assert again.get("tiny-4").cost == pytest.approx(costs["tiny-4"]) and again.get("api").cost == 3.0
     assert again.cost_unit == "tflops" and written.costs_assumed  # the api cost is still assumed
     with pytest.raises(CatimageError, match="one pool holds one unit"):
-        write_pool_costs(_tiny_pool(tmp_path, cost_unit="dollars"), out, counter=counter)
+        write_pool_costs(_tiny_pool(tmp_path, cost_unit="usd"), out, counter=counter)
     with pytest.raises(CatimageError, match="unknown cost unit"):
         count_pool_costs(load_pool(path), unit="watts")
 

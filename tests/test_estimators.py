@@ -94,13 +94,23 @@ def test_recovers_planted_signal(fitted, data, name, min_corr):
     pred = est.predict(_inputs(est, data)[te])
     truth = data["truth"][te]
     assert pred.shape == truth.shape and pred.dtype == np.float64
-    assert pred.min() >= 0 and pred.max() <= 1
     corr = [np.corrcoef(pred[:, j], truth[:, j])[0, 1] for j in range(truth.shape[1])]
     assert min(corr) > min_corr, corr
     constant = np.nanmean(data["Y"][:150], axis=0)  # per-candidate mean of the training labels
     mse = ((pred - truth) ** 2).mean()
     base = ((constant - truth) ** 2).mean()
     assert mse < 0.6 * base, (mse, base)
+
+
+def test_predictions_stay_in_the_unit_interval_where_a_linear_model_would_leave_it(fitted, data):
+    """Pooled inputs 50x longer than any training row: ridge's raw output must leave [0, 1] there (a
+    linear function grows with its input), so the bounds of the scaled-quality contract are the
+    clip's doing, and the saturated cells sit exactly on them."""
+    est = fitted["linear"]
+    far = 50 * data["pooled"][175:]
+    pred = est.predict(far)
+    assert pred.min() >= 0 and pred.max() <= 1
+    assert (pred == 0).any() and (pred == 1).any()
 
 
 @pytest.mark.parametrize("name", ["knn", "linear", "transformer"])

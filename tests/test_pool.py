@@ -24,14 +24,41 @@ def test_costs_in_requested_order():
 
 
 def test_declared_cost_wins_over_measured_and_measured_fills_gaps():
-    pool = pool_from_dict(_pool(candidates=[{"name": "a", "cost": 1.0}, {"name": "b"}]))
+    pool = pool_from_dict(_pool(cost_unit="seconds", candidates=[{"name": "a", "cost": 1.0}, {"name": "b"}]))
     np.testing.assert_array_equal(pool.cost_vector(measured={"a": 9.0, "b": 2.5}), [1.0, 2.5])
+
+
+def test_measured_seconds_never_fill_a_cost_in_another_unit():
+    """A gflops pool with one undeclared cost over a table of measured seconds: refused, not mixed."""
+    pool = pool_from_dict(_pool(cost_unit="gflops", candidates=[{"name": "a", "cost": 1.0}, {"name": "b"}]))
+    with pytest.raises(PoolError, match=r"\['b'\].*measured theirs in seconds.*pool counts cost in gflops"):
+        pool.cost_vector(measured={"a": 0.2, "b": 0.5})
+    # Measured costs of candidates that declare theirs are ignored, so nothing mixes there.
+    declared = pool_from_dict(_pool(cost_unit="gflops"))
+    np.testing.assert_array_equal(declared.cost_vector(measured={"a": 0.2, "b": 0.5}), [1.0, 3.0])
 
 
 def test_missing_cost_says_how_to_get_one():
     pool = pool_from_dict(_pool(candidates=[{"name": "a"}]))
     with pytest.raises(PoolError, match="catimage cost"):
         pool.cost_vector()
+
+
+@pytest.mark.parametrize("unit", ["dollars", "s", "TFLOPs", "relative (SDXL-50 = 1)", ""])
+def test_unknown_cost_units_are_refused_with_the_known_ones_listed(unit):
+    with pytest.raises(PoolError, match=r"unknown cost_unit.*seconds, gflops, tflops, usd, relative"):
+        pool_from_dict(_pool(cost_unit=unit))
+
+
+def test_build_memory_reads_human_sizes():
+    pool = pool_from_dict(_pool(candidates=[{"name": "a", "cost": 1, "build": {"memory": "768MiB"}},
+                                            {"name": "b", "cost": 1, "build": {"memory": "1.5GiB"}},
+                                            {"name": "c", "cost": 1}]))
+    assert pool.get("a").build.memory == 768 * 2**20
+    assert pool.get("b").build.memory == 3 * 2**29
+    assert pool.get("c").build.memory is None
+    with pytest.raises(PoolError, match=r"candidates\.0\.build\.memory"):
+        pool_from_dict(_pool(candidates=[{"name": "a", "cost": 1, "build": {"memory": "lots"}}]))
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def test_nan_quality_is_refused_with_count():
 
 
 def test_unknown_and_absent_candidates():
-    with pytest.raises(TableError, match="does not declare"):
+    with pytest.raises(TableError, match=r"\['slow'\] that are not among the candidates asked for \['fast'\]"):
         aggregate(_table(), candidates=["fast"])
     with pytest.raises(TableError, match="have no rows"):
         aggregate(_table(), candidates=["fast", "slow", "api"])
@@ -175,12 +175,48 @@ def test_load_pool_matrix_restricts_pool_to_the_table_and_rejects_strangers(tmp_
 
     path = write_quality_table(_table(), tmp_path / "t.parquet")
     pool = tmp_path / "pool.yaml"
-    pool.write_text("cost_unit: s\ncandidates:\n  - {name: slow, cost: 4}\n  - {name: api, cost: 9}\n  - {name: fast, cost: 1}\n")
+    pool.write_text("cost_unit: seconds\ncandidates:\n  - {name: slow, cost: 4}\n  - {name: api, cost: 9}\n  - {name: fast, cost: 1}\n")
     p, m, costs = load_pool_matrix(path, pool)
     assert p.names == m.candidates == ["slow", "fast"]
     np.testing.assert_array_equal(costs, [4.0, 1.0])
-    pool.write_text("cost_unit: s\ncandidates:\n  - {name: slow, cost: 4}\n")
-    with pytest.raises(TableError, match=r"\['fast'\] that the pool does not declare"):
+    pool.write_text("cost_unit: seconds\ncandidates:\n  - {name: slow, cost: 4}\n")
+    with pytest.raises(TableError, match=r"\['fast'\] that the pool .* does not declare; the pool declares \['slow'\] "
+                                         r"and the table has \['fast', 'slow'\]"):
+        load_pool_matrix(path, pool)
+
+
+def test_a_pool_sharing_no_candidate_with_the_table_names_both(tmp_path):
+    """Not "the pool does not declare []": the pool's candidates and the table's are both named."""
+    from catimage.tables.table import load_pool_matrix
+
+    path = write_quality_table(_table(), tmp_path / "t.parquet")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("cost_unit: seconds\ncandidates:\n  - {name: sdxl, cost: 4}\n  - {name: turbo, cost: 1}\n")
+    with pytest.raises(TableError) as err:
+        load_pool_matrix(path, pool)
+    assert "['sdxl', 'turbo']" in str(err.value) and "['fast', 'slow']" in str(err.value)
+    assert "[]" not in str(err.value)
+
+
+def test_aggregate_names_the_table_candidates_when_asked_for_others():
+    with pytest.raises(TableError) as err:
+        aggregate(_table(), "clip_score", candidates=["fast", "slow", "sdxl"])
+    assert "['sdxl']" in str(err.value) and "['fast', 'slow']" in str(err.value)
+
+
+def test_measured_seconds_in_the_table_fill_only_a_seconds_pool(tmp_path):
+    """The table's `cost` column is measured seconds: it stands in for an undeclared cost in a
+    seconds pool, and a gflops pool with an undeclared cost is refused naming both units."""
+    from catimage.errors import PoolError
+    from catimage.tables.table import load_pool_matrix
+
+    path = write_quality_table(_table(), tmp_path / "t.parquet")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("cost_unit: seconds\ncandidates:\n  - {name: slow}\n  - {name: fast, cost: 0.5}\n")
+    _, _, costs = load_pool_matrix(path, pool)
+    np.testing.assert_array_equal(costs, [4.0, 0.5])  # slow: the mean of its rows' 4.0 s; fast: declared
+    pool.write_text("cost_unit: gflops\ncandidates:\n  - {name: slow}\n  - {name: fast, cost: 0.5}\n")
+    with pytest.raises(PoolError, match=r"\['slow'\].*seconds.*gflops"):
         load_pool_matrix(path, pool)
 
 
@@ -203,10 +239,10 @@ def test_load_pool_matrix_reads_the_pools_first_metric_when_the_table_has_severa
 
     path = write_quality_table(_table(sharpness=[0.5] * 6), tmp_path / "t.parquet")
     pool = tmp_path / "pool.yaml"
-    pool.write_text("cost_unit: s\nmetrics:\n  - {name: sharpness}\n  - {name: clip_score}\n"
+    pool.write_text("cost_unit: seconds\nmetrics:\n  - {name: sharpness}\n  - {name: clip_score}\n"
                     "candidates:\n  - {name: slow, cost: 4}\n  - {name: fast, cost: 1}\n")
     _, m, _ = load_pool_matrix(path, pool)
     assert m.metric == "sharpness" and np.allclose(m.mean, 0.5)
-    pool.write_text("cost_unit: s\ncandidates:\n  - {name: slow, cost: 4}\n  - {name: fast, cost: 1}\n")
+    pool.write_text("cost_unit: seconds\ncandidates:\n  - {name: slow, cost: 4}\n  - {name: fast, cost: 1}\n")
     with pytest.raises(TableError, match="--metric"):  # no metrics listed: still the user's choice
         load_pool_matrix(path, pool)

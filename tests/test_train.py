@@ -81,7 +81,7 @@ def test_model_directory_loads_and_learned_the_planted_signal(trained):
     assert model.costs.tolist() == [2.0, 8.0, 6.0]
     assert model.metric == "quality" and model.cost_unit == "relative"
     assert type(model.estimator).__name__ == "TransformerEstimator"
-    assert model.calibration_pred.shape == (trained.n_cal, 3)
+    assert model.calibration_pred.shape == (trained.n_calibration, 3)
     prompts = planted_prompts()
     pred = model.predict([p for p, _ in prompts])
     animal = np.array([kind == "animal" for _, kind in prompts])

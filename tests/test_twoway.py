@@ -108,12 +108,31 @@ def test_without_costs_selection_falls_back_to_interaction_mse(train):
     assert est.objective_ == "interaction MSE"
 
 
-def test_auto_explains_its_choice(fitted):
-    est = fitted["auto"]
-    assert set(est.cv_scores_) == {"twoway-knn", "twoway-ridge", "ensemble"}
-    label = next(iter(est.choice_)) if len(est.choice_) == 1 else "ensemble"
-    assert est.cv_scores_[label] == max(est.cv_scores_.values())
+def shaped(n: int, seed: int, shape: str, d: int = 8):
+    """Unit-norm prompts whose dear candidate's edge is linear in the embedding (`linear`: 0.5 x0,
+    what a ridge fits exactly and a neighbourhood average blurs) or an XOR of two directions (`xor`:
+    0.25 sign(x0 x1), which no linear fit can express and a neighbourhood average can)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    edge = 0.5 * X[:, 0] if shape == "linear" else 0.25 * np.sign(X[:, 0] * X[:, 1])
+    offset = rng.normal(0, 0.12, n)
+    truth = np.stack([0.5 + offset, 0.5 + offset + edge], axis=1)
+    return X.astype(np.float32), np.clip(truth + rng.normal(0, 0.08, truth.shape), 0, 1), truth
+
+
+@pytest.mark.parametrize(("shape", "right", "wrong"), [("linear", "twoway-ridge", "twoway-knn"),
+                                                        ("xor", "twoway-knn", "twoway-ridge")])
+def test_auto_picks_the_member_the_planted_shape_calls_for(shape, right, wrong):
+    """Which member should win is known from how the data were made, not from the CV scores."""
+    X, Y, _ = shaped(400, 0, shape)
+    Xt, _, truth = shaped(400, 1, shape)
+    est = make_estimator("auto", members=("twoway-knn", "twoway-ridge"), folds=3).fit(X, Y, costs=COSTS)
+    assert est.choice_.get(right, 0) > est.choice_.get(wrong, 0), est.explanation_
     assert est.explanation_.startswith("auto picked") and "inner 3-fold CV" in est.explanation_
+    assert right in est.explanation_.split(":")[0]
+    other = make_estimator(wrong).fit(X, Y, costs=COSTS)
+    assert area_over_hull(est.predict(Xt), truth, COSTS) > area_over_hull(other.predict(Xt), truth, COSTS)
 
 
 def test_ensemble_rejects_token_members():

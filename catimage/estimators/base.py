@@ -220,12 +220,6 @@ class QualityEstimator(BaseEstimator, ABC):
             )
         return np.clip(np.asarray(self._predict(X), dtype=np.float64), 0.0, 1.0)
 
-    def score_mse(self, X: Any, Y: Any, counts: Any = None) -> float:
-        """Masked (count-weighted when counts are given) MSE of predictions against labels."""
-        pred = self.predict(X)
-        Y = check_Y(Y, pred.shape[0], n_candidates=self.n_candidates_)
-        return masked_mse(pred, Y, check_counts(counts, Y))
-
     def save(self, directory: str | Path) -> Path:
         """Write ``estimator.json`` + ``estimator.safetensors`` into `directory`; returns it."""
         from safetensors.numpy import save_file

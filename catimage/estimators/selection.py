@@ -19,7 +19,6 @@ interaction. This module holds the pieces every decision-focused estimator share
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,9 +124,3 @@ def kfold(n: int, folds: int, seed: int = 0) -> np.ndarray:
     """(n,) fold index of each row, balanced and shuffled."""
     folds = max(2, min(int(folds), n))
     return np.random.default_rng(seed).permutation(np.arange(n) % folds)
-
-
-def best_key(scores: dict, prefer: Sequence | None = None) -> object:
-    """The key with the highest score; exact ties go to the earliest key of `prefer` (or dict order)."""
-    order = list(prefer) if prefer is not None else list(scores)
-    return max(order, key=lambda k: (scores[k], -order.index(k)))

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +47,10 @@ from catimage.generators.spec import GeneratorSpec
 from catimage.metrics.spec import MetricSpec
 from catimage.tables.pool import Pool, load_pool
 from catimage.tables.table import stable_prompt_id
+
+if TYPE_CHECKING:
+    from catimage.generators.base import Generator
+    from catimage.metrics.base import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,11 @@ class BuildConfig(BaseModel):
     max_actor_restarts: int = Field(default=3, ge=0, description="Ray restarts of a crashed worker process.")
     num_cpus: float | None = Field(default=None, gt=0, description="CPUs of a local Ray (no cluster address).")
     address: str | None = Field(default=None, description="Ray cluster address; default $RAY_ADDRESS or local.")
+    wait_for_resources: bool = Field(
+        default=False,
+        description="Start even when the cluster lacks the resources the pool asks for (nodes will join); "
+        "otherwise such a build fails at once instead of waiting forever.",
+    )
 
     def load_pool(self) -> Pool:
         """The pool restricted to the candidates this run builds, checked for what a build needs."""
@@ -166,6 +175,9 @@ class BuildResult:
 # -------------------------------------------------------------------------------------- prompts
 
 
+PROMPT_FILE_TYPES = ".txt, .csv, .tsv, .parquet or .jsonl"
+
+
 def read_prompts(path: str | Path) -> pa.Table:
     """Read prompts into a table (prompt_id, prompt), first occurrence wins.
 
@@ -175,68 +187,10 @@ def read_prompts(path: str | Path) -> pa.Table:
     match an external set; otherwise the id is `stable_prompt_id(text)`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CatimageError(
-            f"prompt file {path} does not exist; pass --prompts PATH (.txt, .csv, .tsv, .parquet, .jsonl)"
-        )
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".txt":
-            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            raw = pa.table({"prompt": pa.array([line for line in lines if line], pa.string())})
-        elif suffix == ".csv":
-            raw = pacsv.read_csv(path)
-        elif suffix == ".tsv":
-            raw = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False))
-        elif suffix in (".parquet", ".pq"):
-            raw = pq.read_table(path)
-        elif suffix in (".jsonl", ".ndjson"):
-            raw = pajson.read_json(path)
-        else:
-            raise CatimageError(
-                f"{path}: unknown prompt file type {suffix!r}; use .txt, .csv, .tsv, .parquet or .jsonl"
-            )
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
-        if "Empty CSV file" in str(err) or path.stat().st_size == 0:
-            raise CatimageError(f"prompt file {path} is empty; put one prompt per line (or row)") from None
-        raise CatimageError(f"cannot read prompts from {path}: {err}") from None
-    text_col = next((c for c in ("prompt", "Prompt", "text") if c in raw.column_names), None)
-    if text_col is None:
-        raise CatimageError(
-            f"{path} has no prompt column (columns: {raw.column_names}); name the column `prompt` "
-            "(or `Prompt` as in PartiPrompts)"
-        )
-    texts = [None if t is None else str(t).strip() for t in raw.column(text_col).to_pylist()]
-    id_col = next((c for c in ("prompt_id", "id") if c in raw.column_names), None)
-    if id_col is not None:
-        ids = raw.column(id_col).to_pylist()
-        if any(i is None or str(i).strip() == "" for i in ids):
-            raise CatimageError(
-                f"{path}: column {id_col!r} has empty values; fill them, or drop the column to derive ids "
-                "from the prompt text"
-            )
-        ids = [str(i).strip() for i in ids]
-    else:
-        ids = [None] * len(texts)
-    out_ids: list[str] = []
-    out_texts: list[str] = []
-    seen: dict[str, str] = {}
-    skipped_empty = 0
-    for pid, text in zip(ids, texts):
-        if not text:
-            skipped_empty += 1
-            continue
-        pid = pid if pid is not None else stable_prompt_id(text)
-        if pid in seen:
-            if seen[pid] != text and id_col is not None:
-                raise CatimageError(
-                    f"{path}: prompt id {pid!r} is used for two different prompts ({seen[pid]!r} and {text!r}); "
-                    "ids must be unique"
-                )
-            continue
-        seen[pid] = text
-        out_ids.append(pid)
-        out_texts.append(text)
+    raw = _read_prompt_file(path)
+    texts = _prompt_texts(raw, path)
+    ids = _given_prompt_ids(raw, path)
+    out_ids, out_texts, skipped_empty = _unique_prompts(ids, texts, path)
     if skipped_empty:
         log.warning("%s: skipped %d empty prompt(s)", path, skipped_empty)
     if not out_ids:
@@ -245,6 +199,87 @@ def read_prompts(path: str | Path) -> pa.Table:
     if dupes:
         log.info("%s: dropped %d duplicate prompt(s)", path, dupes)
     return pa.table({"prompt_id": out_ids, "prompt": out_texts}, schema=PROMPTS_SCHEMA)
+
+
+def _read_prompt_file(path: Path) -> pa.Table:
+    """The file as a table, by suffix; errors say which file types are read."""
+    if not path.is_file():
+        raise CatimageError(f"prompt file {path} does not exist; pass --prompts PATH ({PROMPT_FILE_TYPES})")
+    suffix = path.suffix.lower()
+    readers: dict[str, Callable[[Path], pa.Table]] = {
+        ".txt": _read_prompt_lines,
+        ".csv": pacsv.read_csv,
+        ".tsv": lambda p: pacsv.read_csv(p, parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False)),
+        ".parquet": pq.read_table,
+        ".pq": pq.read_table,
+        ".jsonl": pajson.read_json,
+        ".ndjson": pajson.read_json,
+    }
+    if suffix not in readers:
+        raise CatimageError(f"{path}: unknown prompt file type {suffix!r}; use {PROMPT_FILE_TYPES}")
+    try:
+        return readers[suffix](path)
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
+        if "Empty CSV file" in str(err) or path.stat().st_size == 0:
+            raise CatimageError(f"prompt file {path} is empty; put one prompt per line (or row)") from None
+        raise CatimageError(f"cannot read prompts from {path}: {err}") from None
+
+
+def _read_prompt_lines(path: Path) -> pa.Table:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return pa.table({"prompt": pa.array([line for line in lines if line], pa.string())})
+
+
+def _prompt_texts(raw: pa.Table, path: Path) -> list[str | None]:
+    """The prompt column, stripped (None stays None: an empty prompt is skipped later)."""
+    text_col = next((c for c in ("prompt", "Prompt", "text") if c in raw.column_names), None)
+    if text_col is None:
+        raise CatimageError(
+            f"{path} has no prompt column (columns: {raw.column_names}); name the column `prompt` "
+            "(or `Prompt` as in PartiPrompts)"
+        )
+    return [None if t is None else str(t).strip() for t in raw.column(text_col).to_pylist()]
+
+
+def _given_prompt_ids(raw: pa.Table, path: Path) -> list[str] | None:
+    """The file's own ids (a `prompt_id` or `id` column), or None when ids come from the text."""
+    id_col = next((c for c in ("prompt_id", "id") if c in raw.column_names), None)
+    if id_col is None:
+        return None
+    ids = raw.column(id_col).to_pylist()
+    if any(i is None or str(i).strip() == "" for i in ids):
+        raise CatimageError(
+            f"{path}: column {id_col!r} has empty values; fill them, or drop the column to derive ids "
+            "from the prompt text"
+        )
+    return [str(i).strip() for i in ids]
+
+
+def _unique_prompts(
+    ids: list[str] | None, texts: list[str | None], path: Path
+) -> tuple[list[str], list[str], int]:
+    """(ids, texts, empty prompts skipped): the first row of each id; a given id used for two
+    different prompts is an error, a repeated text without given ids is a duplicate."""
+    out_ids: list[str] = []
+    out_texts: list[str] = []
+    seen: dict[str, str] = {}
+    skipped_empty = 0
+    for pid, text in zip(ids if ids is not None else [None] * len(texts), texts):
+        if not text:
+            skipped_empty += 1
+            continue
+        pid = pid if pid is not None else stable_prompt_id(text)
+        if pid in seen:
+            if seen[pid] != text and ids is not None:
+                raise CatimageError(
+                    f"{path}: prompt id {pid!r} is used for two different prompts ({seen[pid]!r} and {text!r}); "
+                    "ids must be unique"
+                )
+            continue
+        seen[pid] = text
+        out_ids.append(pid)
+        out_texts.append(text)
+    return out_ids, out_texts, skipped_empty
 
 
 def expand_work(prompts: pa.Table, candidates: Sequence[str], seeds: int) -> pa.Table:
@@ -457,12 +492,6 @@ def _atomic_write(table: pa.Table, path: Path) -> None:
     tmp.replace(path)
 
 
-def read_errors(output: str | Path) -> pa.Table:
-    """The errors table of a build folder (empty when the build had none or never ran)."""
-    path = Path(output) / ERRORS_FILE
-    return pq.read_table(path) if path.exists() else ERRORS_SCHEMA.empty_table()
-
-
 LOST_FILE = "lost.parquet"
 
 
@@ -487,17 +516,80 @@ def record_lost(attempted: pa.Table, run_dir: Path, reason: str) -> int:
     return lost.num_rows
 
 
+# ---------------------------------------------------------------------------------- resources
+
+RESOURCE_KEYS = ("CPU", "GPU", "memory")
+
+
+@dataclass(frozen=True)
+class StageDemand:
+    """One actor pool of the build plan: what each actor asks Ray for, and how many there are."""
+
+    stage: str  # "generate <candidate>" or "score <metric>"
+    actors: int
+    cpu: float
+    gpu: float
+    memory: float  # bytes
+
+    def per_actor(self) -> dict[str, float]:
+        return {"CPU": self.cpu, "GPU": self.gpu, "memory": self.memory}
+
+
+def build_demand(pool: Pool) -> list[StageDemand]:
+    """Every actor pool the build starts, from the pool's `build:` blocks and metric specs.
+
+    Ray Data starts every pool's actors when the run starts (fixed-size pools), so the plan needs
+    their sum at once; a pool whose actors cannot all be placed waits forever.
+    """
+    stages = [
+        StageDemand(f"generate {c.name}", c.build.concurrency, c.build.num_cpus, c.build.num_gpus,
+                    float(c.build.memory or 0))
+        for c in pool.candidates
+    ]
+    stages += [StageDemand(f"score {m.name}", m.concurrency, m.num_cpus, m.num_gpus, 0.0) for m in pool.metrics]
+    return stages
+
+
+def missing_resources(
+    stages: Sequence[StageDemand], cluster: dict[str, float], largest_node: dict[str, float]
+) -> list[str]:
+    """What the cluster lacks to run every stage at once, in words; empty when it fits.
+
+    Two checks: the sum over all actors against the cluster's totals, and each single actor
+    against the largest node (an actor never spans nodes). Both are necessary, not sufficient:
+    packing actors onto nodes can still fail, which Ray then reports as pending.
+    """
+    problems = []
+    for key in RESOURCE_KEYS:
+        need = sum(s.actors * s.per_actor()[key] for s in stages)
+        have = float(cluster.get(key, 0.0))
+        if need > have + 1e-9:
+            problems.append(f"{_amount(key, need)} in all, the cluster has {_amount(key, have)}")
+    for s in stages:
+        too_big = [k for k in RESOURCE_KEYS if s.per_actor()[k] > float(largest_node.get(k, 0.0)) + 1e-9]
+        if too_big:
+            asks = ", ".join(_amount(k, s.per_actor()[k]) for k in too_big)
+            offers = ", ".join(_amount(k, float(largest_node.get(k, 0.0))) for k in too_big)
+            problems.append(f"one `{s.stage}` actor asks {asks}, the largest node has {offers}")
+    return problems
+
+
+def _amount(key: str, value: float) -> str:
+    if key == "memory":
+        return f"{value / 2**30:.3g} GiB memory"
+    return f"{value:g} {key}"
+
+
+def describe_demand(stages: Sequence[StageDemand]) -> str:
+    """One line per stage: `generate sdxl-20: 1 x (4 CPU, 1 GPU, 12 GiB memory)`."""
+    lines = []
+    for s in stages:
+        parts = [_amount(k, v) for k, v in s.per_actor().items() if v > 0] or ["nothing"]
+        lines.append(f"{s.stage}: {s.actors} x ({', '.join(parts)})")
+    return "; ".join(lines)
+
+
 # ------------------------------------------------------------------------- per-batch work (actors)
-
-
-class ImageGenerator(Protocol):
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Any]: ...
-
-
-class ImageScorer(Protocol):
-    name: str
-
-    def score(self, prompts: list[str], images: list[Any]) -> np.ndarray: ...
 
 
 def encode_image(image: Any, fmt: Literal["png", "webp"] = "png") -> bytes:
@@ -593,7 +685,7 @@ def _with_retries(fn: Callable[[list[int]], Any], n: int, max_retries: int, stag
 
 
 def generate_batch(
-    generator: ImageGenerator,
+    generator: Generator,
     batch: pa.Table,
     *,
     seed_fn: Callable[[str, int], int],
@@ -643,7 +735,7 @@ def generate_batch(
     return out
 
 
-def score_batch(scorer: ImageScorer, batch: pa.Table, *, name: str, max_retries: int = 2) -> pa.Table:
+def score_batch(scorer: Scorer, batch: pa.Table, *, name: str, max_retries: int = 2) -> pa.Table:
     """Add column `name` (float64) to a generated batch; rows already failed stay NaN.
 
     A scorer failure is routed like a generation failure: the row gets `error` ("score <name>:
@@ -697,7 +789,7 @@ class GenerateStage:
         measure_cost: bool,
         image_root: str | None,
         image_format: str,
-        factory: Callable[..., ImageGenerator] | None = None,
+        factory: Callable[..., Generator] | None = None,
         seed_fn: Callable[[str, int], int] | None = None,
     ) -> None:
         if factory is None:
@@ -730,7 +822,7 @@ class ScoreStage:
         device: str | None,
         max_retries: int,
         drop_image: bool,
-        factory: Callable[..., ImageScorer] | None = None,
+        factory: Callable[..., Scorer] | None = None,
     ) -> None:
         if factory is None:
             from catimage.metrics import make_scorer as factory
@@ -748,10 +840,6 @@ def split_blocks(table: pa.Table, rows: int) -> list[pa.Table]:
     """Cut a table into blocks of `rows` rows (one generator batch each, so actors share the work)."""
     rows = max(int(rows), 1)
     return [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
-
-
-def summary_dict(result: BuildResult) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
 
 
 def write_run_manifest(run_dir: Path, config: BuildConfig, metrics: Iterable[str], attempted: int) -> None:

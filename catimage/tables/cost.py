@@ -176,7 +176,7 @@ def _hub_architecture(model: str) -> Architecture:
     if unet is None:
         raise CatimageError(
             f"no UNet config for {model!r}: give a local diffusers folder, fill the HF cache, or add its "
-            f"configs to {CONFIG_DIR} and KNOWN_MODELS in catimage/cost.py (known: {sorted(KNOWN_MODELS)})"
+            f"configs to {CONFIG_DIR} and KNOWN_MODELS in catimage/tables/cost.py (known: {sorted(KNOWN_MODELS)})"
         )
     index = fetch("model_index.json") or {}
     return Architecture(
@@ -428,6 +428,22 @@ def measure_seconds(spec: DiffusersSpec, n_images: int = 2, device: str | None =
         generator.close()
 
 
+COUNTED_UNITS: tuple[str, ...] = (*FLOP_UNITS, "seconds")
+
+
+def counted_candidates(pool: Pool) -> list[str]:
+    """The candidates `catimage cost` can count or time: those with a diffusers generator."""
+    return [c.name for c in pool.candidates if isinstance(c.generator, DiffusersSpec)]
+
+
+def _check_counted_unit(unit: str) -> None:
+    if unit not in COUNTED_UNITS:
+        raise CatimageError(
+            f"unknown cost unit {unit!r} to count in: use tflops or gflops (counted on the meta device) or seconds "
+            "(measured here)"
+        )
+
+
 def count_pool_costs(
     pool: Pool,
     unit: str = "tflops",
@@ -435,15 +451,12 @@ def count_pool_costs(
     device: str | None = None,
     counter: FlopCounter | None = None,
 ) -> dict[str, float]:
-    """Cost per image of every diffusers candidate in `pool`, in `unit` ('tflops' or 'seconds').
+    """Cost per image of every diffusers candidate in `pool`, in `unit` ('tflops', 'gflops' or 'seconds').
 
     Candidates without a diffusers generator (http, or no generator block) are left out: they keep
     their declared cost. Pass a `counter` to reuse counts across calls.
     """
-    if unit not in FLOP_UNITS and unit != "seconds":
-        raise CatimageError(
-            f"unknown cost unit {unit!r}: use 'tflops' or 'gflops' (counted) or 'seconds' (measured here)"
-        )
+    _check_counted_unit(unit)
     counter = counter or FlopCounter()
     costs: dict[str, float] = {}
     for cand in pool.candidates:
@@ -460,6 +473,24 @@ def count_pool_costs(
     return costs
 
 
+def check_unit_change(pool: Pool, unit: str) -> None:
+    """Refuse to relabel `pool` in `unit` while some candidate keeps a declared cost in another unit.
+
+    The candidates `catimage cost` cannot count (http, no generator) keep their declared costs: in a
+    pool relabelled to another unit those numbers would silently change meaning. Checked before any
+    counting, so a long seconds measurement never ends in a refusal.
+    """
+    _check_counted_unit(unit)
+    counted = set(counted_candidates(pool))
+    kept = [c.name for c in pool.candidates if c.name not in counted and c.cost is not None]
+    if kept and pool.cost_unit != unit:
+        raise CatimageError(
+            f"candidates {kept} keep declared costs in {pool.cost_unit}, which `catimage cost` cannot count, but the "
+            f"counted costs would be in {unit}: convert their costs to {unit} first (or drop them, or count in "
+            f"{pool.cost_unit}) so that one pool holds one unit"
+        )
+
+
 def write_pool_costs(
     pool_path: str | Path,
     out_path: str | Path | None = None,
@@ -468,18 +499,14 @@ def write_pool_costs(
     device: str | None = None,
     counter: FlopCounter | None = None,
 ) -> Pool:
-    """Count the pool's costs and save the pool with them (to `out_path`, default: in place).
+    """Count the pool's costs and save the pool with them in `unit` (to `out_path`, default: in place).
 
-    Refuses to mix units: when some candidates keep declared costs in another unit than `unit`.
+    What `catimage cost --out` runs. Refuses to mix units (`check_unit_change`) before counting.
+    Returns the saved pool.
     """
     pool = load_pool(pool_path)
+    check_unit_change(pool, unit)
     costs = count_pool_costs(pool, unit=unit, n_images=n_images, device=device, counter=counter)
-    kept = [c.name for c in pool.candidates if c.name not in costs and c.cost is not None]
-    if kept and pool.cost_unit != unit:
-        raise CatimageError(
-            f"candidates {kept} keep declared costs in {pool.cost_unit!r}, but the counted ones are in {unit!r}: "
-            f"convert their costs to {unit} first (or drop them) so that one pool holds one unit"
-        )
     updated = pool.with_costs(costs).model_copy(update={"cost_unit": unit})
     if pool.costs_assumed and all(c.name in costs for c in pool.candidates):
         updated = updated.model_copy(update={"costs_assumed": False})

@@ -2,18 +2,24 @@
 
 A pool file is YAML::
 
-    cost_unit: tflops            # what `cost` counts: tflops, seconds, dollars, relative, ...
+    cost_unit: tflops            # what `cost` counts per image: seconds, gflops, tflops, usd or relative
     metrics:                     # optional: the scorers `catimage build` runs
       - {name: clip_score, params: {model: ViT-B-32, pretrained: /ckpt/clip.pt}}
     candidates:
       - name: sdxl-20
         cost: 239.4              # optional when the quality table carries measured costs
         generator: {model: stabilityai/stable-diffusion-xl-base-1.0, steps: 20, scheduler: euler}
-        build: {batch_size: 4, concurrency: 1, num_gpus: 1}
+        build: {batch_size: 4, concurrency: 1, num_gpus: 1, num_cpus: 4, memory: 12GiB}
         serve: {num_gpus: 1, autoscaling: {min_replicas: 1, max_replicas: 4}}
 
-Everything is validated on load (unknown keys, duplicate names, negative costs) so that a typo
-fails at the first command rather than hours into a cluster job.
+Everything is validated on load (unknown keys, duplicate names, negative costs, unknown cost units)
+so that a typo fails at the first command rather than hours into a cluster job.
+
+One pool holds one cost unit. Declared costs are in it by definition; the costs a build measures
+(the quality table's `cost` column) are seconds per image (`MEASURED_COST_UNIT`), so they stand in
+for undeclared costs only in a pool whose unit is seconds. `Pool.cost_vector` is the one place
+that turns a pool (and a table's measurements) into costs, and it refuses anything else, naming
+the candidates and the units: a figure computed on mixed units would be wrong without an error.
 """
 
 from __future__ import annotations
@@ -24,11 +30,25 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from catimage.errors import PoolError
 from catimage.generators.spec import DiffusersSpec, GeneratorSpec, parse_generator_spec
 from catimage.metrics.spec import MetricSpec
+
+# What a cost may count, per image. One spelling each: reports print the unit as written here.
+COST_UNITS: tuple[str, ...] = ("seconds", "gflops", "tflops", "usd", "relative")
+# What the build job measures into the quality table's `cost` column (wall seconds per image).
+MEASURED_COST_UNIT = "seconds"
 
 
 class BuildResources(BaseModel):
@@ -40,6 +60,11 @@ class BuildResources(BaseModel):
     concurrency: PositiveInt = 1
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
+    memory: ByteSize | None = Field(
+        default=None,
+        description="Host memory one generator actor holds (e.g. 768MiB, 12GiB): what Ray reserves for it, so that "
+        "a node is never given more actors than fit in its memory. None reserves nothing.",
+    )
 
 
 class Autoscaling(BaseModel):
@@ -106,13 +131,23 @@ class Pool(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cost_unit: str = Field(min_length=1)
+    cost_unit: str = Field(description=f"what every cost counts, per image: one of {', '.join(COST_UNITS)}")
     candidates: list[Candidate] = Field(min_length=1)
     metrics: list[MetricSpec] = Field(default_factory=list)
     description: str | None = None
     costs_assumed: bool = Field(
         default=False, description="True when costs are illustrative, not measured: every report says so."
     )
+
+    @field_validator("cost_unit")
+    @classmethod
+    def _known_unit(cls, value: str) -> str:
+        if value not in COST_UNITS:
+            raise ValueError(
+                f"unknown cost_unit {value!r}: use one of {', '.join(COST_UNITS)} (per image; say what `relative` "
+                "is relative to in `description`)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _unique(self) -> Pool:
@@ -139,29 +174,38 @@ class Pool(BaseModel):
         """The sub-pool of `names`, in that order (e.g. the candidates a quality table covers)."""
         return self.model_copy(update={"candidates": [self.get(n) for n in names]})
 
-    def cost_vector(self, names: Iterable[str] | None = None, measured: Mapping[str, float] | None = None) -> np.ndarray:
-        """Costs in `names` order: the pool's declared cost, else the measured one from the table.
+    def cost_vector(
+        self,
+        names: Iterable[str] | None = None,
+        measured: Mapping[str, float] | None = None,
+        measured_unit: str = MEASURED_COST_UNIT,
+    ) -> np.ndarray:
+        """Costs in `names` order, all in `cost_unit`: the declared cost, else the measured one.
 
-        Declared costs win because the user wrote them on purpose (e.g. dollars rather than the
-        seconds the build job measured).
+        Declared costs win because the user wrote them on purpose (e.g. GFLOPs rather than the
+        seconds the build job measured). A measured cost stands in for an undeclared one only when
+        it is in the pool's unit; otherwise the pool is refused, naming the candidates and both
+        units, since routing on mixed units silently compares seconds with GFLOPs.
         """
         names = list(self.names if names is None else names)
-        measured = dict(measured or {})
-        out = np.empty(len(names), dtype=np.float64)
-        missing = []
-        for i, name in enumerate(names):
-            declared = self.get(name).cost
-            value = declared if declared is not None else measured.get(name)
-            if value is None or not np.isfinite(value):
-                missing.append(name)
-            else:
-                out[i] = float(value)
+        measured = {k: float(v) for k, v in (measured or {}).items() if np.isfinite(v)}
+        undeclared = [n for n in names if self.get(n).cost is None]
+        mixed = [n for n in undeclared if n in measured] if measured_unit != self.cost_unit else []
+        if mixed:
+            raise PoolError(
+                f"candidates {mixed} declare no cost, and the table measured theirs in {measured_unit}, but the pool "
+                f"counts cost in {self.cost_unit}: one pool holds one unit. Declare their `cost:` in {self.cost_unit} "
+                f"(e.g. `catimage cost POOL.yaml --unit {self.cost_unit} --out POOL.yaml` counts FLOPs), or set "
+                f"`cost_unit: {measured_unit}` and declare no cost in another unit"
+            )
+        missing = [n for n in undeclared if n not in measured]
         if missing:
             raise PoolError(
-                f"no cost for candidates {missing}: give `cost:` in the pool file, or build the quality "
-                "table with measured costs (a `cost` column), or run `catimage cost POOL.yaml`"
+                f"no cost for candidates {missing}: give `cost:` (in {self.cost_unit}) in the pool file, or build the "
+                "quality table with measured seconds (a `cost` column) in a pool with `cost_unit: seconds`, or run "
+                "`catimage cost POOL.yaml --out POOL.yaml`"
             )
-        return out
+        return np.array([self.get(n).cost if self.get(n).cost is not None else measured[n] for n in names], dtype=np.float64)
 
     def report_notes(self) -> list[str]:
         """What every report made with this pool must say about where its numbers come from."""
@@ -199,7 +243,7 @@ def _format_validation(err: ValidationError) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see catimage/pool.py for the keys a pool takes)"
+            msg = "unknown key (check the spelling; see catimage/tables/pool.py for the keys a pool takes)"
         lines.append(f"  - {where}: {msg}")
     return "\n".join(lines)
 

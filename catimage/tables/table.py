@@ -6,7 +6,7 @@ Long form, one row per scored sample::
     prompt     str     the prompt text
     candidate  str     pool candidate name
     seed       int     optional: which sample (seed index) of this (prompt, candidate)
-    cost       float   optional: measured cost of this generation, in the pool's cost unit
+    cost       float   optional: measured wall seconds of this generation (what `catimage build` records)
     image_path str     optional: where the build job stored the image
     <metric>   float   one or more numeric quality columns (clip_score, image_reward, quality, ...)
 
@@ -236,7 +236,7 @@ class QualityMatrix:
     mean: np.ndarray  # (n, M) float64
     count: np.ndarray  # (n, M) int64
     var: np.ndarray  # (n, M) float64
-    cost: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (M,) mean measured cost or NaN
+    cost: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (M,) mean measured seconds per image, or NaN
     # Split-half means (2, n, M): each cell's samples alternately assigned to two halves, NaN below
     # two samples; None when the matrix was not built from per-sample rows. For label-noise estimates.
     half: np.ndarray | None = None
@@ -260,6 +260,7 @@ class QualityMatrix:
         )
 
     def measured_costs(self) -> dict[str, float]:
+        """Mean measured seconds per image of each candidate the table timed (`MEASURED_COST_UNIT`)."""
         return {c: float(v) for c, v in zip(self.candidates, self.cost) if np.isfinite(v)}
 
 
@@ -293,15 +294,17 @@ def aggregate(table: pa.Table, metric: str | None = None, candidates: Sequence[s
         candidates = table_cands
     else:
         candidates = list(candidates)
-        unknown = sorted(set(table_cands) - set(candidates))
+        unknown = [c for c in table_cands if c not in set(candidates)]
         if unknown:
             raise TableError(
-                f"the table has candidate(s) {unknown} that the pool does not declare {candidates}; "
-                "add them to the pool file or filter the table"
+                f"the table has candidate(s) {unknown} that are not among the candidates asked for {candidates} "
+                f"(the table has {table_cands}); add them to the pool file or filter the table"
             )
         absent = [c for c in candidates if c not in set(table_cands)]
         if absent:
-            raise TableError(f"pool candidate(s) {absent} have no rows in the table; remove them from the pool")
+            raise TableError(
+                f"candidate(s) {absent} have no rows in the table (it has {table_cands}); remove them from the pool"
+            )
     prompt_index: dict[str, int] = {}
     prompt_text: list[str] = []
     for pid, text in zip(pids, texts):
@@ -407,17 +410,17 @@ def split_prompts(n: int, test_frac: float = 0.1, calibration_frac: float = 0.1,
     if not (0 <= test_frac < 1 and 0 <= calibration_frac < 1 and test_frac + calibration_frac < 1):
         raise TableError(f"test_frac ({test_frac}) and calibration_frac ({calibration_frac}) must be in [0, 1) and sum below 1")
     perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_frac))
-    n_cal = int(round(n * calibration_frac))
+    n_test = round(n * test_frac)
+    n_calibration = round(n * calibration_frac)
     if test_frac > 0 and n_test == 0:
         n_test = 1
-    if calibration_frac > 0 and n_cal == 0:
-        n_cal = 1
-    if n - n_test - n_cal < 2:
+    if calibration_frac > 0 and n_calibration == 0:
+        n_calibration = 1
+    if n - n_test - n_calibration < 2:
         raise TableError(f"{n} prompts are too few for test_frac={test_frac}, calibration_frac={calibration_frac}")
     return Split(
-        train=np.sort(perm[n_test + n_cal :]),
-        calibration=np.sort(perm[n_test : n_test + n_cal]),
+        train=np.sort(perm[n_test + n_calibration :]),
+        calibration=np.sort(perm[n_test : n_test + n_calibration]),
         test=np.sort(perm[:n_test]),
     )
 
@@ -428,8 +431,9 @@ def load_pool_matrix(
     """Read a table and its pool file: (pool restricted to the table's candidates, matrix in pool
     order, cost vector). What `fit`, `evaluate`, `train` and the demo all start from.
 
-    A candidate in the table but not in the pool is an error (aggregate says so); pool candidates
-    without rows are left out, so one pool file serves tables that cover part of it. Without
+    A candidate in the table but not in the pool is an error naming both lists; pool candidates
+    without rows are left out, so one pool file serves tables that cover part of it. The costs come
+    from `Pool.cost_vector`, which refuses a pool whose costs would mix units. Without
     `metric`, a table with several metric columns is read on the pool's first listed metric (the
     one its builds score first), so `fit`/`evaluate` on a table the pool built need no --metric.
     """
@@ -439,7 +443,13 @@ def load_pool_matrix(
     table = read_quality_table(table_path, fmt)
     if metric is None and len(metric_columns(table)) > 1 and pool.metrics:
         metric = pool.metrics[0].name
-    present = set(table.column("candidate").to_pylist())
-    matrix = aggregate(table, metric=metric, candidates=[n for n in pool.names if n in present])
+    present = list(dict.fromkeys(table.column("candidate").to_pylist()))
+    strangers = [c for c in present if c not in set(pool.names)]
+    if strangers:
+        raise TableError(
+            f"the table has candidate(s) {strangers} that the pool {pool_path} does not declare; the pool declares "
+            f"{pool.names} and the table has {present}: add them to the pool file or filter the table"
+        )
+    matrix = aggregate(table, metric=metric, candidates=[n for n in pool.names if n in set(present)])
     pool = pool.select(matrix.candidates)
     return pool, matrix, pool.cost_vector(matrix.candidates, measured=matrix.measured_costs())
