@@ -7,8 +7,9 @@
 1. Read the served log (catimage.tables.served_log: hour=... Parquet partitions, any URI Ray Data
    reads) with Ray Data, plus an optional base quality table.
 2. Hold out the newest share of requests, and every row of their prompts (`holdout_by_time`).
-3. Fit a candidate router on the rest with THE fit pipeline (`RouterModel.fit` -> `fit_router`),
-   the labels being the online decision scores (never the judge, which serving does not run).
+3. Fit a candidate on the rest with THE fit pipeline, the labels being the online decision scores
+   (never the judge, which serving does not run): a router (`RouterModel.fit` -> `fit_router`), or
+   with `--policy cascade` a cascade (`fit_cascade`, the serving cascade's plan set and scorer cost).
 4. Off-policy evaluation on the held-out requests (`compare_policies`, doubly robust, paired
    bootstrap): the candidate's and the serving model's quality, cost and utility at the serving
    lambda, from the logged propensities.
@@ -17,8 +18,9 @@
    one also becomes MODELS_DIR/serving.json ({"model_version", "path"}, replaced atomically), the
    pointer a Serve `reconfigure` reads.
 
-Cascade plans are not refitted here yet: the cascade policy layer's fit lands separately, and this
-job will call it beside `RouterModel.fit` (see docs/learning.md).
+A cascade is refitted on the decision metric alone (its "judge" is the decision metric: the log holds
+nothing else), so its values are the decision metric's; off-policy evaluation of cascades is only as
+good as the exploration over plans (docs/learning.md, Support).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class RetrainConfig:
     pool: Path
     serving: Path
     out: Path
+    policy: str = "route"
     base_table: Path | None = None
     metric: str | None = None
     estimator: str = "auto"
@@ -161,7 +164,14 @@ def _lambda(config: RetrainConfig, serving: Any, logged_lam: np.ndarray) -> tupl
 
 def retrain_on_log(log_table: pa.Table, config: RetrainConfig) -> RetrainOutcome:
     """Fit, evaluate off-policy, decide and write; see the module docstring."""
-    from catimage.evaluation.offpolicy import compare_policies, holdout_by_time, logged_requests, router_target
+    from catimage.evaluation.offpolicy import (
+        cascade_target,
+        compare_policies,
+        holdout_by_time,
+        logged_requests,
+        router_target,
+    )
+    from catimage.model.cascade_model import CascadeModel
     from catimage.model.promotion import PromotionRule, decide_promotion, write_promotion
     from catimage.model.router_model import RouterModel
     from catimage.tables.pool import load_pool
@@ -175,15 +185,23 @@ def retrain_on_log(log_table: pa.Table, config: RetrainConfig) -> RetrainOutcome
     present = set(table.column("candidate").to_pylist())
     matrix = aggregate(table, metric=metric, candidates=[n for n in pool.names if n in present])
     costs = pool.select(matrix.candidates).cost_vector(matrix.candidates)
-    log.info("fitting %s on %d rows (%d prompts x %d candidates)", config.estimator, table.num_rows,
-             matrix.n_prompts, len(matrix.candidates))
-    candidate = RouterModel.fit(matrix, costs, pool.cost_unit, config.embedder, None, config.estimator, None,
-                                seed=config.seed, notes=[f"retrained on served traffic ({metric}) by jobs/retrain.py"])
-    serving = RouterModel.load(config.serving)
+    log.info("fitting a %s policy (%s) on %d rows (%d prompts x %d candidates)", config.policy, config.estimator,
+             table.num_rows, matrix.n_prompts, len(matrix.candidates))
+    if config.policy == "cascade":
+        serving = CascadeModel.load(config.serving)
+        candidate = _fit_cascade(table, matrix, costs, pool.cost_unit, serving, config)
+        target = cascade_target
+    elif config.policy == "route":
+        serving = RouterModel.load(config.serving)
+        candidate = RouterModel.fit(matrix, costs, pool.cost_unit, config.embedder, None, config.estimator, None,
+                                    seed=config.seed, notes=[f"retrained on served traffic ({metric}) by jobs/retrain.py"])
+        target = router_target
+    else:
+        raise CatimageError(f"--policy must be route or cascade, got {config.policy!r}")
     logged = logged_requests(held, metric)
     lam, lam_source = _lambda(config, serving, logged.lam)
-    evidence = compare_policies(logged, router_target(candidate, logged, lam, "candidate"),
-                                router_target(serving, logged, lam, "serving"), lam, n_boot=config.n_boot,
+    evidence = compare_policies(logged, target(candidate, logged, lam, "candidate"),
+                                target(serving, logged, lam, "serving"), lam, n_boot=config.n_boot,
                                 seed=config.seed)
     decision = decide_promotion(evidence, PromotionRule(min_requests=config.min_requests, min_gain=config.min_gain,
                                                         budget=config.budget))
@@ -197,6 +215,21 @@ def retrain_on_log(log_table: pa.Table, config: RetrainConfig) -> RetrainOutcome
     pointer = _point_serving_at(Path(config.out), version, model_dir) if decision.promote else None
     return RetrainOutcome(version, str(model_dir), decision.promote, {**decision.to_dict(), **extra}, table.num_rows,
                           logged.n, None if pointer is None else str(pointer))
+
+
+def _fit_cascade(table: pa.Table, matrix: Any, costs: np.ndarray, cost_unit: str, serving: Any,
+                 config: RetrainConfig) -> Any:
+    """A cascade refitted on the decision metric alone (the log holds no judge), with the serving
+    cascade's plan set (same thresholds, so plans keep their names in the log) and scorer cost."""
+    from catimage.model.cascade_model import CascadeOptions, fit_cascade
+    from catimage.tables.draws import draws_from_table
+    from catimage.tables.table import split_prompts
+
+    draws = draws_from_table(table, matrix.candidates, matrix.metric, matrix.metric)
+    split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=config.seed)
+    options = CascadeOptions(**{**serving.options.to_dict(), "plan_thresholds": tuple(serving.plan_thresholds.tolist())})
+    return fit_cascade(matrix, draws, costs, cost_unit, split.train, split.calibration, score_cost=serving.score_cost,
+                       options=options, estimator=config.estimator, embedder=config.embedder)
 
 
 def _point_serving_at(out: Path, version: str, model_dir: Path) -> Path:
@@ -221,6 +254,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", required=True, type=Path, help="pool YAML (candidates' costs)")
     p.add_argument("--serving", required=True, type=Path, help="model directory being served now")
     p.add_argument("--out", required=True, type=Path, help="models folder: OUT/<version>/ and OUT/serving.json")
+    p.add_argument("--policy", choices=("route", "cascade"), default="route",
+                   help="what --serving is and what to refit: a router, or a cascade (router + plans)")
     p.add_argument("--base-table", type=Path, default=None, help="a quality table to train on beside the log")
     p.add_argument("--metric", default=None, help="the decision metric (default: the log's only score)")
     p.add_argument("--estimator", default="auto")

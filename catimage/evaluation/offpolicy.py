@@ -43,8 +43,11 @@ __all__ = [
     "LoggedRequests",
     "OffPolicyResult",
     "TargetPolicy",
+    "cascade_target",
     "compare_policies",
+    "evaluate_logged",
     "evaluate_policy",
+    "holdout_by_time",
     "logged_requests",
     "router_target",
 ]
@@ -176,6 +179,33 @@ def router_target(model: Any, logged: LoggedRequests, lam: float, name: str = "r
         log.warning("router %s predicts %s but the log rewards %s: its reward model is off-scale (DR stays "
                     "unbiased, with more variance)", name, model.metric, logged.metric)
     return TargetPolicy(name, list(model.candidates), probs, pred, np.broadcast_to(model.costs, pred.shape).copy())
+
+
+def cascade_target(model: Any, logged: LoggedRequests, lam: float, name: str = "cascade") -> TargetPolicy:
+    """A fitted cascade (CascadeModel) as a target: its plan at `lam` on each logged prompt; its expected
+    plan values and costs as reward and cost models.
+
+    Actions are named by `action_key`, as serving logs them. Only the plans the target chooses and
+    the logged actions it knows are kept as columns (a plan set has thousands). A logged plan the
+    target's plan set lacks (another threshold grid) can never match: its weight is 0 and the DR
+    estimate rests on the reward model there; keep the plan thresholds fixed across retrains
+    (`CascadeOptions.plan_thresholds`) so that plans keep their names.
+    """
+    from catimage.policy.explore import action_key
+
+    value, cost = model.plan_values(model.predict_stats(logged.prompts))
+    chosen = route(value, cost, lam)
+    keys = [action_key(p) for p in model.plans]
+    index = {k: j for j, k in enumerate(keys)}
+    known = {index[a] for a in logged.actions if a in index}
+    cols = sorted(set(chosen.tolist()) | known)
+    pos = {c: k for k, c in enumerate(cols)}
+    probs = np.zeros((logged.n, len(cols)))
+    probs[np.arange(logged.n), [pos[c] for c in chosen.tolist()]] = 1.0
+    if model.judge_metric != logged.metric:
+        log.warning("cascade %s predicts %s but the log rewards %s: its reward model is off-scale (DR stays "
+                    "unbiased, with more variance)", name, model.judge_metric, logged.metric)
+    return TargetPolicy(name, [keys[c] for c in cols], probs, value[:, cols], cost[:, cols])
 
 
 # --- estimators -----------------------------------------------------------------------------------
