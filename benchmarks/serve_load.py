@@ -1,7 +1,7 @@
 """Bounded loopback load test of the Serve app: autoscaling up and down, latency, the router's cost.
 
     .venv/bin/python benchmarks/serve_load.py [--requests 200] [--concurrency 16] [--embedder minilm]
-        [--phases latency,load,burst] [--burst 48] [--burst-rounds 3] [--mu 0.02]
+        [--backend torch|onnx] [--phases latency,load,burst] [--burst 48] [--burst-rounds 3] [--mu 0.02]
     .venv/bin/python benchmarks/serve_load.py --world [--requests 400] [--build-prompts 40] [--build-seeds 4]
 
 `--world`: serving vs build throughput on the shipped world pool. First the Ray Data build of the world
@@ -406,8 +406,21 @@ async def _world_load(url: str, prompts: list[str]) -> dict:
     return {"wall_s": wall, "ok": [(ms, c) for ms, c in out if ms is not None], "errors": [e for ms, e in out if ms is None]}
 
 
-def world_serve_rate(n: int) -> float:
-    """Images/s of `n` concurrent /v1/generate on the shipped config, answered ones only."""
+def _unbatched_pool(workdir: Path) -> Path:
+    """The world pool as shipped before batching: one request per generator call, 4 ongoing."""
+    import yaml
+
+    pool = yaml.safe_load((ROOT / "catimage" / "data" / "world_pool.yaml").read_text())
+    for cand in pool["candidates"]:
+        cand["serve"] = {"num_cpus": cand["serve"]["num_cpus"]}
+    path = workdir / "world_pool_unbatched.yaml"
+    path.write_text(yaml.safe_dump(pool, sort_keys=False))
+    return path
+
+
+def world_serve_rate(n: int, pool: Path | None = None) -> float:
+    """Images/s of `n` concurrent /v1/generate on the shipped config (optionally another pool file),
+    answered ones only."""
     import ray
     import yaml
     from train_serve_fixtures import free_port
@@ -417,6 +430,9 @@ def world_serve_rate(n: int) -> float:
     config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     (app,) = config["applications"]
     args = {k: (str(ROOT / v) if k in ("model_dir", "pool") else v) for k, v in app["args"].items()}
+    if pool is not None:
+        args["pool"] = str(pool)
+        print(f"serve: pool {pool.name} instead of the shipped one")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
@@ -448,6 +464,10 @@ def world_main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="catimage-serve-world-") as tmp:
         build = world_build_rate(Path(tmp), args.build_prompts, args.build_seeds)
         served = world_serve_rate(args.requests)
+        if args.compare_unbatched:
+            before = world_serve_rate(args.requests, _unbatched_pool(Path(tmp)))
+            print(f"unbatched (max_batch_size 1, as shipped before): {before:.1f} images/s; batched / unbatched "
+                  f"{served / before:.2f}")
     print(f"serving / build steady throughput: {served:.1f} / {build:.1f} images/s = {served / build:.2f} (goal >= 0.7)")
     return 0
 
@@ -464,9 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=48, help="requests arriving at once in the burst phase")
     parser.add_argument("--burst-rounds", type=int, default=3)
     parser.add_argument("--mu", type=float, default=0.02, help="load-aware price of one second of expected wait")
+    parser.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                        help="how the router runs MiniLM (embedder_overrides backend)")
     parser.add_argument("--world", action="store_true", help="serving vs build throughput on the shipped world pool")
     parser.add_argument("--build-prompts", type=int, default=40, help="--world: prompts of the build run")
     parser.add_argument("--build-seeds", type=int, default=4, help="--world: seeds of the build run")
+    parser.add_argument("--compare-unbatched", action="store_true",
+                        help="--world: serve again with max_batch_size 1 (the previous serve blocks)")
     args = parser.parse_args(argv)
     if args.world:
         if not 1 <= args.requests <= 2000:
@@ -490,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="catimage-serve-load-") as tmp:
         t = time.perf_counter()
         model, pool_path, target, budget = _prepare(Path(tmp), args.embedder, args.max_replicas)
-        print(f"router model: knn over {args.embedder} (planted table), fitted in {time.perf_counter() - t:.1f} s")
+        print(f"router model: knn over {args.embedder} (planted table, backend {args.backend}), "
+              f"fitted in {time.perf_counter() - t:.1f} s")
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes skew every figure)")
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": FAST_AUTOSCALING_ENV})
         port = free_port()
@@ -499,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             t = time.perf_counter()
             serve.run(
-                build_app(AppArgs(model_dir=str(model), pool=str(pool_path), autoscaling_overrides={"look_back_period_s": 2.0})),
+                build_app(AppArgs(model_dir=str(model), pool=str(pool_path), autoscaling_overrides={"look_back_period_s": 2.0},
+                                  embedder_overrides={} if args.backend == "torch" else {"backend": args.backend})),
                 name="catimage", route_prefix="/",
             )
             dep = deployment_name(target)
