@@ -4,9 +4,10 @@ local Ray -> the scene-world pool (two trained generators at several step counts
 scales, shipped in the package) -> Ray Data build job on fresh held-out prompts (images kept) -> fit
 of the router (twoway-ridge in-process by default; `--estimator transformer` fits on Ray Train)
 on the shipped world table (1,000+ prompts x every candidate x 4 seeds, scores only) ->
-evaluation over re-drawn splits + the fitted router on the fresh prompts it never saw ->
-report.{json,md,html} + deferral.png -> Ray Serve app -> routed requests at two budgets -> clean
-shutdown.
+evaluation of route AND cascade over re-drawn splits (the cascade decides on the world's learned
+decider `scene_decider` when the table has it, and is judged by scene_score) + the fitted router on
+the fresh prompts it never saw -> report.{json,md,html} + deferral.png -> Ray Serve app -> requests at
+two budgets (each policy the app offers) -> clean shutdown.
 
 With another pool (`--pool`), the router is fitted and evaluated on the freshly built table instead
 (or on `--table`). `catimage demo` calls `run_demo`; it is also runnable as `python jobs/demo.py`.
@@ -115,6 +116,25 @@ def local_ray(num_cpus: int) -> Iterator[None]:
         ray.shutdown()
 
 
+@dataclass
+class DemoConfig:
+    """Every choice of one demo run, resolved (paths of the embedded world filled in)."""
+
+    out: Path
+    pool_path: Path
+    prompts_path: Path
+    table_path: Path | None  # None: fit and evaluate on this run's build
+    seeds: int
+    metric: str | None
+    estimator: str
+    embedder: str
+    port: int
+    num_cpus: int
+    max_epochs: int
+    trials: int
+    decision_metric: str | None  # None: the learned decider when the table has it, else the judge (upper bound)
+
+
 def run_demo(
     out: Path,
     pool_path: Path | None = None,
@@ -129,59 +149,58 @@ def run_demo(
     console: Console | None = None,
     table_path: Path | None = None,
     trials: int = 5,
+    decision_metric: str | None = None,
 ) -> DemoResult:
     """Run every stage; raise `CatimageError` with a next step on anything the user can fix.
 
     The router is fitted and evaluated on `table_path`: by default the shipped world table when the
     pool is the embedded world pool, else the table this run builds.
     """
-    from catimage.tables.build import BuildConfig
     from catimage.tables.pool import load_pool
+
+    world = pool_path is None
+    pool_path = Path(pool_path) if pool_path else embedded(WORLD_POOL)
+    pool = load_pool(pool_path)
+    port = free_port() if port is None else port
+    check_port_free(port)
+    config = DemoConfig(
+        out=Path(out), pool_path=pool_path, prompts_path=Path(prompts_path) if prompts_path else embedded(WORLD_PROMPTS),
+        table_path=Path(table_path) if table_path else (embedded(WORLD_TABLE) if world else None), seeds=seeds,
+        metric=metric or (pool.metrics[0].name if pool.metrics else None), estimator=estimator, embedder=embedder,
+        port=port, num_cpus=num_cpus, max_epochs=max_epochs, trials=trials, decision_metric=decision_metric,
+    )
+    return _run_stages(config, pool, console or Console())
+
+
+def _run_stages(config: DemoConfig, pool: Any, console: Console) -> DemoResult:
+    from catimage.tables.build import BuildConfig
     from jobs.build_dataset import print_summary, run_build
     from jobs.train_estimator import run_train
 
-    console = console or Console()
-    out = Path(out)
-    world = pool_path is None
-    pool_path = Path(pool_path) if pool_path else embedded(WORLD_POOL)
-    prompts_path = Path(prompts_path) if prompts_path else embedded(WORLD_PROMPTS)
-    if table_path is None and world:
-        table_path = embedded(WORLD_TABLE)
-    pool = load_pool(pool_path)
-    metric = metric or (pool.metrics[0].name if pool.metrics else None)
-    if port is None:
-        port = free_port()
-    check_port_free(port)
     timings: dict[str, float] = {}
-    build_dir, model_dir, report_dir = out / "table", out / "model", out
+    model_dir = config.out / "model"
     console.rule("[bold]catimage demo")
-    console.print(
-        f"pool [bold]{pool_path}[/] ({', '.join(pool.names)}), fresh prompts [bold]{prompts_path}[/], S={seeds}, "
-        f"metric {metric}, estimator {estimator} + {embedder}"
-    )
-    with local_ray(num_cpus):
+    console.print(f"pool [bold]{config.pool_path}[/] ({', '.join(pool.names)}), fresh prompts [bold]{config.prompts_path}[/], "
+                  f"S={config.seeds}, metric {config.metric}, estimator {config.estimator} + {config.embedder}")
+    with local_ray(config.num_cpus):
         with _stage(console, "1/5 build a quality table of fresh prompts (Ray Data)", timings):
-            build = run_build(BuildConfig(pool=pool_path, prompts=prompts_path, output=build_dir, seeds=seeds,
-                                          save_images="png"), progress=False)
+            build = run_build(BuildConfig(pool=config.pool_path, prompts=config.prompts_path, output=config.out / "table",
+                                          seeds=config.seeds, save_images="png"), progress=False)
         print_summary(build, console)
         if build.table_path is None:
             raise CatimageError(f"the build wrote no rows; see the errors table {build.errors_path}")
-        fit_table = Path(table_path) if table_path else build.table_path
-
-        where = "Ray Train" if estimator == "transformer" else "in-process"
-        with _stage(console, f"2/5 fit the router ({estimator}) on {fit_table.name} ({where})", timings):
-            run_train(fit_table, pool_path, model_dir, estimator=estimator, embedder=embedder, metric=metric,
-                      num_workers=1, max_epochs=max_epochs)
-
-        with _stage(console, f"3/5 evaluate ({trials} re-drawn splits, and on the fresh prompts)", timings):
-            report, paths = _evaluate(fit_table, build.table_path, pool_path, model_dir, report_dir, metric,
-                                      estimator, embedder, max_epochs, trials)
-
-        decisions = _serve_and_ask(console, timings, model_dir, pool_path, pool, port, _budgets(report))
-
-    timings_total = sum(timings.values())
-    _print_final(console, out, build.table_path, model_dir, paths, report, decisions, timings_total)
-    return DemoResult(out, build.table_path, model_dir, paths, decisions, timings)
+        fit_table = config.table_path or build.table_path
+        where = "Ray Train" if config.estimator == "transformer" else "in-process"
+        with _stage(console, f"2/5 fit the router ({config.estimator}) on {fit_table.name} ({where})", timings):
+            run_train(fit_table, config.pool_path, model_dir, estimator=config.estimator, embedder=config.embedder,
+                      metric=config.metric, num_workers=1, max_epochs=config.max_epochs)
+        with _stage(console, f"3/5 evaluate route and cascade ({config.trials} re-drawn splits; the router on the fresh "
+                             "prompts)", timings):
+            ev = _evaluate(fit_table, build.table_path, config.pool_path, model_dir, config.out, config.metric,
+                           config.estimator, config.embedder, config.max_epochs, config.trials, config.decision_metric)
+        decisions = _serve_and_ask(console, timings, model_dir, config.pool_path, pool, config.port, _budgets(ev.report))
+    _print_final(console, build.table_path, model_dir, ev, decisions, sum(timings.values()))
+    return DemoResult(config.out, build.table_path, model_dir, ev.paths, decisions, timings)
 
 
 def _budgets(report: dict[str, Any]) -> tuple[float, float]:
@@ -193,42 +212,166 @@ def _budgets(report: dict[str, Any]) -> tuple[float, float]:
     return max(best / 8, cheapest), max(best / 2, cheapest)
 
 
+DECIDER = "scene_decider"  # the world's learned decision scorer (its column appears once it ships)
+
+
+@dataclass
+class Evaluation:
+    """What stage 3 hands on: the report, its files, and the notes printed at the end."""
+
+    report: dict[str, Any]
+    paths: dict[str, Path]
+
+
+def decision_metric_for(table_metrics: list[str], judge: str, requested: str | None) -> tuple[str, list[str]]:
+    """The cascade's decision metric: the one asked for, else the learned decider when the table has its
+    column, else the judge itself, said to be an upper bound (the decider has not shipped)."""
+    if requested:
+        return requested, []
+    if DECIDER in table_metrics:
+        return DECIDER, []
+    return judge, [(f"The world's learned decider ({DECIDER}) is not in this table yet: the cascade decides on {judge}, "
+                    "the judge itself, so its figures are UPPER BOUNDS, not what a deployment reaches.")]
+
+
+def _draws(fit_table: Path, pool: Any, matrix: Any, requested: str | None) -> tuple[Any, float, list[str]]:
+    """Per-draw scores for the cascade, the decision scorer's cost per image (the pool's metric spec) and notes."""
+    from catimage.tables.draws import draws_from_table
+    from catimage.tables.table import metric_columns, read_quality_table
+
+    table = read_quality_table(fit_table)
+    decision, notes = decision_metric_for(metric_columns(table), matrix.metric, requested)
+    spec = next((m for m in pool.metrics if m.name == decision), None)
+    cost = getattr(spec, "cost", None)
+    if cost is None:
+        notes.append(f"The pool declares no cost for the decision scorer {decision}: plans are charged for generation only.")
+    return draws_from_table(table, matrix.candidates, decision, matrix.metric), float(cost or 0.0), notes
+
+
 def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Path, report_dir: Path,
-              metric: str | None, estimator: str, embedder: str, max_epochs: int, trials: int) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Re-drawn splits of the fit table, then the fitted router on the fresh build (which it never saw)."""
-    from catimage.evaluation.figures import evaluate_predictions
-    from catimage.evaluation.gallery import gallery_from_router
-    from catimage.evaluation.jsonable import to_jsonable
+              metric: str | None, estimator: str, embedder: str, max_epochs: int, trials: int,
+              decision_metric: str | None = None) -> Evaluation:
+    """Route and cascade on re-drawn splits of the fit table, then the fitted router on the fresh build
+    (which it never saw); the report's files, its gallery and the cascade's plans at work."""
     from catimage.evaluation.report import write_report
     from catimage.evaluation.trials import EvaluateOptions, evaluate_table
     from catimage.features.registry import make_embedder
     from catimage.model.router_model import RouterModel
-    from catimage.tables.table import load_pool_matrix, read_quality_table
+    from catimage.tables.table import load_pool_matrix
 
     pool, matrix, costs = load_pool_matrix(fit_table, pool_path, metric=metric)
+    draws, score_cost, notes = _draws(fit_table, pool, matrix, decision_metric)
     params = {"max_epochs": max_epochs} if estimator == "transformer" else {}
     report = evaluate_table(matrix, costs, EvaluateOptions(
         estimator=estimator, estimator_params=params, embedder=make_embedder(embedder), test_frac=0.2,
-        calibration_frac=0.1, seed=0, trials=trials, cost_unit=pool.cost_unit, notes=tuple(pool.report_notes()),
-    ))
+        calibration_frac=0.1, seed=0, trials=trials, cost_unit=pool.cost_unit,
+        notes=(*pool.report_notes(), *notes), policy="both", score_cost=score_cost,
+    ), draws=draws)
     router = RouterModel.load(model_dir)
-    budgets = _budgets(report)
     if fresh_table != fit_table:
-        _, fresh, _ = load_pool_matrix(fresh_table, pool_path, metric=metric)
-        keep = np.isfinite(fresh.mean).all(axis=1)
-        result = evaluate_predictions(router.predict([fresh.prompts[i] for i in np.flatnonzero(keep)]),
-                                      fresh.mean[keep], costs, fresh.candidates)
-        report["fresh_prompts"] = to_jsonable({"n_prompts": int(keep.sum()), "summary": result.summary})
-        report["meta"]["notes"].append(
-            f"'fresh_prompts': the router fitted on {fit_table.name} routing {int(keep.sum())} prompts built by this "
-            "run, none of which it saw; the gallery shows them."
-        )
-    gallery = gallery_from_router(
-        read_quality_table(fresh_table), router, {f"budget {b:.3g}": b for b in budgets}, metric=metric,
+        _fresh_prompts(report, router, fresh_table, pool_path, metric, costs, fit_table.name)
+    gallery = _gallery(report, router, fresh_table, fit_table, metric)
+    traces = _trace_images(report, pool)
+    return Evaluation(report, write_report(report, report_dir, gallery=gallery, traces=traces))
+
+
+def _fresh_prompts(report: dict[str, Any], router: Any, fresh_table: Path, pool_path: Path, metric: str | None,
+                   costs: np.ndarray, fit_name: str) -> None:
+    """The fitted router on the prompts this run built (none of which it saw), into report['fresh_prompts']."""
+    from catimage.evaluation.figures import evaluate_predictions
+    from catimage.evaluation.jsonable import to_jsonable
+    from catimage.tables.table import load_pool_matrix
+
+    _, fresh, _ = load_pool_matrix(fresh_table, pool_path, metric=metric)
+    keep = np.isfinite(fresh.mean).all(axis=1)
+    result = evaluate_predictions(router.predict([fresh.prompts[i] for i in np.flatnonzero(keep)]),
+                                  fresh.mean[keep], costs, fresh.candidates)
+    report["fresh_prompts"] = to_jsonable({"n_prompts": int(keep.sum()), "summary": result.summary})
+    report["meta"]["notes"].append(
+        f"'fresh_prompts': the router fitted on {fit_name} routing {int(keep.sum())} prompts built by this run, none "
+        "of which it saw; the gallery shows them."
+    )
+
+
+def _gallery(report: dict[str, Any], router: Any, fresh_table: Path, fit_table: Path, metric: str | None) -> Any:
+    from catimage.evaluation.gallery import gallery_from_router
+    from catimage.tables.table import read_quality_table
+
+    return gallery_from_router(
+        read_quality_table(fresh_table), router, {f"budget {b:.3g}": b for b in _budgets(report)}, metric=metric,
         note="Prompts built by this run; the router never saw them." if fresh_table != fit_table else
         "Prompts of the fitted table (the router was trained on most of them).",
     )
-    return report, write_report(report, report_dir, gallery=gallery)
+
+
+def _trace_images(report: dict[str, Any], pool: Any) -> dict[str, list[Any]] | None:
+    """The cascade's traced attempts drawn again: each candidate's shipped generator at the build's seed
+    (generation_seed(prompt_id, seed)); the world generators are deterministic per seed, so these are
+    the images the table scored, and each is scored again by the judge to say so (a note in the report).
+    None (no images) for a pool whose candidates are not world generators."""
+    import io
+
+    from catimage.evaluation.gallery import plan_traces
+    from catimage.generators import make_generator
+    from catimage.generators.base import generation_seed
+    from catimage.metrics import make_scorer
+
+    traces = plan_traces(report, "cascade")
+    wanted = sorted({(t.prompt_id, t.prompt, a.candidate, a.seed) for t in traces for a in t.attempts if t.prompt_id})
+    if not wanted or not all(str(getattr(pool.get(c).generator, "model", "")).startswith("world:") for _, _, c, _ in wanted):
+        return None
+    images: dict[tuple, bytes] = {}
+    judge = report["meta"]["metric"]
+    scorer, agree = make_scorer(judge, device="cpu"), 0
+    table_judge = {(t.prompt_id, a.candidate, a.seed): a.judge for t in traces for a in t.attempts}
+    for cand in sorted({c for _, _, c, _ in wanted}):
+        items = [w for w in wanted if w[2] == cand]
+        drawn = make_generator(pool.get(cand).generator, device="cpu").generate(
+            [p for _, p, _, _ in items], [generation_seed(pid, s) for pid, _, _, s in items])
+        scores = scorer.score([p for _, p, _, _ in items], drawn)
+        for (pid, prompt, _, seed), img, score in zip(items, drawn, scores):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            images[(pid, prompt, cand, seed)] = buf.getvalue()
+            expected = table_judge[(pid, cand, seed)]
+            agree += expected is not None and abs(float(score) - expected) < 1e-6
+    report["meta"]["notes"].append(
+        f"Plans at work: the {len(wanted)} traced images were drawn again from the shipped generators at the build's "
+        f"seeds; {agree} of {len(wanted)} score exactly as in the table ({judge}).")
+    return {"cascade": plan_traces(report, "cascade", images=lambda pid, prompt, cand, seed:
+                                   images.get((pid, prompt, cand, seed)))}
+
+
+def served_policies() -> tuple[str | None, ...]:
+    """The policies the demo asks the Serve app for: route and cascade once a request carries a
+    `policy` field (serve.schemas.GenerateRequest), else (None,): requests without one, routed."""
+    from serve.schemas import GenerateRequest
+
+    return ("route", "cascade") if "policy" in GenerateRequest.model_fields else (None,)
+
+
+def request_body(prompt: str, budget: float, policy: str | None) -> dict[str, Any]:
+    """One POST /v1/generate body; `policy` only when the app takes one."""
+    body: dict[str, Any] = {"prompt": prompt, "budget": budget, "seed": 0, "return": "png_base64"}
+    if policy is not None:
+        body["policy"] = policy
+    return body
+
+
+def _ask(client: Any, budgets: tuple[float, float], policies: tuple[str | None, ...]) -> list[dict[str, Any]]:
+    decisions = []
+    for policy in policies:
+        for budget in budgets:
+            for prompt in DEMO_REQUESTS:
+                resp = client.post("/v1/generate", json=request_body(prompt, budget, policy))
+                if resp.status_code != 200:
+                    raise CatimageError(f"the Serve app answered {resp.status_code}: {resp.text}")
+                body = resp.json()
+                decisions.append({"policy": policy or "route", "budget": budget, "prompt": prompt,
+                                  **{k: body.get(k) for k in ("candidate", "cost", "lambda", "predicted_quality", "fallback")},
+                                  "attempts": len(body.get("attempts") or []) or 1,
+                                  "image_bytes": len(body.get("image") or "") * 3 // 4})
+    return decisions
 
 
 def _serve_and_ask(console, timings, model_dir, pool_path, pool, port, budgets) -> list[dict[str, Any]]:
@@ -238,43 +381,44 @@ def _serve_and_ask(console, timings, model_dir, pool_path, pool, port, budgets) 
     from serve.app import build_app
     from serve.schemas import AppArgs
 
-    decisions: list[dict[str, Any]] = []
+    policies = served_policies()
     with _stage(console, f"4/5 start the Serve app on 127.0.0.1:{port}", timings):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(AppArgs(model_dir=str(model_dir), pool=str(pool_path))), name="catimage",
                   route_prefix="/", blocking=False)
         _wait_healthy(f"http://127.0.0.1:{port}/healthz")
-    with _stage(console, "5/5 routed requests at two budgets", timings):
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            for budget in budgets:
-                for prompt in DEMO_REQUESTS:
-                    resp = client.post("/v1/generate", json={"prompt": prompt, "budget": budget, "seed": 0, "return": "png_base64"})
-                    if resp.status_code != 200:
-                        raise CatimageError(f"the Serve app answered {resp.status_code}: {resp.text}")
-                    body = resp.json()
-                    decisions.append({"budget": budget, "prompt": prompt, **{k: body.get(k) for k in
-                                      ("candidate", "cost", "lambda", "predicted_quality", "fallback")},
-                                      "image_bytes": len(body.get("image") or "") * 3 // 4})
-            pool_status = client.get("/v1/pool").json()
-    names = list(decisions[0]["predicted_quality"] or {}) if decisions else []
-    table = Table(title=f"routed requests (POST /v1/generate); q̂ = predicted {metric_name(model_dir)}")
-    for col in ("budget", "λ", "prompt", "chosen", "cost", *[f"q̂ {n}" for n in names], "PNG bytes"):
-        if col == "prompt":
-            table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=40)
-        else:
-            table.add_column(col, no_wrap=True, justify="left" if col == "chosen" else "right")
-    for d in decisions:
-        q = d["predicted_quality"] or {}
-        table.add_row(f"{d['budget']:.3g}", f"{d['lambda']:.3g}", d["prompt"], d["candidate"], f"{d['cost']:.3g}",
-                      *[f"{q.get(n, float('nan')):.3f}" for n in names], str(d["image_bytes"]))
-    console.print(table)
-    console.print("why: each prompt goes to argmax_m q̂_m(x) − λ·c_m; λ is the smallest value whose average cost on "
-                  "held-out prompts meets the budget, so the tighter budget pushes prompts to cheaper candidates.")
+    with (_stage(console, f"5/5 requests at two budgets ({', '.join(p or 'routed' for p in policies)})", timings),
+          httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client):
+        decisions = _ask(client, budgets, policies)
+        pool_status = client.get("/v1/pool").json()
+    _print_decisions(console, decisions, metric_name(model_dir))
     replicas = {c["name"]: c.get("replicas") for c in pool_status.get("candidates", [])}
     console.print(f"GET /v1/pool replicas: {replicas}")
     with _stage(console, "shut down Serve and Ray", timings):
         serve.shutdown()
     return decisions
+
+
+def _print_decisions(console: Console, decisions: list[dict[str, Any]], metric: str) -> None:
+    names = list(decisions[0]["predicted_quality"] or {}) if decisions else []
+    several = len({d["policy"] for d in decisions}) > 1
+    table = Table(title=f"requests (POST /v1/generate); q̂ = predicted {metric}")
+    cols = (*(("policy", "attempts") if several else ()), "budget", "λ", "prompt", "chosen", "cost",
+            *[f"q̂ {n}" for n in names], "PNG bytes")
+    for col in cols:
+        if col == "prompt":
+            table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=40)
+        else:
+            table.add_column(col, no_wrap=True, justify="left" if col in ("chosen", "policy") else "right")
+    for d in decisions:
+        q = d["predicted_quality"] or {}
+        lam = f"{d['lambda']:.3g}" if isinstance(d.get("lambda"), (int, float)) else "n/a"
+        table.add_row(*((d["policy"], str(d["attempts"])) if several else ()), f"{d['budget']:.3g}", lam, d["prompt"],
+                      str(d["candidate"]), f"{d['cost']:.3g}", *[f"{q.get(n, float('nan')):.3f}" for n in names],
+                      str(d["image_bytes"]))
+    console.print(table)
+    console.print("why: each prompt goes to argmax_m q̂_m(x) − λ·c_m; λ is the smallest value whose average cost on "
+                  "held-out prompts meets the budget, so the tighter budget pushes prompts to cheaper candidates.")
 
 
 def metric_name(model_dir: Path) -> str:
@@ -295,39 +439,61 @@ def _wait_healthy(url: str, timeout_s: float = 120.0) -> None:
     raise CatimageError(f"the Serve app did not become healthy at {url} within {timeout_s:.0f} s")
 
 
-def _print_final(console, out, table_path, model_dir, paths, report, decisions, seconds) -> None:
-    summary = report["summary"]
-    console.rule("[bold]summary")
-    tab = Table(show_header=False)
-    tab.add_column("what")
-    tab.add_column("value", overflow="fold")
-    tab.add_row("quality table", str(table_path))
-    tab.add_row("model directory", str(model_dir))
-    for key, path in paths.items():
-        tab.add_row(key, str(path))
-    tab.add_row("best fixed candidate", str(summary.get("best_fixed")))
-    tab.add_row("router quality at its cost", _fmt(summary.get("quality_at_best_fixed_cost")))
-    tab.add_row("area over the mixture hull", _fmt(summary.get("area_over_hull")))
-    trials = summary.get("trials") or {}
-    if trials.get("n", 0) > 1:
-        per = report.get("per_trial", [])
+def policy_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per policy: what decides, what judges, the cost ratio to match the best fixed candidate
+    in each re-drawn split (a miss marked), their mean and the splits above the mixture hull."""
+    from catimage.evaluation.figures import policy_views
+
+    rows = []
+    for view in policy_views(report):
+        per = view.per_trial
+        ratios = ", ".join(f"{t['cost_ratio_or_miss']:.2f}" + (" (miss)" if t.get("missed_best_fixed") else "")
+                           for t in per)
+        mean = (view.summary.get("trials") or {}).get("mean_cost_ratio_or_miss")
         above = sum(1 for t in per if (t.get("area_over_hull") or 0) > 0)
-        tab.add_row(f"splits above the hull ({trials['n']} re-drawn)", f"{above}/{len(per)}")
-        tab.add_row(f"cost ratio to match the best (mean; {trials.get('misses', 0)} split(s) never match, counted as 1)",
-                    _fmt(trials.get("mean_cost_ratio_or_miss")))
+        rows.append([view.name, view.decision_metric, view.judge_metric + (" (UPPER BOUND)" if view.upper_bound else ""),
+                     ratios, _fmt(mean), f"{above}/{len(per)}"])
+    return rows
+
+
+def _print_final(console: Console, table_path: Path, model_dir: Path, ev: Evaluation, decisions: list[dict[str, Any]],
+                 seconds: float) -> None:
+    from catimage.evaluation.figures import describe_miss_rule
+
+    report, summary = ev.report, ev.report["summary"]
+    console.rule("[bold]summary")
+    files = Table(show_header=False)
+    files.add_column("what")
+    files.add_column("value", overflow="fold")
+    for key, path in (("quality table", table_path), ("model directory", model_dir), *ev.paths.items()):
+        files.add_row(key, str(path))
+    console.print(files)
+    best = summary.get("best_fixed")
+    trials = summary.get("trials") or {}
+    side = Table(title=f"route and cascade on {trials.get('n', '?')} re-drawn splits of the world table; cost ratio to "
+                       f"match {best} ({describe_miss_rule(trials.get('miss_ratio'))})")
+    for col in ("policy", "decides on", "judged by", "cost ratio in each split", "mean", "splits above hull"):
+        side.add_column(col, overflow="fold")
+    for row in policy_rows(report):
+        side.add_row(*row)
+    console.print(side)
     fresh = (report.get("fresh_prompts") or {}).get("summary")
     if fresh:
-        tab.add_row("fresh prompts: area over the hull", _fmt(fresh.get("area_over_hull")))
-        tab.add_row("fresh prompts: cost ratio to match the best", _fmt(fresh.get("cost_ratio_or_miss")))
-    by_budget: dict[float, list[str]] = {}
-    for d in decisions:
-        by_budget.setdefault(d["budget"], []).append(d["candidate"])
-    for budget, chosen in by_budget.items():
-        tab.add_row(f"chosen at budget {budget:.3g}", ", ".join(chosen))
-    tab.add_row("total seconds", f"{seconds:.0f}")
-    console.print(tab)
+        console.print(f"fresh prompts (the router never saw them): area over the hull {_fmt(fresh.get('area_over_hull'))}, "
+                      f"cost ratio to match {fresh.get('best_fixed')} {_fmt(fresh.get('cost_ratio_or_miss'))}"
+                      + (" (a miss)" if fresh.get("missed_best_fixed") else ""))
+    for (policy, budget), chosen in _chosen(decisions).items():
+        console.print(f"{policy} at budget {budget:.3g}: {', '.join(chosen)}")
+    console.print(f"total seconds {seconds:.0f}")
     for note in report.get("meta", {}).get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
+
+
+def _chosen(decisions: list[dict[str, Any]]) -> dict[tuple[str, float], list[str]]:
+    out: dict[tuple[str, float], list[str]] = {}
+    for d in decisions:
+        out.setdefault((d["policy"], d["budget"]), []).append(str(d["candidate"]))
+    return out
 
 
 def _fmt(value: Any) -> str:
