@@ -18,6 +18,8 @@ import io
 import sys
 from typing import Any
 
+import numpy as np
+
 import ray.cloudpickle
 from ray import serve
 
@@ -48,8 +50,15 @@ def planted_png(kind: str, prompt: str, seed: int) -> bytes:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class Planted:
-    """Planted generators with the real Generator's call signature, one method per kind (one process
-    for all: `handle.options(method_name="blank")` is the blank generator's handle)."""
+    """Planted generators with the real Generator's call signature: `__call__` draws the `kind` given
+    at bind time; the methods `blank` and `render` draw theirs (one process for both:
+    `handle.options(method_name="blank")` is then the blank generator's handle)."""
+
+    def __init__(self, kind: str | None = None) -> None:
+        self.kind = kind
+
+    async def __call__(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
+        return planted_png(self.kind, prompt, seed) if want_image else None
 
     async def blank(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
         return planted_png("blank", prompt, seed) if want_image else None
@@ -102,3 +111,62 @@ class PlanHarness:
 
     def failures(self, scorer: str = "real") -> dict[str, int]:
         return dict(self.clients[scorer].failures)
+
+
+# --- planted models: what a router / cascade fitted on a planted table believes about blank / render ---
+
+PLANTED_COSTS = {"blank": 1.0, "render": 2.0}
+SCORE_COST = 0.1
+
+
+def planted_pool(path) -> str:
+    """A pool declaring the planted candidates (no generator blocks: tests bind Planted deployments)."""
+    import yaml
+
+    data = {"cost_unit": "gflops", "candidates": [
+        {"name": n, "cost": c, "serve": {"num_cpus": 0, "request_timeout_s": 30}} for n, c in PLANTED_COSTS.items()]}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def planted_world_table(blank_pass: float, blank_judge: float, n_prompts: int = 40, seed: int = 0):
+    """4 seeds per (prompt, candidate): blank's draws pass (scene_score 0.9, judge `blank_judge`) with
+    probability `blank_pass`, else fail (0.1, judge 0.1); render's always pass (1.0, judge 0.9)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from catimage.tables.table import stable_prompt_id
+    from catimage.world.grammar import heldout_prompts
+
+    rng = np.random.default_rng(seed)
+    rows = {k: [] for k in ("prompt_id", "prompt", "candidate", "seed", "scene_score", "judge")}
+    for prompt in heldout_prompts(n_prompts, seed=31):
+        for cand in PLANTED_COSTS:
+            for s in range(4):
+                passed = cand == "render" or rng.random() < blank_pass
+                decision = 1.0 if cand == "render" else (0.9 if passed else 0.1)
+                judge = 0.9 if cand == "render" else (blank_judge if passed else 0.1)
+                for key, value in zip(rows, (stable_prompt_id(prompt), prompt, cand, s, decision, judge)):
+                    rows[key].append(value)
+    return pa.table(rows)
+
+
+def fit_planted_model(out, blank_pass: float, blank_judge: float, cascade: bool) -> str:
+    """A cascade bundle (decision scene_score, judge `judge`) or a router bundle on the planted table."""
+    from catimage.features.registry import make_embedder
+    from catimage.model.cascade_model import CascadeOptions, fit_cascade
+    from catimage.tables.draws import draws_from_table
+    from catimage.tables.table import aggregate, split_prompts
+
+    table = planted_world_table(blank_pass, blank_judge)
+    names = list(PLANTED_COSTS)
+    matrix = aggregate(table, "judge", names)
+    draws = draws_from_table(table, names, "scene_score", "judge")
+    split = split_prompts(matrix.n_prompts, 0.0, 0.25, seed=1)
+    costs = np.asarray([PLANTED_COSTS[n] for n in names])
+    model = fit_cascade(matrix, draws, costs, "gflops", split.train, split.calibration, score_cost=SCORE_COST,
+                        options=CascadeOptions(max_attempts=2, plan_thresholds=(0.5,)), estimator="knn",
+                        estimator_params={"k": 5}, embedder=make_embedder("tfidf", dim=None))
+    if cascade:
+        return str(model.save(out))
+    return str(model.router.save(out))
