@@ -19,7 +19,6 @@ import sys
 from typing import Any
 
 import numpy as np
-
 import ray.cloudpickle
 from ray import serve
 
