@@ -145,7 +145,8 @@ def evaluate(args: argparse.Namespace) -> None:
                                   seed=0, trials=args.trials, cost_unit=pool.cost_unit, bootstrap=args.bootstrap,
                                   policy=args.policy, score_cost=args.decision_cost,
                                   cascade=CascadeOptions(max_attempts=args.max_attempts,
-                                                         router_means=not args.knn_means))
+                                                         router_means=not args.knn_means,
+                                                         draw_estimator={"k": args.draw_k} if args.draw_k else {}))
         report = evaluate_table(matrix, costs, options, draws=draws)
         for policy, block in report["policies"].items():
             _policy_row(tab, name, policy, block, time.perf_counter() - start)
@@ -251,6 +252,9 @@ def main() -> None:
                        help="add N(0, sd) to the decision scores: a noisy stand-in for a learned decider")
         p.add_argument("--decision-cost", type=float, default=0.0, help="the decision scorer's cost per image (GFLOPs)")
         p.add_argument("--max-attempts", type=int, default=4)
+        p.add_argument("--draw-k", type=int, default=None,
+                       help="fix the draw estimator's k (default: chosen by leave-one-out); a k above the training "
+                            "prompts gives every prompt the global per-draw law (a prompt-agnostic baseline)")
         p.add_argument("--knn-means", action="store_true",
                        help="value a draw by the draw estimator's own k-NN means instead of the router's predictions")
     f.add_argument("--num-cpus", type=float, default=None)

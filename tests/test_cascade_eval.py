@@ -157,6 +157,8 @@ def test_fitted_cascade_plans_saves_and_calibrates(tmp_path):
                         embedder=make_embedder("tfidf", dim=None))
     assert not model.upper_bound and model.decision_metric == "decider"
     prompts = ["a red cat number 1", "a blue ship number 2"]
+    # the draw means are the router's predictions (router_means), however they are computed
+    assert model.predict_stats(prompts).q_mean == pytest.approx(model.router.predict(prompts))
     at_best = model.plan(prompts, lam=0.0)
     assert all(len(p.attempts) == 2 for p in at_best)  # redrawing beats one draw when cost is free
     assert model.plan(prompts, lam=1e6) == [Plan.route("cheap")] * 2

@@ -27,8 +27,13 @@ through catimage.evaluation.figures.policy_views)::
       "cascade": {... the same keys ..., "decision_metric": NAME, "upper_bound": bool,
                   "traces": [{"prompt_id", "prompt", "budget", "lambda", "plan": {"attempts", "threshold"},
                               "label", "attempts": [attempt_trace rows]}],
-                  "plans": {"n_plans", "max_attempts", "thresholds", "score_cost"}}
+                  "plans": {"n_plans", "max_attempts", "thresholds", "score_cost", "distinct", "router_means",
+                            "draw_estimator"}}
     }
+
+    per_trial rows: {"seed", "n_test", "best_fixed", <figures.TRIAL_RECORD_KEYS>, "apgr", "cpt_50", "cpt_80"}
+    attempt_trace rows: {"candidate", "seed" (the table's seed value), "decision" (null for the unscored
+                         route plan), "judge", "accepted", "returned", "cost"}
 
 `summary` has the keys of the route summary (evaluate_curve) plus "apgr", "cpt_50", "cpt_80",
 "trials" (summarize_trials + "intervals"), "intervals", "verdict" and "budget_check"; `curve` is a

@@ -147,8 +147,16 @@ class CascadeModel:
         if not self.options.router_means:
             return stats
         if means is None:
-            means = self.router.predict(list(prompts))[:, : len(self.candidates)]
+            means = self._router_means(list(prompts), X)
         return stats.with_means(means)
+
+    def _router_means(self, prompts: list[str], X: np.ndarray) -> np.ndarray:
+        """The router's predictions, from the pooled features already computed when its estimator reads
+        pooled features (one embedding per request in serving), else through `RouterModel.predict`."""
+        router = self.router
+        if router.estimator.input_kind == "pooled" and not router.added:
+            return router.scaler.inverse_transform(router.estimator.predict(X))
+        return router.predict(prompts)[:, : len(self.candidates)]
 
     def plan_values(self, stats: DrawStats) -> tuple[np.ndarray, np.ndarray]:
         """(expected judge value, expected cost), each (n, P) over `self.plans`."""
