@@ -13,11 +13,11 @@ from catimage.errors import BudgetError, CatimageError
 from catimage.evaluation.cascade import attempt_trace, seed_slots, simulate_plans
 from catimage.evaluation.trials import EvaluateOptions, evaluate_table
 from catimage.features.registry import make_embedder
-from catimage.model.cascade_model import CascadeModel, CascadeOptions, fit_cascade
+from catimage.model.cascade_model import CascadeModel, CascadeOptions
 from catimage.policy.cascade import choose_plans
 from catimage.policy.plans import Plan, executed_attempts
 from catimage.tables.draws import Draws, draws_from_table
-from catimage.tables.table import aggregate, split_prompts
+from catimage.tables.table import aggregate
 
 # One prompt, candidates a (cost 1) and b (cost 3), three seeds (table seed values 10, 11, 12); scorer .5
 HAND = Draws(["p"], ["a prompt"], ["a", "b"],
@@ -151,10 +151,10 @@ def test_fitted_cascade_plans_saves_and_calibrates(tmp_path):
     table = _planted_table(60)
     matrix = aggregate(table, "score", ["cheap", "dear"])
     draws = draws_from_table(table, ["cheap", "dear"], "decider", "score")
-    split = split_prompts(matrix.n_prompts, 0.0, 0.2, seed=1)
-    model = fit_cascade(matrix, draws, COSTS, "s", split.train, split.calibration, score_cost=0.1,
-                        options=CascadeOptions(max_attempts=2), estimator="knn", estimator_params={"k": 5},
-                        embedder=make_embedder("tfidf", dim=None))
+    model = CascadeModel.fit(matrix, draws, COSTS, "s", score_cost=0.1, options=CascadeOptions(max_attempts=2),
+                             calibration_frac=0.2, seed=1, estimator="knn", estimator_params={"k": 5},
+                             embedder=make_embedder("tfidf", dim=None))
+    assert model.calibration_stats.n_prompts == 12  # 20 % of 60 held out for calibration only
     assert not model.upper_bound and model.decision_metric == "decider"
     prompts = ["a red cat number 1", "a blue ship number 2"]
     # the draw means are the router's predictions (router_means), however they are computed

@@ -42,7 +42,7 @@ from catimage.policy.cascade import DrawStats, choose_plans, enumerate_plans, pl
 from catimage.policy.plans import Plan
 from catimage.policy.routing import calibrate_lambda, pareto_options
 from catimage.tables.draws import Draws
-from catimage.tables.table import QualityMatrix
+from catimage.tables.table import QualityMatrix, split_prompts
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,16 @@ class CascadeModel:
     def upper_bound(self) -> bool:
         """The decision metric is the judge: this cascade's figures are upper bounds."""
         return self.decision_metric == self.judge_metric
+
+    @classmethod
+    def fit(cls, matrix: QualityMatrix, draws: Draws, costs: np.ndarray, cost_unit: str, *, score_cost: float,
+            options: CascadeOptions | None = None, calibration_frac: float = 0.1, seed: int = 0,
+            **router_args: Any) -> CascadeModel:
+        """Fit on every prompt but a calibration split (`fit_cascade` with a train / calibration split),
+        as `RouterModel.fit` does for routing; `router_args` go to `fit_router`."""
+        split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=calibration_frac, seed=seed)
+        return fit_cascade(matrix, draws, costs, cost_unit, split.train, split.calibration, score_cost=score_cost,
+                           options=options, **router_args)
 
     # --- prediction ----------------------------------------------------------------------------
     def predict_stats(self, prompts: Sequence[str], X: np.ndarray | None = None,
