@@ -253,7 +253,9 @@ class _Stat:
 
     def value(self, idx: np.ndarray | None = None) -> np.ndarray | float:
         if idx is None:
-            return float(self.num.sum() / self.den.sum()) if self.den is not None else float(self.num.mean())
+            if self.den is None:
+                return float(self.num.mean())
+            return float(self.num.sum() / self.den.sum()) if self.den.sum() > 0 else float("nan")
         num = self.num[idx].sum(axis=-1)
         den = self.den[idx].sum(axis=-1) if self.den is not None else idx.shape[-1]
         with np.errstate(invalid="ignore", divide="ignore"):

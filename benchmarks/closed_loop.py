@@ -1,0 +1,491 @@
+"""Closed loop in the scene world: a policy that learns only from what it serves, against one fitted on the full table.
+
+    nice -n 10 .venv/bin/python benchmarks/closed_loop.py [--prompts 5000] [--retrain-every 1000]
+        [--budget 2.5] [--epsilon 0.1] [--sigma 0.1] [--eval-prompts 200] [--out /tmp/closed_loop]
+
+1. The full-table policy: a cascade (router + plans, catimage.model.cascade_model.fit_cascade) fitted
+   on the whole shipped world table (1,000 prompts x 7 candidates x 4 seeds): judge scene_score,
+   decision metric the online decider.
+2. The closed-loop policy starts from a cascade fitted on 100 of those table prompts, on the
+   decision metric alone (it never sees the judge: the decider's scores are its labels and its
+   stop rule).
+3. A stream of fresh world prompts (`heldout_prompts(seed=STREAM_SEED)`, scenes disjoint from the
+   table's, the demo's and the dev set's) is served in-process by both policies: images drawn by
+   the world generators (catimage.generators), scored by scene_score (the judge, for the figures
+   only) and by the decider. Each policy holds the budget with its own online controller
+   (catimage.policy.budget) fed the realised cost of every attempt. The closed loop explores
+   (catimage.policy.explore: epsilon-greedy over the 7 route plans around its own plan), scores
+   every image it draws (its labels; the scorer's cost is counted), logs every attempt with its
+   propensity (catimage.tables.served_log, a real Parquet log in a temporary folder), and every
+   `--retrain-every` prompts refits on the 100 table prompts plus everything logged.
+4. Figures: per window, the realised judge quality and cost of both policies on the stream; the
+   area over the hull (THE area figure, on the judge, at the same budgets: the fixed candidates'
+   cost range) of every closed-loop version and of the full-table policy on a fresh evaluation
+   table (`--eval-prompts` further prompts x 7 candidates x 4 seeds, simulated by
+   catimage.evaluation.cascade); and off-policy evaluation (DR) of a FIXED router (the full-table
+   policy's router at the budget's lambda) on the logged traffic against that router's true
+   on-policy mean decision score on the same prompts and seeds.
+
+The decider: until the learned `scene_decider` ships weights, the online decision score is
+scene_score plus Gaussian noise (sigma `--sigma`, a fixed function of prompt, candidate and seed);
+its cost per image is `--score-cost` GFLOPs (what the learned decider is budgeted at). Images are
+never kept; their scores are cached outside the repository (`--cache`) so that a rerun draws
+nothing twice. Prints; asserts nothing. The last line reads
+
+    closed loop: <x> of the full-table router's area over hull after <n> served prompts; OPE error <e>
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from catimage.model.cascade_model import CascadeModel, CascadeOptions, fit_cascade
+from catimage.policy.budget import BudgetController, ControllerConfig, lambda_scale
+from catimage.policy.explore import ExplorationConfig, action_key, explore
+from catimage.policy.plans import Plan, executed_attempts
+from catimage.policy.routing import route
+from catimage.tables.draws import Draws, draws_from_table
+from catimage.tables.served_log import LogConfig, ServedLogWriter, ServedRow
+from catimage.tables.table import aggregate, read_quality_table, split_prompts
+
+log = logging.getLogger("closed_loop")
+
+DATA = ROOT / "catimage" / "data"
+POOL = DATA / "world_pool.yaml"
+TABLE = DATA / "world_table.parquet"
+DEMO_PROMPTS = DATA / "world_demo_prompts.txt"
+JUDGE = "scene_score"
+DECIDER = "decider"  # scene_score + noise, standing in for the learned scene_decider
+TABLE_SEED, DEMO_SEED, DEV_SEED = 2027, 8, 99  # the seeds of the prompts this benchmark must not reuse
+STREAM_SEED, EVAL_SEED = 1414, 1415
+SLOTS = 4  # seed slots per prompt (plans of up to 4 attempts)
+
+
+# --- the simulated world: draw, judge, decide --------------------------------------------------------
+
+
+def decider_noise(prompt_id: str, candidate: str, slot: int) -> float:
+    """A standard normal that is a fixed function of the draw (same draw, same noise, every run)."""
+    digest = hashlib.sha256(f"{prompt_id}\x1f{candidate}\x1f{slot}".encode()).digest()
+    return float(np.random.default_rng(int.from_bytes(digest[:8], "big")).standard_normal())
+
+
+class WorldSim:
+    """Draws images with the world generators and scores them with the judge; scores cached on disk.
+
+    A draw is (prompt, candidate, slot): the image of `generation_seed(prompt_id, slot)`, the seed a
+    build gives seed index `slot`, so a stream draw and a table row of the same slot are alike.
+    """
+
+    def __init__(self, pool, cache: Path, sigma: float, batch: int = 64) -> None:
+        self.pool, self.sigma, self.batch = pool, sigma, batch
+        self.cache = cache
+        cache.mkdir(parents=True, exist_ok=True)
+        self.judge: dict[tuple[str, str, int], float] = {}
+        for f in sorted(cache.glob("scores-*.parquet")):
+            t = pq.read_table(f).to_pydict()
+            self.judge.update(zip(zip(t["prompt_id"], t["candidate"], t["slot"]), t[JUDGE]))
+        self.generators: dict = {}
+        self.scorer = None
+        self.drawn = 0
+        self.seconds = 0.0
+
+    def decision(self, key: tuple[str, str, int]) -> float:
+        return self.judge[key] + self.sigma * decider_noise(*key)
+
+    def ensure(self, draws: list[tuple[str, str, str, int]]) -> None:
+        """Generate and judge every (prompt, prompt_id, candidate, slot) not in the cache yet."""
+        missing = list({(pid, c, s): (p, pid, c, s) for p, pid, c, s in draws if (pid, c, s) not in self.judge}.values())
+        for cand in sorted({c for _, _, c, _ in missing}):
+            todo = [d for d in missing if d[2] == cand]
+            for start in range(0, len(todo), self.batch):
+                self._draw(cand, todo[start : start + self.batch])
+
+    def _draw(self, cand: str, chunk: list[tuple[str, str, str, int]]) -> None:
+        from catimage.generators import generation_seed, make_generator
+        from catimage.metrics import make_scorer
+
+        if cand not in self.generators:
+            self.generators[cand] = make_generator(self.pool.get(cand).generator)
+        if self.scorer is None:
+            self.scorer = make_scorer(JUDGE)
+        start = time.perf_counter()
+        prompts = [p for p, _, _, _ in chunk]
+        images = self.generators[cand].generate(prompts, [generation_seed(pid, s) for _, pid, _, s in chunk])
+        scores = self.scorer.score(prompts, images)
+        self.seconds += time.perf_counter() - start
+        self.drawn += len(chunk)
+        rows = {"prompt_id": [d[1] for d in chunk], "candidate": [cand] * len(chunk), "slot": [d[3] for d in chunk],
+                JUDGE: [float(v) for v in scores]}
+        pq.write_table(pa.table(rows), self.cache / f"scores-{time.time_ns()}.parquet")
+        self.judge.update(zip(zip(rows["prompt_id"], rows["candidate"], rows["slot"]), rows[JUDGE]))
+
+
+def with_decider(table: pa.Table, sigma: float) -> pa.Table:
+    """The shipped table plus the decider's column: its scene_score plus the same fixed noise."""
+    noise = [decider_noise(p, c, int(s)) for p, c, s in zip(table.column("prompt_id").to_pylist(),
+                                                          table.column("candidate").to_pylist(),
+                                                          table.column("seed").to_pylist(), strict=True)]
+    judge = table.column(JUDGE).to_numpy()
+    return table.append_column(DECIDER, pa.array(judge + sigma * np.asarray(noise)))
+
+
+def eval_draws(sim: WorldSim, prompts: list[str], candidates: list[str]) -> Draws:
+    """A fresh evaluation table as per-draw arrays: every candidate x SLOTS seeds of every prompt."""
+    from catimage.tables.table import stable_prompt_id
+
+    pids = [stable_prompt_id(p) for p in prompts]
+    sim.ensure([(p, pid, c, s) for p, pid in zip(prompts, pids, strict=True) for c in candidates for s in range(SLOTS)])
+    shape = (len(prompts), len(candidates), SLOTS)
+    judge, decision = np.empty(shape), np.empty(shape)
+    for i, pid in enumerate(pids):
+        for j, c in enumerate(candidates):
+            for s in range(SLOTS):
+                judge[i, j, s] = sim.judge[(pid, c, s)]
+                decision[i, j, s] = sim.decision((pid, c, s))
+    return Draws(pids, prompts, candidates, decision, judge, np.broadcast_to(np.arange(SLOTS), shape).copy(),
+                 DECIDER, JUDGE)
+
+
+# --- fitting -----------------------------------------------------------------------------------------
+
+
+def fit_policy(table: pa.Table, candidates: list[str], costs: np.ndarray, judge: str, args, embedder) -> CascadeModel:
+    """THE fit pipeline (fit_cascade -> fit_router) on a table's rows; `judge` is what it learns to
+    maximise (scene_score for the full-table policy, the decider itself for the closed loop)."""
+    matrix = aggregate(table, metric=judge, candidates=candidates)
+    draws = draws_from_table(table, candidates, DECIDER, judge)
+    split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=0)
+    return fit_cascade(matrix, draws, costs, "gflops", split.train, split.calibration, score_cost=args.score_cost,
+                       options=CascadeOptions(max_attempts=SLOTS), estimator=args.estimator, embedder=embedder)
+
+
+# --- serving -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """Per served request: what the judge says of the returned image, what the decider said, the cost."""
+
+    judge: list[float] = field(default_factory=list)
+    decision: list[float] = field(default_factory=list)
+    cost: list[float] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    explored: list[bool] = field(default_factory=list)
+
+
+class Policy:
+    """One policy serving the stream: plan per prompt at the controller's lambda, draw, stop, pay."""
+
+    def __init__(self, name: str, model: CascadeModel, sim: WorldSim, costs: np.ndarray, args,
+                 explore_cfg: ExplorationConfig | None = None, writer: ServedLogWriter | None = None) -> None:
+        self.name, self.model, self.sim, self.costs, self.args = name, model, sim, costs, args
+        self.explore_cfg, self.writer = explore_cfg, writer
+        self.price = dict(zip(model.candidates, costs.tolist(), strict=True))
+        self.rng = np.random.default_rng(args.seed)
+        self.served = Served()
+        self.version = 0
+        self.controller = self._controller(model.lambda_for_budget(args.budget))
+
+    def _controller(self, lam0: float) -> BudgetController:
+        value, cost = self.model.plan_values(self.model.calibration_stats)
+        return BudgetController(ControllerConfig(budget=self.args.budget, window=self.args.window), lam_offline=lam0,
+                                scale=lambda_scale(value, cost))
+
+    def swap(self, model: CascadeModel) -> None:
+        """A retrained model takes over; the controller keeps its lambda (what serving's hot swap does)."""
+        self.model, self.version = model, self.version + 1
+
+    def serve(self, prompts: list[str], pids: list[str], X: np.ndarray, first: int) -> None:
+        lam = self.controller.lam
+        value, cost = self.model.plan_values(self.model.predict_stats(prompts, X))
+        greedy = route(value, cost, lam)
+        chosen, propensity = [], []
+        for i in range(len(prompts)):
+            plan, p, explored = self._choose(value[i], cost[i], int(greedy[i]), lam)
+            chosen.append(plan)
+            propensity.append(p)
+            self.served.explored.append(explored)
+        realised = self._execute(prompts, pids, chosen, propensity, lam, first)
+        self.controller.observe(realised)
+
+    def _choose(self, value: np.ndarray, cost: np.ndarray, greedy: int, lam: float) -> tuple[Plan, float, bool]:
+        """The greedy plan, or (closed loop) an epsilon-greedy draw over it and the 7 route plans."""
+        plans = self.model.plans
+        if self.explore_cfg is None:
+            return plans[greedy], 1.0, False
+        options = list(dict.fromkeys([greedy, *range(len(self.model.candidates))]))  # route plans come first
+        util = (value[options] - lam * cost[options])[None, :]
+        ex = explore(util, cost[options][None, :], self.explore_cfg, self.rng)
+        return plans[options[int(ex.choice[0])]], float(ex.propensity[0]), bool(ex.explored[0])
+
+    def _execute(self, prompts, pids, plans: list[Plan], propensity, lam: float, first: int) -> list[float]:
+        scores: list[list[float]] = [[] for _ in plans]
+        open_ = [True] * len(plans)
+        for j in range(SLOTS):
+            todo = [i for i, pl in enumerate(plans) if open_[i] and j < len(pl.attempts)]
+            self.sim.ensure([(prompts[i], pids[i], plans[i].attempts[j], j) for i in todo])
+            for i in todo:
+                d = self.sim.decision((pids[i], plans[i].attempts[j], j))
+                scores[i].append(d)
+                thr = plans[i].threshold
+                open_[i] = not (thr is not None and d >= thr)
+        return [self._account(prompts[i], pids[i], pl, scores[i], propensity[i], lam, first + i)
+                for i, pl in enumerate(plans)]
+
+    def _account(self, prompt, pid, plan: Plan, scores: list[float], propensity, lam, index: int) -> float:
+        drawn, returned = executed_attempts(plan, scores)
+        scored = self.writer is not None or not plan.is_route  # the closed loop scores every draw: its labels
+        spent = sum(self.price[plan.attempts[j]] + (self.args.score_cost if scored else 0.0) for j in range(drawn))
+        key = (pid, plan.attempts[returned], returned)
+        self.served.judge.append(self.sim.judge[key])
+        self.served.decision.append(scores[returned])
+        self.served.cost.append(spent)
+        self.served.attempts.append(drawn)
+        if self.writer is not None:
+            self._log(prompt, pid, plan, scores[:drawn], returned, propensity, lam, index)
+        return spent
+
+    def _log(self, prompt, pid, plan: Plan, scores, returned: int, propensity, lam, index: int) -> None:
+        from catimage.generators import generation_seed
+
+        when = datetime(2026, 12, 1, tzinfo=UTC) + timedelta(seconds=5 * index)
+        self.writer.append(
+            ServedRow(prompt_id=pid, prompt=prompt, candidate=plan.attempts[j], seed=generation_seed(pid, j),
+                      pool_cost=self.price[plan.attempts[j]], decision_cost=self.args.score_cost,
+                      request_id=f"req-{index}", attempt=j, returned=j == returned, propensity=propensity,
+                      policy="route" if plan.is_route else "cascade", plan=action_key(plan), lam=lam,
+                      model_version=f"closed-loop-v{self.version}", scores={DECIDER: s}, time=when)
+            for j, s in enumerate(scores)
+        )
+
+
+# --- figures -----------------------------------------------------------------------------------------
+
+
+def policy_area(model: CascadeModel, draws: Draws, X: np.ndarray, costs: np.ndarray,
+                bootstrap: int = 0) -> tuple[float, np.ndarray | None]:
+    """THE area figure of a cascade policy on the evaluation draws, read on the judge; with `bootstrap`,
+    its value on resampled evaluation prompts (the same resamples for every model: paired)."""
+    from catimage.evaluation.cascade import evaluate_cascade_trial
+    from catimage.evaluation.figures import BOOTSTRAP_FIGURES
+
+    trial = evaluate_cascade_trial(model, draws, X, costs, bootstrap=bootstrap, seed=0, n_traces=0)
+    samples = None if trial.boot is None else trial.boot[:, BOOTSTRAP_FIGURES.index("area_over_hull")]
+    return float(trial.result.summary["area_over_hull"]), samples
+
+
+def ope_check(log_dir: Path, router, budget: float, sim: WorldSim, prompts, pids) -> dict:
+    """DR estimate of a fixed router on the logged traffic vs its true on-policy mean decision score."""
+    from catimage.evaluation.offpolicy import evaluate_policy, logged_requests, router_target
+    from catimage.tables.served_log import read_served_log
+
+    logged = logged_requests(read_served_log(str(log_dir)), DECIDER)
+    lam = router.lambda_for_budget(budget)
+    result = evaluate_policy(logged, router_target(router, logged, lam, "fixed router"), lam, n_boot=1000)
+    index = {pid: i for i, pid in enumerate(pids)}
+    rows = [index[p] for p in logged.prompt_ids]
+    choice = route(router.predict([prompts[i] for i in rows]), router.costs, lam)
+    draws = [(prompts[i], pids[i], router.candidates[c], 0) for i, c in zip(rows, choice, strict=True)]
+    sim.ensure(draws)
+    truth = float(np.mean([sim.decision((pid, c, 0)) for _, pid, c, _ in draws]))
+    dr = result.figures["dr"]["quality"]
+    return {"lambda": lam, "truth": truth, "dr": dr.to_dict(), "ips": result.figures["ips"]["quality"].to_dict(),
+            "error": abs(dr.value - truth), "covered": bool(dr.low <= truth <= dr.high),
+            "effective_sample_size": result.effective_sample_size, "n_requests": logged.n}
+
+
+def window_table(served: dict[str, Served], size: int, budget: float) -> list[dict]:
+    rows = []
+    n = len(next(iter(served.values())).cost)
+    for start in range(0, n, size):
+        row = {"window": f"{start}-{min(start + size, n)}"}
+        for name, s in served.items():
+            cost = np.asarray(s.cost[start : start + size])
+            row[name] = {"judge": float(np.mean(s.judge[start : start + size])), "cost": float(cost.mean()),
+                         "budget_error": float(cost.mean() / budget - 1),
+                         "attempts": float(np.mean(s.attempts[start : start + size]))}
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], budget: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (qa, ca) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(rows))
+    for name in (k for k in rows[0] if k != "window"):
+        qa.plot(x, [r[name]["judge"] for r in rows], marker="o", label=name)
+        ca.plot(x, [r[name]["cost"] for r in rows], marker="o", label=name)
+    ca.axhline(budget, color="grey", ls="--", label="budget")
+    for ax, title in ((qa, "realised judge (scene_score) per window"), (ca, "realised cost per window (GFLOPs)")):
+        ax.set_xticks(x, [r["window"] for r in rows], rotation=45, fontsize=7)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=5000, help="fresh world prompts served")
+    p.add_argument("--retrain-every", type=int, default=1000)
+    p.add_argument("--start-prompts", type=int, default=100, help="table prompts the closed loop starts from")
+    p.add_argument("--eval-prompts", type=int, default=200, help="fresh prompts of the evaluation table")
+    p.add_argument("--budget", type=float, default=2.5, help="average GFLOPs per request both policies hold")
+    p.add_argument("--epsilon", type=float, default=0.1)
+    p.add_argument("--sigma", type=float, default=0.1, help="the stand-in decider's noise")
+    p.add_argument("--score-cost", type=float, default=0.04, help="GFLOPs per image of the decision scorer")
+    p.add_argument("--estimator", default="twoway-ridge")
+    p.add_argument("--batch", type=int, default=25, help="requests decided at one lambda")
+    p.add_argument("--window", type=int, default=200, help="the controller's window")
+    p.add_argument("--report-window", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a busy 2-core machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=500, help="resamples of the evaluation prompts for the area ratio")
+    p.add_argument("--cache", type=Path, default=Path(os.environ.get("CATIMAGE_CACHE", Path.home() / ".cache" / "catimage"))
+                   / "closed_loop_scores")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "closed_loop")
+    return p
+
+
+def _prompt_sets(args) -> tuple[list[str], list[str]]:
+    """Stream and evaluation prompts: held-out scenes disjoint from the table's, the demo's, the dev
+    set's and each other's."""
+    from catimage.world import heldout_prompts
+
+    table = read_quality_table(TABLE)
+    banned = list(dict.fromkeys(table.column("prompt").to_pylist()))
+    banned += [p for p in DEMO_PROMPTS.read_text().splitlines() if p.strip()]
+    banned += heldout_prompts(300, seed=DEV_SEED)
+    evaluation = heldout_prompts(args.eval_prompts, seed=EVAL_SEED, exclude=banned)  # the same whatever the stream
+    stream = heldout_prompts(args.prompts, seed=STREAM_SEED, exclude=banned + evaluation)
+    return stream, evaluation
+
+
+def _retrain(base: pa.Table, log_dir: Path, candidates, costs, args, embedder) -> CascadeModel:
+    """Refit on the start prompts plus every logged draw (the decider is all it learns from)."""
+    logged = read_quality_table(log_dir).select(["prompt_id", "prompt", "candidate", "seed", DECIDER])
+    rows = pa.concat_tables([base.select(logged.column_names).cast(logged.schema), logged])
+    return fit_policy(rows, candidates, costs, DECIDER, args, embedder)
+
+
+def main(argv=None) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from catimage.features.cache import CachedEmbedder
+    from catimage.features.registry import make_embedder
+    from catimage.tables.pool import load_pool
+    from catimage.tables.table import stable_prompt_id
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pool = load_pool(POOL)
+    candidates, costs = pool.names, pool.cost_vector(pool.names)
+    embedder = CachedEmbedder(make_embedder("minilm"))
+    table = with_decider(read_quality_table(TABLE), args.sigma)
+    started = time.perf_counter()
+    full = fit_policy(table, candidates, costs, JUDGE, args, embedder)
+    start_ids = sorted(set(table.column("prompt_id").to_pylist()))
+    start_ids = list(np.random.default_rng(args.seed).choice(start_ids, args.start_prompts, replace=False))
+    base = table.filter(pc.is_in(table.column("prompt_id"), value_set=pa.array(start_ids)))
+    closed = fit_policy(base, candidates, costs, DECIDER, args, embedder)
+    print(f"fitted the full-table policy (1,000 prompts) and the start policy ({args.start_prompts} prompts) "
+          f"in {time.perf_counter() - started:.0f} s; {len(full.plans)} plans")
+    stream, evaluation = _prompt_sets(args)
+    sim = WorldSim(pool, args.cache, args.sigma)
+    eval_set = eval_draws(sim, evaluation, candidates)
+    X_eval = embedder.encode(evaluation)
+    X_stream = embedder.encode(stream)
+    pids = [stable_prompt_id(p) for p in stream]
+    log_dir = Path(tempfile.mkdtemp(prefix="served_log_", dir=args.out))
+    writer = ServedLogWriter(LogConfig(uri=str(log_dir), metrics=(DECIDER,), flush_rows=500))
+    loop = Policy("closed loop", closed, sim, costs, args, ExplorationConfig(epsilon=args.epsilon), writer)
+    ref = Policy("full table", full, sim, costs, args)
+    areas = [{"served": 0, "closed_loop": policy_area(closed, eval_set, X_eval, costs)[0]}]
+    for start in tqdm(range(0, len(stream), args.batch), desc="serving", unit="batch"):
+        sl = slice(start, start + args.batch)
+        for policy in (loop, ref):
+            policy.serve(stream[sl], pids[sl], X_stream[sl], start)
+        served = min(start + args.batch, len(stream))
+        if served % args.retrain_every == 0 or served == len(stream):
+            writer.flush()
+            loop.swap(_retrain(base, log_dir, candidates, costs, args, embedder))
+            areas.append({"served": served, "closed_loop": policy_area(loop.model, eval_set, X_eval, costs)[0]})
+            print(f"after {served}: closed-loop area over hull {areas[-1]['closed_loop']:+.4f}")
+    writer.close()
+    final = policy_area(loop.model, eval_set, X_eval, costs, bootstrap=args.bootstrap)
+    full_area = policy_area(full, eval_set, X_eval, costs, bootstrap=args.bootstrap)
+    report(args, loop, ref, areas, final, full_area, sim, log_dir, stream, pids, full, started)
+
+
+def report(args, loop: Policy, ref: Policy, areas, final, full, sim, log_dir, stream, pids, full_model,
+           started) -> None:
+    full_area = full[0]
+    rows = window_table({"closed loop": loop.served, "full table": ref.served}, args.report_window, args.budget)
+    plot(rows, args.budget, args.out / "closed_loop.png")
+    ope = ope_check(log_dir, full_model.router, args.budget, sim, stream, pids)
+    print(f"{'window':>11} | closed loop: judge  cost  (vs budget)  attempts | full table: judge  cost  (vs budget)")
+    for r in rows:
+        a, b = r["closed loop"], r["full table"]
+        print(f"{r['window']:>11} | {a['judge']:.3f}  {a['cost']:.3f}  ({a['budget_error']:+.1%})  {a['attempts']:.2f} | "
+              f"{b['judge']:.3f}  {b['cost']:.3f}  ({b['budget_error']:+.1%})")
+    for name in ("closed loop", "full table"):
+        errs = [abs(r[name]["budget_error"]) for r in rows]
+        print(f"{name}: largest budget error per window of {args.report_window} {max(errs):.1%} "
+              f"({sum(e <= 0.05 for e in errs)} of {len(errs)} windows within 5 %)")
+    for a in areas:
+        print(f"area over hull after {a['served']:>5} served prompts: closed loop {a['closed_loop']:+.4f}  "
+              f"(full table {full_area:+.4f})")
+    print(f"explored {np.mean(loop.served.explored):.1%} of requests; drew {sim.drawn} new images in {sim.seconds:.0f} s; "
+          f"decider: scene_score + N(0, {args.sigma}) (scene_decider has no shipped weights yet)")
+    print(f"OPE of a fixed router (full-table router at lambda {ope['lambda']:.3g}) on {ope['n_requests']} logged requests: "
+          f"DR {ope['dr']['value']:.4f} [{ope['dr']['low']:.4f}, {ope['dr']['high']:.4f}], IPS {ope['ips']['value']:.4f}; "
+          f"true on-policy {ope['truth']:.4f}: {'inside' if ope['covered'] else 'OUTSIDE'} the interval")
+    ratio = final[0] / full_area if full_area > 0 else float("nan")
+    low = high = float("nan")
+    if final[1] is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            low, high = np.nanquantile(final[1] / full[1], [0.025, 0.975])
+    print(f"area over hull on {args.eval_prompts} evaluation prompts: closed loop {final[0]:+.4f}, full table "
+          f"{full_area:+.4f}; ratio {ratio:.3f} [{low:.3f}, {high:.3f}] (95 % paired bootstrap over evaluation prompts)")
+    (args.out / "closed_loop.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "windows": rows, "areas": areas, "full_table_area": full_area,
+         "ratio": ratio, "ratio_interval": [float(low), float(high)], "ope": ope, "seconds": time.perf_counter() - started}, indent=2))
+    print(f"wrote {args.out / 'closed_loop.png'} and {args.out / 'closed_loop.json'}")
+    print(f"closed loop: {ratio:.3f} of the full-table router's area over hull after {len(stream)} served prompts; "
+          f"OPE error {ope['error']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
