@@ -145,7 +145,7 @@ def evaluate(args: argparse.Namespace) -> None:
                                   seed=0, trials=args.trials, cost_unit=pool.cost_unit, bootstrap=args.bootstrap,
                                   policy=args.policy, score_cost=args.decision_cost,
                                   cascade=CascadeOptions(max_attempts=args.max_attempts,
-                                                         router_means=not args.knn_means,
+                                                         router_means=args.draw_means == "router",
                                                          draw_estimator={"k": args.draw_k} if args.draw_k else {}))
         report = evaluate_table(matrix, costs, options, draws=draws)
         for policy, block in report["policies"].items():
@@ -255,8 +255,9 @@ def main() -> None:
         p.add_argument("--draw-k", type=int, default=None,
                        help="fix the draw estimator's k (default: chosen by leave-one-out); a k above the training "
                             "prompts gives every prompt the global per-draw law (a prompt-agnostic baseline)")
-        p.add_argument("--knn-means", action="store_true",
-                       help="value a draw by the draw estimator's own k-NN means instead of the router's predictions")
+        p.add_argument("--draw-means", choices=("knn", "router"), default="knn",
+                       help="a draw's mean judge score: the draw estimator's own k-NN means (default) or the router's "
+                            "predictions with the k-NN pass laws moved under them")
     f.add_argument("--num-cpus", type=float, default=None)
     f.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "catimage-world-table"))
     args = parser.parse_args()

@@ -151,13 +151,13 @@ def test_fitted_cascade_plans_saves_and_calibrates(tmp_path):
     table = _planted_table(60)
     matrix = aggregate(table, "score", ["cheap", "dear"])
     draws = draws_from_table(table, ["cheap", "dear"], "decider", "score")
-    model = CascadeModel.fit(matrix, draws, COSTS, "s", score_cost=0.1, options=CascadeOptions(max_attempts=2),
+    model = CascadeModel.fit(matrix, draws, COSTS, "s", score_cost=0.1, options=CascadeOptions(max_attempts=2, router_means=True),
                              calibration_frac=0.2, seed=1, estimator="knn", estimator_params={"k": 5},
                              embedder=make_embedder("tfidf", dim=None))
     assert model.calibration_stats.n_prompts == 12  # 20 % of 60 held out for calibration only
     assert not model.upper_bound and model.decision_metric == "decider"
     prompts = ["a red cat number 1", "a blue ship number 2"]
-    # the draw means are the router's predictions (router_means), however they are computed
+    # with router_means, the draw means are the router's predictions, however they are computed
     assert model.predict_stats(prompts).q_mean == pytest.approx(model.router.predict(prompts))
     at_best = model.plan(prompts, lam=0.0)
     assert all(len(p.attempts) == 2 for p in at_best)  # redrawing beats one draw when cost is free
