@@ -133,7 +133,7 @@ def test_a_log_whose_metric_set_changed_still_reads(tmp_path):
     assert table.schema.field("other").type == pa.float64()
 
 
-def test_catimage_fit_reads_a_log_folder_with_no_conversion(tmp_path):
+def test_catimage_fit_and_train_read_a_log_folder_with_no_conversion(tmp_path):
     rng = np.random.default_rng(0)
     log_dir, pool, model = tmp_path / "log", tmp_path / "pool.yaml", tmp_path / "model"
     pool.write_text("cost_unit: relative\ncandidates:\n  - {name: small, cost: 1.0}\n  - {name: big, cost: 4.0}\n")
@@ -150,3 +150,8 @@ def test_catimage_fit_reads_a_log_folder_with_no_conversion(tmp_path):
     assert result.exit_code == 0, result.output
     assert (model / "router.json").is_file()
     assert '"metric": "decider"' in (model / "router.json").read_text()
+    trained = tmp_path / "trained"
+    result = CliRunner().invoke(app, ["train", str(log_dir), "--pool", str(pool), "--out", str(trained),
+                                      "--embedder", "tfidf", "--estimator", "knn"])
+    assert result.exit_code == 0, result.output
+    assert '"metric": "decider"' in (trained / "router.json").read_text()
