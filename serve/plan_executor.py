@@ -53,8 +53,8 @@ __all__ = [
     "served_rows",
 ]
 
-PaidFn = Callable[["Attempt", float], None]
-"""Called the moment an attempt costs something: (attempt, amount) for its drawing, then its scoring."""
+PaidFn = Callable[["Attempt", float, bool], None]
+"""Called the moment an attempt costs something: (attempt, amount, is_scoring), for its drawing, then its scoring."""
 DrawFn = Callable[[str, str, int], Awaitable[bytes | None]]
 """(candidate, prompt, seed) -> the image as PNG bytes; raises when no image could be drawn."""
 ScoreFn = Callable[[str, Any], Awaitable[float]]
@@ -164,7 +164,7 @@ class PlanExecutor:
     `costs`: each candidate's cost in the pool's unit; `score_cost`: the decision scorer's cost per
     image in the same unit; `always_score`: score even the one-attempt routing plan (so that routed
     traffic is logged with an online score and can be learned from; its cost then includes scoring).
-    `on_paid(attempt, amount)`: called the moment an image exists and the moment its scoring is
+    `on_paid(attempt, amount, is_scoring)`: called the moment an image exists and the moment its scoring is
     asked, so the caller's accounting (the budget controller) sees every cost even when the request
     is cancelled halfway through its plan.
     """
@@ -222,11 +222,11 @@ class PlanExecutor:
         a.generate_ms = (time.perf_counter() - start) * 1000
         a.image = image
         a.pool_cost = self.costs[a.candidate]
-        self._paid(a, a.pool_cost)
+        self._paid(a, a.pool_cost, False)
         if not scored or self.score is None:
             return
         a.decision_cost = self.score_cost
-        self._paid(a, a.decision_cost)
+        self._paid(a, a.decision_cost, True)
         start = time.perf_counter()
         try:
             a.score = float(await self.score(prompt, image))
@@ -237,9 +237,9 @@ class PlanExecutor:
             a.score, a.score_error = None, "the scorer returned NaN"
 
 
-    def _paid(self, a: Attempt, amount: float) -> None:
+    def _paid(self, a: Attempt, amount: float, scoring: bool) -> None:
         if self.on_paid is not None and amount > 0:
-            self.on_paid(a, amount)
+            self.on_paid(a, amount, scoring)
 
 
 def _pick(done: list[Attempt], threshold: float | None, final: bool) -> Attempt | None:

@@ -85,10 +85,10 @@ def test_parallel_waves_draw_k_at_once_and_keep_the_best_passing():
 def test_every_cost_is_reported_the_moment_it_is_paid():
     draw, score, _ = _planted({"a": 0.2, "b": 0.7, "c": 0.9})
     paid = []
-    ex = PlanExecutor(draw, score, COSTS, SCORE_COST, on_paid=lambda a, x: paid.append((a.candidate, x)))
+    ex = PlanExecutor(draw, score, COSTS, SCORE_COST, on_paid=lambda a, x, scoring: paid.append((a.candidate, x, scoring)))
     run = asyncio.run(ex.run(Plan(("a", "b", "c"), 0.5), "p", [1, 2, 3]))
-    assert paid == [("a", 1.0), ("a", 0.25), ("b", 2.0), ("b", 0.25)]
-    assert sum(x for _, x in paid) == pytest.approx(run.cost)
+    assert paid == [("a", 1.0, False), ("a", 0.25, True), ("b", 2.0, False), ("b", 0.25, True)]
+    assert sum(x for _, x, _ in paid) == pytest.approx(run.cost)
 
 
 def test_routing_plan_is_drawn_once_and_never_scored():
