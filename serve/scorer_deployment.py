@@ -23,7 +23,7 @@ import io
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -175,22 +175,28 @@ class ScorerClient:
     Usable as the plan executor's `score` function: `await client(prompt, png) -> float`.
     """
 
-    def __init__(self, handle: Any, metric: str, timeout_s: float = 10.0, retries: int = 1) -> None:
+    def __init__(self, handle: Any, metric: str, timeout_s: float = 10.0, retries: int = 1,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        """`on_failure(kind)`: called for every failure (e.g. to count it in Prometheus)."""
         self.handle = handle
+        self.on_failure = on_failure
         self.metric = metric
         self.timeout_s = float(timeout_s)
         self.retries = int(retries)
         self.failures: Counter[str] = Counter()
 
     @classmethod
-    def from_args(cls, handle: Any, metric: str, args: ScorerServeArgs) -> "ScorerClient":
-        return cls(handle, metric, args.request_timeout_s, args.retries)
+    def from_args(cls, handle: Any, metric: str, args: ScorerServeArgs,
+                  on_failure: Callable[[str], None] | None = None) -> "ScorerClient":
+        return cls(handle, metric, args.request_timeout_s, args.retries, on_failure)
 
     async def __call__(self, prompt: str, image: Any) -> float:
         try:
             return await self._score(prompt, image)
         except ScoreUnavailable as err:
             self.failures[err.kind] += 1
+            if self.on_failure is not None:
+                self.on_failure(err.kind)
             raise
 
     async def _score(self, prompt: str, image: Any) -> float:
