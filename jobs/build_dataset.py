@@ -177,7 +177,7 @@ def build_plan(
             size=spec.concurrency,
             num_cpus=spec.num_cpus,
             num_gpus=spec.num_gpus,
-            memory=None,
+            memory=spec.memory,
             remote_args=restart_args,
         )
     return ds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, PositiveInt
 
 MetricName = Literal["sharpness", "clip_score", "image_reward", "aesthetic", "scene_score", "scene_decider"]
 
@@ -20,3 +20,6 @@ class MetricSpec(BaseModel):
     concurrency: PositiveInt = 1
     num_gpus: float = Field(default=0.0, ge=0)
     num_cpus: float = Field(default=1.0, ge=0)
+    memory: ByteSize | None = Field(
+        default=None, description="Host memory one scorer actor holds (e.g. 900MiB): what Ray reserves for it."
+    )

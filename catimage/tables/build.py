@@ -546,7 +546,8 @@ def build_demand(pool: Pool) -> list[StageDemand]:
                     float(c.build.memory or 0))
         for c in pool.candidates
     ]
-    stages += [StageDemand(f"score {m.name}", m.concurrency, m.num_cpus, m.num_gpus, 0.0) for m in pool.metrics]
+    stages += [StageDemand(f"score {m.name}", m.concurrency, m.num_cpus, m.num_gpus, float(m.memory or 0))
+               for m in pool.metrics]
     return stages
 
 
