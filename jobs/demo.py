@@ -100,7 +100,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    except Exception as err:  # noqa: BLE001 - Ray raises many kinds; the user needs one message
+    except Exception as err:
         raise CatimageError(
             f"Ray could not start ({type(err).__name__}: {err}). Check free memory and /tmp space, and that no "
             "stale Ray is running (`ray stop`)."
