@@ -49,10 +49,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow.parquet as pq
 
-from catimage.tables.build import BuildConfig, part_files, read_prompts  # noqa: E402
-from catimage.tables.pool import load_pool  # noqa: E402
+from catimage.tables.build import BuildConfig, part_files, read_prompts
+from catimage.tables.pool import load_pool
 
 COLORS = ["red", "green", "blue", "yellow", "black", "white", "purple", "orange", "pink", "gray"]
 THINGS = ["cat", "dog", "car", "house", "tree", "boat", "bird", "chair", "lamp", "cup"]

@@ -83,34 +83,24 @@ def _device(explicit: str | None, num_gpus: float) -> str:
     return explicit or ("cuda" if num_gpus > 0 else "cpu")
 
 
-def _map_actors(
-    ds: ray.data.Dataset,
-    udf: type,
-    *,
-    fn_constructor_kwargs: dict[str, Any],
-    batch_size: int,
-    size: int,
-    num_cpus: float,
-    num_gpus: float,
-    memory: int | None,
-    remote_args: dict[str, Any],
-) -> ray.data.Dataset:
+def _map_actors(ds: ray.data.Dataset, udf: type, kwargs: dict[str, Any], res: Any, remote_args: dict[str, Any]) -> ray.data.Dataset:
     """One fixed-size actor pool stage over Arrow batches (the callable class loads its model once).
 
-    `memory` (bytes) is what Ray reserves per actor, so a node never gets more actors than fit.
+    `res` is a candidate's `build:` block or a metric spec: batch size, pool size (`concurrency`),
+    CPUs, GPUs and `memory` (bytes Ray reserves per actor, so a node never gets more than fit).
     """
-    if memory:
-        remote_args = {**remote_args, "memory": int(memory)}
+    if res.memory:
+        remote_args = {**remote_args, "memory": int(res.memory)}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
         return ds.map_batches(
             udf,
-            fn_constructor_kwargs=fn_constructor_kwargs,
-            batch_size=batch_size,
+            fn_constructor_kwargs=kwargs,
+            batch_size=res.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=size),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus or None,  # always with batch_size, as GPU stages must be
+            compute=ray.data.ActorPoolStrategy(size=res.concurrency),
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus or None,  # always with batch_size, as GPU stages must be
             **remote_args,
         )
 
@@ -124,62 +114,31 @@ def build_plan(
     scorer_factory: ScorerFactory | None = None,
     seed_fn: Callable[[str, int], int] | None = None,
 ) -> ray.data.Dataset:
-    """The lazy Ray Data plan for the pending rows (nothing runs until it is written)."""
+    """The lazy Ray Data plan for the pending rows (nothing runs until it is written): one generator
+    actor pool per candidate with rows, their union, then one scorer actor pool per metric."""
     # Bounded (Ray Data's default is -1: forever), so a row that kills its worker every time ends as
     # lost rows in the errors table instead of looping. Ray 2.60 has no named parameter for these
-    # yet, hence the remote-args route (deprecated for removal in 2.64; silenced in `_remote`).
+    # yet, hence the remote-args route (deprecated for removal in 2.64; silenced in `_map_actors`).
     restart_args = {"max_restarts": config.max_actor_restarts, "max_task_retries": config.max_actor_restarts}
-    image_root = config.image_root()
-    image_format = "webp" if config.save_images == "webp" else "png"
+    shared = {"max_retries": config.max_retries, "measure_cost": measure_cost, "image_root": config.image_root(),
+              "image_format": "webp" if config.save_images == "webp" else "png", "factory": generator_factory,
+              "seed_fn": seed_fn}
     branches = []
     cand_col = todo.column("candidate").to_pylist()
     for cand in pool.candidates:
         rows = todo.filter(pa.array([c == cand.name for c in cand_col]))
         if rows.num_rows == 0:
             continue
-        res = cand.build
         # One block per generator batch, so every actor of the pool has work from the start.
-        ds = ray.data.from_arrow(split_blocks(rows, res.batch_size))
-        ds = _map_actors(
-            ds,
-            GenerateStage,
-            fn_constructor_kwargs={
-                "spec": cand.generator,
-                "device": _device(getattr(cand.generator, "device", None), res.num_gpus),
-                "max_retries": config.max_retries,
-                "measure_cost": measure_cost,
-                "image_root": image_root,
-                "image_format": image_format,
-                "factory": generator_factory,
-                "seed_fn": seed_fn,
-            },
-            batch_size=res.batch_size,
-            size=res.concurrency,
-            num_cpus=res.num_cpus,
-            num_gpus=res.num_gpus,
-            memory=res.memory,
-            remote_args=restart_args,
-        )
-        branches.append(ds)
+        ds = ray.data.from_arrow(split_blocks(rows, cand.build.batch_size))
+        device = _device(getattr(cand.generator, "device", None), cand.build.num_gpus)
+        branches.append(_map_actors(ds, GenerateStage, {**shared, "spec": cand.generator, "device": device},
+                                    cand.build, restart_args))
     ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     for i, spec in enumerate(pool.metrics):
-        ds = _map_actors(
-            ds,
-            ScoreStage,
-            fn_constructor_kwargs={
-                "spec": spec,
-                "device": _device(None, spec.num_gpus),
-                "max_retries": config.max_retries,
-                "drop_image": i == len(pool.metrics) - 1,
-                "factory": scorer_factory,
-            },
-            batch_size=spec.batch_size,
-            size=spec.concurrency,
-            num_cpus=spec.num_cpus,
-            num_gpus=spec.num_gpus,
-            memory=spec.memory,
-            remote_args=restart_args,
-        )
+        kwargs = {"spec": spec, "device": _device(None, spec.num_gpus), "max_retries": config.max_retries,
+                  "drop_image": i == len(pool.metrics) - 1, "factory": scorer_factory}
+        ds = _map_actors(ds, ScoreStage, kwargs, spec, restart_args)
     return ds
 
 
@@ -281,7 +240,7 @@ def run_build(
     run_dir = None
     if todo.num_rows:
         with ray_session(config), _data_context(progress):
-            check_cluster_fits(pool, config)
+            check_cluster_fits(pool.select(_candidates_of(todo, pool)), config)
             plan = functools.partial(build_plan, pool=pool, config=config, measure_cost=measure,
                                      generator_factory=generator_factory, scorer_factory=scorer_factory, seed_fn=seed_fn)
             run_dir = _run_passes(plan, work, todo, output, config, metrics, passes)
@@ -299,6 +258,12 @@ def run_build(
         table_rows=quality.num_rows,
         seconds=time.perf_counter() - start,
     )
+
+
+def _candidates_of(rows: pa.Table, pool: Pool) -> list[str]:
+    """The pool's candidates that have rows in `rows`, in pool order (only their actor pools start)."""
+    present = set(rows.column("candidate").to_pylist())
+    return [n for n in pool.names if n in present]
 
 
 def _work_rows(config: BuildConfig, pool: Pool) -> pa.Table:

@@ -36,8 +36,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from catimage.world.models import MODELS  # noqa: E402
-from catimage.world.training import TrainSettings  # noqa: E402
+from catimage.world.models import MODELS
+from catimage.world.training import TrainSettings
 
 log = logging.getLogger("catimage.jobs.train_world")
 
@@ -141,9 +141,9 @@ def run(settings: TrainSettings, out: Path, storage: Path, report_every: int = 5
     final = WorldTrainer(settings, PromptBank.load(bank, settings.bank_seed, settings.bank_size))
     with result.checkpoint.as_directory() as ckpt_dir:
         final.load_checkpoint(ckpt_dir)
-    target = out / settings.model
-    final.export(target)
-    (target / TRAINING_LOG).write_text(json.dumps({
+    export_dir = out / settings.model
+    final.export(export_dir)
+    (export_dir / TRAINING_LOG).write_text(json.dumps({
         "settings": asdict(settings), "unet_parameters": final.n_params, "history": final.history,
         "wall_seconds_this_invocation": time.perf_counter() - start, "threads": threads,
         "ray_run": run_name(settings),
@@ -151,8 +151,8 @@ def run(settings: TrainSettings, out: Path, storage: Path, report_every: int = 5
     from catimage.world.card import write_model_card
 
     write_model_card(out)
-    log.info("exported %s (%d parameters) to %s; model card %s", settings.model, final.n_params, target, out)
-    return target
+    log.info("exported %s (%d parameters) to %s; model card %s", settings.model, final.n_params, export_dir, out)
+    return export_dir
 
 
 def main(argv: list[str] | None = None) -> int:

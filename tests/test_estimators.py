@@ -229,6 +229,20 @@ def test_transformer_with_nan_labels_is_finite_and_deterministic(data):
     assert len(a.val_loss_) == 4  # 80 prompts: 10% held out internally for early stopping
 
 
+def test_transformer_early_stopping_keeps_the_best_epoch(data):
+    """Brute force: the weights early stopping restores are those of a fit that simply ran
+    best_epoch + 1 epochs (same seed, same batches), and it stopped `patience` epochs after them."""
+    X, Y, counts = data["tokens"][:150], data["Y"][:150], data["counts"][:150]
+    params = dict(FAST_TRANSFORMER, lr=1e-2, patience="auto", max_epochs=60)
+    stopped = make_estimator("transformer", **params).fit(X, Y, counts)
+    assert stopped.patience_ == 10  # "auto": a sixth of the 60-epoch cap
+    best = stopped.best_epoch_
+    assert stopped.val_loss_[best] == min(stopped.val_loss_)
+    assert len(stopped.train_loss_) == best + 1 + stopped.patience_ < 60  # it stopped early, on patience
+    straight = make_estimator("transformer", **dict(params, max_epochs=best + 1, patience=10_000)).fit(X, Y, counts)
+    np.testing.assert_array_equal(stopped.predict(X), straight.predict(X))
+
+
 def test_transformer_padding_does_not_change_predictions(fitted, data):
     est = fitted["transformer"]
     X = data["tokens"][175:]

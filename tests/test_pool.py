@@ -38,6 +38,13 @@ def test_measured_seconds_never_fill_a_cost_in_another_unit():
     np.testing.assert_array_equal(declared.cost_vector(measured={"a": 0.2, "b": 0.5}), [1.0, 3.0])
 
 
+def test_costs_from_elsewhere_must_be_in_the_pools_unit():
+    pool = pool_from_dict(_pool(cost_unit="gflops"))
+    pool.require_unit("gflops", "the router")
+    with pytest.raises(PoolError, match="the router counts cost in seconds, but the pool counts cost in gflops"):
+        pool.require_unit("seconds", "the router")
+
+
 def test_missing_cost_says_how_to_get_one():
     pool = pool_from_dict(_pool(candidates=[{"name": "a"}]))
     with pytest.raises(PoolError, match="catimage cost"):

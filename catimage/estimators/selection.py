@@ -117,7 +117,7 @@ def size_grid(n: int, low: int = 5, points: int = 12, top_fraction: float = 0.5)
     """
     top = max(min(int(n * top_fraction), n - 1), 1)
     low = min(low, top)
-    return sorted({int(round(k)) for k in np.geomspace(low, top, points)})
+    return sorted({round(k) for k in np.geomspace(low, top, points)})
 
 
 def kfold(n: int, folds: int, seed: int = 0) -> np.ndarray:

@@ -154,7 +154,7 @@ class TokenLoader:
         self.rng = np.random.default_rng(seed) if shuffle else None
 
     def __len__(self) -> int:
-        return -(-len(self.X) // self.batch_size)
+        return (len(self.X) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         for idx in length_batches(self.X.lengths, self.batch_size, self.rng):

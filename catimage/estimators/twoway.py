@@ -228,7 +228,7 @@ class TwoWayRidgeEstimator(_TwoWayBase):
         self.use_counts = use_counts
 
     def _fit(self, X, Y, counts, X_val, Y_val, counts_val) -> None:
-        tw, shrunk, omega, w = self._decompose(Y, counts)
+        tw, shrunk, _, w = self._decompose(Y, counts)
         n = X.shape[0]
         X = X.astype(np.float64)
         self.x_mean_ = X.mean(axis=0)

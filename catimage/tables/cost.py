@@ -169,7 +169,7 @@ def _hub_architecture(model: str) -> Architecture:
     def fetch(name: str) -> dict[str, Any] | None:
         try:
             return _read_json(Path(hf_hub_download(model, name)))
-        except Exception:  # missing component, offline cache miss
+        except Exception:  # noqa: BLE001 - a missing component or an offline cache miss
             return None
 
     unet = fetch("unet/config.json")
@@ -226,7 +226,7 @@ def _unet_evals(arch: Architecture, settings: Any) -> tuple[int, str | None]:
         scheduler = make_scheduler(settings.scheduler, arch.scheduler, settings.scheduler_kwargs)
         scheduler.set_timesteps(settings.steps, device="cpu")
         return len(scheduler.timesteps), None
-    except Exception as err:  # schedulers with extra needs (torchsde, custom sigmas, ...)
+    except Exception as err:  # noqa: BLE001 - schedulers with extra needs (torchsde, custom sigmas, ...)
         return settings.steps, f"could not run scheduler {settings.scheduler!r} ({err}); counted {settings.steps} evaluations"
 
 
@@ -244,47 +244,15 @@ class FlopCounter:
     def count(self, spec: DiffusersSpec) -> CostBreakdown:
         settings = diffusers_settings(spec)
         arch = _architecture_for(spec)
-        kind = arch.kind
         scale = arch.vae_scale_factor
         height = int(settings.height or arch.unet["sample_size"] * scale)
         width = int(settings.width or arch.unet["sample_size"] * scale)
-        cfg = uses_cfg(settings.guidance_scale, _DEFAULT_GUIDANCE[kind])
-        batch = 2 if cfg else 1
+        cfg = uses_cfg(settings.guidance_scale, _DEFAULT_GUIDANCE[arch.kind])
         evals, note = _unet_evals(arch, settings)
         notes = [note] if note else []
-        ukey = (json.dumps(arch.unet, sort_keys=True), json.dumps(arch.text_encoders, sort_keys=True), height, width, batch)
-
-        full, attention = self._memoised(ukey + ("full",), lambda: _unet_flops(arch, height, width, batch, None))
-        shallow = None
-        if spec.cache_interval and spec.cache_interval > 1 and evals > 1:
-            shallow = self._memoised(
-                ukey + ("deepcache", spec.cache_interval, spec.cache_branch_id),
-                lambda: _unet_flops(arch, height, width, batch, (spec.cache_interval, spec.cache_branch_id))[0],
-            )
-            n_full = math.ceil(evals / spec.cache_interval)
-            unet_total = n_full * full + (evals - n_full) * shallow
-            notes.append(f"DeepCache: {n_full} full + {evals - n_full} shallow UNet evaluations")
-        else:
-            unet_total = evals * full
-
-        text_batch = 1 + int(cfg and not (kind == "sdxl" and arch.force_zeros_for_empty_prompt))
-        if kind == "world":
-            text = self._memoised(("minilm", cfg), lambda: _minilm_flops(cfg))
-            notes.append(f"MiniLM text encoder counted at {WORLD_TEXT_TOKENS} prompt tokens")
-        else:
-            text = sum(
-                self._memoised(("text", json.dumps(c, sort_keys=True), text_batch), lambda c=c: _text_flops(c, text_batch))
-                for c in arch.text_encoders.values()
-            )
-        if not arch.text_encoders and kind != "world":
-            notes.append("no text encoder config: text encoding not counted")
-        vae = 0
-        if kind == "world":
-            notes.append("pixel-space model: no VAE to decode")
-        elif arch.vae is not None:
-            vae = self._memoised(("vae", json.dumps(arch.vae, sort_keys=True), height, width), lambda: _vae_flops(arch, height, width))
-        else:
-            notes.append("no VAE config: decoding not counted")
+        full, attention, shallow, unet_total = self._unet(spec, arch, height, width, cfg, evals, notes)
+        text = self._text(arch, cfg, notes)
+        vae = self._vae(arch, height, width, notes)
         return CostBreakdown(
             unet_per_step=full / TERA,
             unet_attention_per_step=attention / TERA,
@@ -299,6 +267,46 @@ class FlopCounter:
             deepcache_shallow_step=None if shallow is None else shallow / TERA,
             notes=notes,
         )
+
+    def _unet(self, spec: DiffusersSpec, arch: Architecture, height: int, width: int, cfg: bool, evals: int,
+              notes: list[str]) -> tuple[int, int, int | None, int]:
+        """(one full evaluation, its attention products, one DeepCache shallow evaluation or None,
+        all `evals` evaluations) in FLOPs; the guidance batch is 2."""
+        batch = 2 if cfg else 1
+        ukey = (json.dumps(arch.unet, sort_keys=True), json.dumps(arch.text_encoders, sort_keys=True), height, width, batch)
+        full, attention = self._memoised(ukey + ("full",), lambda: _unet_flops(arch, height, width, batch, None))
+        if not (spec.cache_interval and spec.cache_interval > 1 and evals > 1):
+            return full, attention, None, evals * full
+        shallow = self._memoised(
+            ukey + ("deepcache", spec.cache_interval, spec.cache_branch_id),
+            lambda: _unet_flops(arch, height, width, batch, (spec.cache_interval, spec.cache_branch_id))[0],
+        )
+        n_full = math.ceil(evals / spec.cache_interval)
+        notes.append(f"DeepCache: {n_full} full + {evals - n_full} shallow UNet evaluations")
+        return full, attention, shallow, n_full * full + (evals - n_full) * shallow
+
+    def _text(self, arch: Architecture, cfg: bool, notes: list[str]) -> int:
+        """Text encoding of the prompt, plus the empty negative prompt under guidance (SD; SDXL zeroes it)."""
+        if arch.kind == "world":
+            notes.append(f"MiniLM text encoder counted at {WORLD_TEXT_TOKENS} prompt tokens")
+            return self._memoised(("minilm", cfg), lambda: _minilm_flops(cfg))
+        if not arch.text_encoders:
+            notes.append("no text encoder config: text encoding not counted")
+        batch = 1 + int(cfg and not (arch.kind == "sdxl" and arch.force_zeros_for_empty_prompt))
+        return sum(
+            self._memoised(("text", json.dumps(c, sort_keys=True), batch), lambda c=c: _text_flops(c, batch))
+            for c in arch.text_encoders.values()
+        )
+
+    def _vae(self, arch: Architecture, height: int, width: int, notes: list[str]) -> int:
+        if arch.kind == "world":
+            notes.append("pixel-space model: no VAE to decode")
+            return 0
+        if arch.vae is None:
+            notes.append("no VAE config: decoding not counted")
+            return 0
+        key = ("vae", json.dumps(arch.vae, sort_keys=True), height, width)
+        return self._memoised(key, lambda: _vae_flops(arch, height, width))
 
 
 def count_flops(spec: DiffusersSpec) -> CostBreakdown:

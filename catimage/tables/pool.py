@@ -207,6 +207,15 @@ class Pool(BaseModel):
             )
         return np.array([self.get(n).cost if self.get(n).cost is not None else measured[n] for n in names], dtype=np.float64)
 
+    def require_unit(self, unit: str, source: str) -> None:
+        """Refuse costs from `source` (e.g. a fitted router bundle) counted in another unit than the
+        pool's: a budget in the pool's unit would silently be read in the other one."""
+        if unit != self.cost_unit:
+            raise PoolError(
+                f"{source} counts cost in {unit}, but the pool counts cost in {self.cost_unit}: one pool holds one "
+                f"unit. Use the pool the router was fitted with, or refit it on this pool"
+            )
+
     def report_notes(self) -> list[str]:
         """What every report made with this pool must say about where its numbers come from."""
         notes = []

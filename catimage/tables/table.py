@@ -271,43 +271,14 @@ def aggregate(table: pa.Table, metric: str | None = None, candidates: Sequence[s
     lacks; by default the table's candidates in order of first appearance.
     """
     table = validate_table(table)
-    metrics = metric_columns(table)
-    if metric is None:
-        if len(metrics) > 1:
-            raise TableError(f"the table has several metrics {metrics}; choose one with --metric")
-        metric = metrics[0]
-    if metric not in metrics:
-        raise TableError(f"metric {metric!r} is not a numeric column of the table; choose one of {metrics}")
-    values = table.column(metric).to_numpy(zero_copy_only=False).astype(np.float64)
-    if np.isnan(values).any():
-        bad = int(np.isnan(values).sum())
-        raise TableError(
-            f"metric {metric!r} has {bad} NaN/empty value(s); drop or re-score those rows before fitting"
-        )
-    if not np.isfinite(values).all():
-        raise TableError(f"metric {metric!r} has infinite values")
+    metric = _chosen_metric(table, metric)
+    values = _metric_values(table, metric)
     pids = table.column("prompt_id").to_pylist()
-    texts = table.column("prompt").to_pylist()
     cands = table.column("candidate").to_pylist()
-    table_cands = list(dict.fromkeys(cands))
-    if candidates is None:
-        candidates = table_cands
-    else:
-        candidates = list(candidates)
-        unknown = [c for c in table_cands if c not in set(candidates)]
-        if unknown:
-            raise TableError(
-                f"the table has candidate(s) {unknown} that are not among the candidates asked for {candidates} "
-                f"(the table has {table_cands}); add them to the pool file or filter the table"
-            )
-        absent = [c for c in candidates if c not in set(table_cands)]
-        if absent:
-            raise TableError(
-                f"candidate(s) {absent} have no rows in the table (it has {table_cands}); remove them from the pool"
-            )
+    candidates = _column_order(list(dict.fromkeys(cands)), candidates)
     prompt_index: dict[str, int] = {}
     prompt_text: list[str] = []
-    for pid, text in zip(pids, texts):
+    for pid, text in zip(pids, table.column("prompt").to_pylist()):
         if pid not in prompt_index:
             prompt_index[pid] = len(prompt_index)
             prompt_text.append(text)
@@ -315,6 +286,61 @@ def aggregate(table: pa.Table, metric: str | None = None, candidates: Sequence[s
     rows = np.fromiter((prompt_index[p] for p in pids), dtype=np.int64, count=len(pids))
     cols = np.fromiter((cand_index[c] for c in cands), dtype=np.int64, count=len(cands))
     n, m = len(prompt_index), len(candidates)
+    count, mean, var = _cell_moments(rows, cols, values, n, m)
+    half = _split_half_means(rows, cols, values, count, n, m)
+    cost = np.full(m, np.nan)
+    if "cost" in table.column_names:
+        seconds = table.column("cost").to_numpy(zero_copy_only=False).astype(np.float64)
+        for j in range(m):
+            sel = (cols == j) & np.isfinite(seconds)
+            if sel.any():
+                cost[j] = float(seconds[sel].mean())
+    return QualityMatrix(list(prompt_index), prompt_text, list(candidates), metric, mean, count, var, cost, half)
+
+
+def _chosen_metric(table: pa.Table, metric: str | None) -> str:
+    metrics = metric_columns(table)
+    if metric is None:
+        if len(metrics) > 1:
+            raise TableError(f"the table has several metrics {metrics}; choose one with --metric")
+        metric = metrics[0]
+    if metric not in metrics:
+        raise TableError(f"metric {metric!r} is not a numeric column of the table; choose one of {metrics}")
+    return metric
+
+
+def _metric_values(table: pa.Table, metric: str) -> np.ndarray:
+    values = table.column(metric).to_numpy(zero_copy_only=False).astype(np.float64)
+    if np.isnan(values).any():
+        bad = int(np.isnan(values).sum())
+        raise TableError(f"metric {metric!r} has {bad} NaN/empty value(s); drop or re-score those rows before fitting")
+    if not np.isfinite(values).all():
+        raise TableError(f"metric {metric!r} has infinite values")
+    return values
+
+
+def _column_order(table_cands: list[str], candidates: Sequence[str] | None) -> list[str]:
+    """The matrix's candidate columns: `candidates` (each with rows, covering the table's), else the table's."""
+    if candidates is None:
+        return table_cands
+    candidates = list(candidates)
+    unknown = [c for c in table_cands if c not in set(candidates)]
+    if unknown:
+        raise TableError(
+            f"the table has candidate(s) {unknown} that are not among the candidates asked for {candidates} "
+            f"(the table has {table_cands}); add them to the pool file or filter the table"
+        )
+    absent = [c for c in candidates if c not in set(table_cands)]
+    if absent:
+        raise TableError(f"candidate(s) {absent} have no rows in the table (it has {table_cands}); remove them from the pool")
+    return candidates
+
+
+def _cell_moments(
+    rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n: int, m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, mean, sample variance) of each (prompt, candidate) cell; NaN mean without samples,
+    NaN variance below two."""
     count = np.zeros((n, m), dtype=np.int64)
     total = np.zeros((n, m))
     total_sq = np.zeros((n, m))
@@ -324,16 +350,7 @@ def aggregate(table: pa.Table, metric: str | None = None, candidates: Sequence[s
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         var = np.where(count > 1, (total_sq - count * mean**2) / np.maximum(count - 1, 1), np.nan)
-    var = np.where(np.isnan(var), var, np.maximum(var, 0.0))
-    half = _split_half_means(rows, cols, values, count, n, m)
-    cost = np.full(m, np.nan)
-    if "cost" in table.column_names:
-        cvals = table.column("cost").to_numpy(zero_copy_only=False).astype(np.float64)
-        for j in range(m):
-            sel = (cols == j) & np.isfinite(cvals)
-            if sel.any():
-                cost[j] = float(cvals[sel].mean())
-    return QualityMatrix(list(prompt_index), prompt_text, list(candidates), metric, mean, count, var, cost, half)
+    return count, mean, np.where(np.isnan(var), var, np.maximum(var, 0.0))
 
 
 def _split_half_means(
