@@ -90,7 +90,8 @@ def run_rater(rater: int, args: argparse.Namespace, embedder) -> dict[str, dict]
     options = EvaluateOptions(estimator=args.estimator, embedder=embedder, test_frac=0.2, calibration_frac=0.1,
                               seed=args.seed, trials=args.trials, bootstrap=args.bootstrap, cost_unit=pool.cost_unit,
                               policy="both", score_cost=args.decision_cost,
-                              cascade=CascadeOptions(max_attempts=args.max_attempts, router_means=not args.knn_means))
+                              cascade=CascadeOptions(max_attempts=args.max_attempts, router_means=args.draw_means == "router",
+                                                     draw_estimator={"k": args.draw_k} if args.draw_k else {}))
     report = evaluate_table(matrix, pool.cost_vector(matrix.candidates), options, draws=draws)
     print(f"rater {rater} decides ({matrix.n_prompts} prompts rated by all three for all {len(matrix.candidates)} models; "
           f"best fixed {report['summary']['best_fixed']})")
@@ -106,7 +107,10 @@ def main() -> None:
     parser.add_argument("--estimator", default="twoway-ridge")
     parser.add_argument("--max-attempts", type=int, default=4)
     parser.add_argument("--decision-cost", type=float, default=0.0)
-    parser.add_argument("--knn-means", action="store_true", help="the draw estimator's own means, not the router's")
+    parser.add_argument("--draw-means", choices=("knn", "router"), default="knn",
+                        help="a draw's mean judge score: the draw estimator's own (default) or the router's predictions")
+    parser.add_argument("--draw-k", type=int, default=None,
+                        help="fix the draw estimator's k; above the training prompts: the global per-draw law")
     args = parser.parse_args()
     if not Path(args.data).is_file():
         raise SystemExit(f"{args.data} not found: GenAI-Bench lives in ../shared/data (see benchmarks/rated_sets.py)")
