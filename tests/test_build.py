@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:  # `jobs/` is a top-level folder of the checkout, 
 # Imported here, not inside a test: Ray binds its log handler to the sys.stderr of its first import,
 # and one taken while `capsys` is active is closed by the next test ("I/O operation on closed file").
 from jobs.build_dataset import main as build_main  # noqa: E402
-from jobs.build_dataset import run_build  # noqa: E402
+from jobs.build_dataset import check_cluster_fits, ray_session, run_build  # noqa: E402
 
 TINY_POOL = ROOT / "configs" / "tiny_pool.yaml"
 MARKER = "PLANTED-FAILURE"
@@ -398,8 +398,11 @@ def test_a_build_the_local_cluster_cannot_hold_fails_at_once(tmp_path: Path) -> 
     pool.model_copy(update={"candidates": [pool.get("tiny-sd-2").model_copy(update={"build": gpu})]}).save(tmp_path / "gpu.yaml")
     prompts = _write_prompts(tmp_path / "prompts.txt", make_prompts(2))
     cfg = BuildConfig(pool=tmp_path / "gpu.yaml", prompts=prompts, output=tmp_path / "out", num_cpus=1)
-    with pytest.raises(CatimageError) as err:
-        run_build(cfg, progress=False)
+    with ray_session(cfg):  # one local Ray for both checks; run_build uses the running one
+        with pytest.raises(CatimageError) as err:
+            run_build(cfg, progress=False)
+        # Told that nodes will join, the same check lets the build start (and wait for them).
+        check_cluster_fits(cfg.load_pool(), cfg.model_copy(update={"wait_for_resources": True}))
     text = str(err.value)
     assert "1 GPU in all, the cluster has 0 GPU" in text
     assert "generate tiny-sd-2: 1 x (0.25 CPU, 1 GPU" in text and "--wait-for-resources" in text
