@@ -22,7 +22,7 @@ from catimage.estimators.transformer import (
 )
 
 # Small and quick: the transformer trains a few dozen epochs on ~150 prompts.
-FAST_TRANSFORMER = dict(width=32, heads=2, layers=2, max_epochs=40, patience=10, lr=3e-3, batch_size=32)
+FAST_TRANSFORMER = {"width": 32, "heads": 2, "layers": 2, "max_epochs": 40, "patience": 10, "lr": 3e-3, "batch_size": 32}
 
 
 @pytest.fixture(scope="module", autouse=True)
