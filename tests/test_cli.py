@@ -71,7 +71,7 @@ def test_evaluate_auto_says_what_it_picked_and_how_sure(table_and_pool):
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["estimator_selection"].startswith("auto picked")
     assert report["summary"]["trials"]["intervals"]["area_over_hull"][0] is not None
-    assert "**Verdict**" in (out / "report.md").read_text()
+    assert "## Verdict" in (out / "report.md").read_text()
 
 
 def test_fit_then_route_prints_choice_and_json(table_and_pool):
