@@ -156,6 +156,7 @@ def build_app(args: AppArgs | Mapping[str, Any]) -> serve.Application:
     check_overrides(args.embedder_overrides)
     check_budgets(args, dict(zip(candidates, map(float, meta["costs"]))), meta.get("cost_unit", ""))
     pool = _checked_pool(args, candidates)
+    pool.require_unit(meta.get("cost_unit", pool.cost_unit), f"the model at {args.model_dir}")
     generators = _generators(args, pool, candidates)
     router = router_options(args)
     demands = [deployment_demand(opts["name"], opts) for opts, _ in generators.values()]

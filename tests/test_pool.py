@@ -10,6 +10,7 @@ from catimage.generators.spec import DiffusersSpec, HttpSpec
 from catimage.tables.pool import load_pool, pool_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DATA = Path(__file__).resolve().parents[1] / "catimage" / "data"
 
 
 def _pool(**over):
@@ -134,3 +135,17 @@ def test_report_notes_flag_assumed_costs_and_tiny_models():
     assert pool_from_dict(_pool()).report_notes() == []
     notes = pool_from_dict(_pool(costs_assumed=True, candidates=[{"name": "t", "cost": 1, "generator": {"model": "tiny:sd"}}])).report_notes()
     assert any("ASSUMED" in n for n in notes) and any("tiny random-weight" in n for n in notes)
+
+
+def test_serve_start_up_refuses_a_router_fitted_in_another_unit(tmp_path):
+    """The shipped world router counts GFLOPs; the same pool relabelled in seconds would make every
+    budget a number of seconds read as GFLOPs. Refused before anything is deployed (no Ray needed)."""
+    import yaml
+
+    from serve.app import build_app
+
+    data = yaml.safe_load((DATA / "world_pool.yaml").read_text())
+    data["cost_unit"] = "seconds"
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PoolError, match="counts cost in gflops, but the pool counts cost in seconds"):
+        build_app({"model_dir": str(DATA / "world_router"), "pool": str(tmp_path / "pool.yaml")})
