@@ -14,6 +14,7 @@ from catimage.cli import app
 from catimage.errors import CatimageError
 from catimage.model.add_candidate import add_from_table, ridge_loo
 from catimage.model.router_model import RouterModel
+from catimage.tables.pool import pool_from_dict
 from catimage.tables.table import QualityMatrix, write_quality_table
 
 CATS = ["a cat sleeping on a sofa", "a kitten playing with yarn", "a tabby cat on a windowsill", "a cat in a box"]
@@ -35,7 +36,7 @@ def router() -> RouterModel:
     mean = np.stack([0.5 + offset, 0.6 + offset], axis=1) + rng.normal(0, 0.03, (120, 2))
     matrix = QualityMatrix([f"p{i}" for i in range(120)], prompts, ["cheap", "mid"], "quality", mean,
                            np.ones((120, 2), int), np.full((120, 2), np.nan), np.full(2, np.nan))
-    return RouterModel.fit(matrix, np.array([1.0, 2.0]), "s", "tfidf", {"dim": None}, "twoway-knn", calibration_frac=0.2)
+    return RouterModel.fit(matrix, np.array([1.0, 2.0]), "seconds", "tfidf", {"dim": None}, "twoway-knn", calibration_frac=0.2)
 
 
 def _new_labels(prompts: list[str], ship: np.ndarray, seed: int) -> np.ndarray:
@@ -76,7 +77,7 @@ def test_add_from_table_uses_pool_cost_and_base_rows(router):
     rows = {"prompt_id": [f"n{i}" for i in range(30)] * 2, "prompt": prompts * 2,
             "candidate": ["ace"] * 30 + ["cheap"] * 30, "quality": [*labels, *np.full(30, 0.5)]}
     model = copy.deepcopy(router)  # keep the module fixture untouched
-    pool = type("P", (), {"names": ["ace"], "get": lambda self, n: type("C", (), {"cost": 2.5})()})()
+    pool = pool_from_dict({"cost_unit": "seconds", "candidates": [{"name": "ace", "cost": 2.5}]})
     added = add_from_table(model, pa.table(rows), pool)
     assert [a.name for a in added] == ["ace"] and added[0].cost == 2.5 and added[0].n_labels == 30
 

@@ -181,3 +181,32 @@ def test_build_fails_fast_on_a_gpu_pool_without_gpus(tmp_path):
     assert result.exit_code == 2, result.output
     assert "GPU in all, the cluster has 0 GPU" in text and "--wait-for-resources" in text
     assert not (tmp_path / "o" / "quality.parquet").exists()
+
+
+def test_add_candidate_refuses_costs_in_another_unit_than_the_routers(table_and_pool, tmp_path):
+    """The router counts seconds; a new candidate's cost declared in a gflops pool, or only measured
+    for a gflops router, would silently mix units in its lambda. Both refused, naming the units."""
+    table, pool, root = table_and_pool
+    model = tmp_path / "model"
+    _ok(runner.invoke(app, ["fit", str(table), "--pool", str(pool), "--out", str(model), "--embedder", "tfidf"]))
+    rows = {k: [] for k in ("prompt_id", "prompt", "candidate", "seed", "cost", "quality")}
+    for i in range(30):
+        rows["prompt_id"].append(f"p{i}")
+        rows["prompt"].append(f"cat dog scene {i}")
+        rows["candidate"].append("extra")
+        rows["seed"].append(0)
+        rows["cost"].append(2.0)
+        rows["quality"].append(0.7)
+    new_rows = write_quality_table(pa.table(rows), tmp_path / "new.parquet")
+    gflops = tmp_path / "gflops.yaml"
+    gflops.write_text("cost_unit: gflops\ncandidates:\n  - {name: extra, cost: 9.0}\n")
+    result = runner.invoke(app, ["add-candidate", str(model), "--table", str(new_rows), "--pool", str(gflops),
+                                 "--out", str(tmp_path / "m2")])
+    assert result.exit_code == 2, result.output
+    assert "the router counts cost in seconds, but the pool counts cost in gflops" in " ".join(result.output.split())
+    seconds = tmp_path / "seconds.yaml"
+    seconds.write_text("cost_unit: seconds\ncandidates:\n  - {name: extra}\n")
+    _ok(runner.invoke(app, ["add-candidate", str(model), "--table", str(new_rows), "--pool", str(seconds),
+                            "--out", str(tmp_path / "m3")]))
+    added = json.loads((tmp_path / "m3" / "router.json").read_text())["added"]
+    assert [(a["name"], a["cost"]) for a in added] == [("extra", 2.0)]  # its measured seconds

@@ -159,6 +159,7 @@ def add_from_table(model: Any, table: Any, pool: Any = None, metric: str | None 
     model's own candidates for the same prompts, when present, give the prompts' level (see
     `fit_added_candidate`). Returns the added candidates (the model is changed in place).
     """
+    from catimage.tables.pool import MEASURED_COST_UNIT
     from catimage.tables.table import aggregate, metric_columns, validate_table
 
     table = validate_table(table, "new rows")
@@ -180,13 +181,19 @@ def add_from_table(model: Any, table: Any, pool: Any = None, metric: str | None 
     base_cols = [matrix.candidates.index(c) if c in matrix.candidates else -1 for c in model.base_candidates]
     base_labels = np.stack([matrix.mean[:, j] if j >= 0 else np.full(matrix.n_prompts, np.nan) for j in base_cols], 1)
     added = []
+    if pool is not None:
+        pool.require_unit(model.cost_unit, "the router")
     for name in new:
         if pool is not None and name in pool.names and pool.get(name).cost is not None:
             cost = float(pool.get(name).cost)
-        elif name in measured:
+        elif name in measured and model.cost_unit == MEASURED_COST_UNIT:  # the table's cost column is seconds
             cost = measured[name]
         else:
-            raise CatimageError(f"no cost for {name!r}: declare `cost:` in the pool file or give the rows a `cost` column")
+            raise CatimageError(
+                f"no cost for {name!r} in {model.cost_unit} (the router's unit): declare `cost:` in the pool file"
+                + (" or give the rows a `cost` column" if model.cost_unit == MEASURED_COST_UNIT else
+                   f" (the table's measured seconds cannot stand in for {model.cost_unit})")
+            )
         j = matrix.candidates.index(name)
         rows = np.flatnonzero(np.isfinite(matrix.mean[:, j]))
         added.append(model.add_candidate(
