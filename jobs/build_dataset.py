@@ -9,11 +9,16 @@ Run it directly, on a cluster, or through the CLI::
 Pipeline (streaming, one Ray Data plan):
 
     pending work rows (resume: keys already complete are skipped)
-      -> per candidate: map_batches(GenerateStage) actor pool   (resources from the candidate's `build:`)
+      -> per candidate: map_batches(GenerateStage) actor pool   (CPUs, GPUs, memory from the candidate's `build:`)
       -> union
       -> per pool metric: map_batches(ScoreStage) actor pool   (resources from the MetricSpec)
       -> write_parquet(OUTPUT/parts/run-<id>/)                  (a fresh folder per run)
     then, on the driver: consolidate all parts -> OUTPUT/quality.parquet + OUTPUT/errors.parquet
+
+Before anything starts, the pool's demand (every actor pool's CPUs, GPUs and `memory` at once, and
+each actor against the largest node) is checked against the cluster: a build that could never be
+placed fails at once, saying what is missing, unless an autoscaler can add nodes or
+--wait-for-resources says they will join.
 
 On a cluster, OUTPUT (and --image-dir, unless a URI) must be storage that the driver and every
 worker see (NFS or similar): the workers write the parts, the driver merges them. `catimage` must

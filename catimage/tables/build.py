@@ -98,9 +98,9 @@ class BuildConfig(BaseModel):
     `measure_cost`: when on, each row's `cost` is the wall seconds its generator batch took divided
     by the batch's rows (model loading excluded; a solo retry counts alone). `None` (default) means
     "on exactly when some selected candidate declares no `cost:` in the pool". Downstream,
-    `Pool.cost_vector` prefers declared costs, so measured seconds only stand in for missing ones;
-    they are seconds, so they only mix correctly with a pool whose `cost_unit` is seconds (the job
-    warns otherwise).
+    `Pool.cost_vector` prefers declared costs, so measured seconds only stand in for missing ones,
+    and only in a pool whose `cost_unit` is seconds: it refuses a pool in another unit (the job warns
+    at the start of such a build).
     """
 
     model_config = ConfigDict(extra="forbid")
