@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append((f"dev {CHEAP}", dev[CHEAP], scores[f"dev/{CHEAP}"]))
     for label, rated, dec in rows:
         groups = np.char.add(rated.candidates.astype(str), rated.prompt_ids.astype(str))
-        for kind in ("calibrated", "raw"):
+        for kind in ("raw", "calibrated"):
             a = agreement(dec[kind], rated.scores, groups)
             print(f"| {label} | {a.n} | {kind} | {a.rmse:.3f} | {a.spearman:.3f} | {a.within_spearman:.3f} "
                   f"({a.within_prompts}) | " + " | ".join(f"{a.pass_fail[t]:.3f}" for t in a.pass_fail) + " |")

@@ -58,6 +58,31 @@ def run_name(settings: DeciderSettings) -> str:
     return f"decider-{digest}"
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder under `root` (step-NNNNNN), if any."""
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(trainer: Any, root: Path, keep: int = 2) -> Path:
+    """Write step k's checkpoint atomically under `root` and keep the newest `keep`.
+
+    Checkpoints live in the run's own folder rather than in a temporary one: Ray Train's local mode
+    (`--workers 0`) keeps the reported folder by reference, and a resumed local run finds its last
+    checkpoint here (Ray restores worker runs from its storage as usual)."""
+    import shutil
+
+    final = root / f"step-{trainer.step_index:06d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_checkpoint(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One worker: resume if a checkpoint exists, step, report, checkpoint."""
     import ray.train
@@ -67,11 +92,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(int(config["threads"]))
     settings = DeciderSettings(**{**config["settings"], "widths": tuple(config["settings"]["widths"])})
+    root = Path(config["checkpoint_root"])
+    root.mkdir(parents=True, exist_ok=True)
     trainer = DetectorTrainer(settings)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             trainer.load_checkpoint(ckpt_dir)
+    elif (latest := latest_checkpoint(root)) is not None:
+        trainer.load_checkpoint(latest)
+    if trainer.step_index:
         log.info("resumed the decider at step %d", trainer.step_index)
     report_every, ckpt_every = int(config["report_every"]), int(config["checkpoint_every"])
     losses: list[dict[str, float]] = []
@@ -85,17 +115,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    "lr": trainer.optimizer.param_groups[0]["lr"]}
         entry.update({name: sum(x[name] for x in losses) / len(losses) for name in losses[0]})
         trainer.history.append(entry)
+        log.info("step %d: loss %.4f (%.2f s/step)", k, entry["loss"], entry["s_per_step"])
         losses, tick = [], time.perf_counter()
         if k % ckpt_every == 0 or k == settings.steps:
-            with tempfile.TemporaryDirectory() as tmp:
-                trainer.save_checkpoint(tmp)
-                ray.train.report(entry, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            folder = save_checkpoint(trainer, root)
+            ray.train.report(entry, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
         else:
             ray.train.report(entry)
 
 
 def train_detector(settings: DeciderSettings, storage: Path, report_every: int, checkpoint_every: int,
-                   threads: int, max_failures: int) -> Any:
+                   threads: int, max_failures: int, workers: int = 1) -> Any:
     """Phase 1 on Ray Train; returns the final `DetectorTrainer` (reloaded from the last checkpoint)."""
     import ray
     import ray.train
@@ -105,11 +135,13 @@ def train_detector(settings: DeciderSettings, storage: Path, report_every: int, 
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    root = storage / run_name(settings) / "detector_checkpoints"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": asdict(settings), "report_every": report_every,
-                           "checkpoint_every": checkpoint_every, "threads": threads},
-        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
+                           "checkpoint_every": checkpoint_every, "threads": threads, "checkpoint_root": str(root)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, **({"resources_per_worker": {"CPU": threads}} if workers else {})),
         run_config=ray.train.RunConfig(
             name=run_name(settings), storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -120,8 +152,12 @@ def train_detector(settings: DeciderSettings, storage: Path, report_every: int, 
     if result.error is not None:
         raise RuntimeError(f"decider training failed: {result.error}") from result.error
     final = DetectorTrainer(settings)
-    with result.checkpoint.as_directory() as ckpt_dir:
-        final.load_checkpoint(ckpt_dir)
+    latest = latest_checkpoint(root)
+    if latest is None:
+        raise RuntimeError(f"the decider run left no checkpoint under {root}")
+    final.load_checkpoint(latest)
+    if final.step_index != settings.steps:
+        raise RuntimeError(f"the last checkpoint under {root} is at step {final.step_index}, not {settings.steps}")
     return final
 
 
@@ -153,7 +189,7 @@ def fit_calibration_head(detector: Any, rated: Any, settings: CalibrationSetting
 
 def run(settings: DeciderSettings, out: Path, storage: Path, calib_prompts: int = 1200, calib_seed: int = 777,
         calib_main: str = "small-4", calib_seeds: int = 4, report_every: int = 50, checkpoint_every: int = 250,
-        threads: int = 2, max_failures: int = 3) -> Path:
+        threads: int = 2, max_failures: int = 3, workers: int = 1) -> Path:
     """Both phases and the export; returns the export folder."""
     import torch
 
@@ -163,7 +199,7 @@ def run(settings: DeciderSettings, out: Path, storage: Path, calib_prompts: int 
     storage.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    final = train_detector(settings, storage, report_every, checkpoint_every, threads, max_failures)
+    final = train_detector(settings, storage, report_every, checkpoint_every, threads, max_failures, workers)
     detector_s = time.perf_counter() - start
     calibration, calib_rows, calib_s, draw_s = None, 0, 0.0, 0.0
     cal_settings = CalibrationSettings()
@@ -209,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (and Ray CPUs) of the worker, <= 2 here")
+    parser.add_argument("--workers", type=int, default=1, choices=(0, 1),
+                        help="1: one Ray Train worker actor; 0: Ray Train's local mode, the loop runs in this "
+                             "process (on a shared 2-core machine Ray's worker actors run at niceness 15)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -218,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run(settings, args.out, args.storage, args.calib_prompts, args.calib_seed, args.calib_main, args.calib_seeds,
-        args.report_every, args.checkpoint_every, args.threads)
+        args.report_every, args.checkpoint_every, args.threads, workers=args.workers)
     return 0
 
 

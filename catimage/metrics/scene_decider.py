@@ -4,9 +4,10 @@ A cascade that draws with a cheap generator and redraws when the picture looks w
 it may use at serving time; scene_score is the judge, so it must not also be the decider. This
 metric is the decider of `catimage.world.decider`: a small CNN detector (trained only on rendered
 training scenes with known labels, ~0.04 GFLOPs per image) reads the picture, the world's own rule
-checks (`catimage.world.verify.check`) score that reading against the parsed prompt, and a tiny
-calibration head (fitted on generated pictures of training scenes) puts it on scene_score's scale,
-so thresholds chosen on scene_score carry over. Agreement with scene_score on held-out scenes is in
+checks (`catimage.world.verify.check`) score that reading against the parsed prompt: the same
+checks and weights, so the score is on scene_score's scale and thresholds chosen on scene_score
+carry over. A tiny calibration head (fitted on generated pictures of training scenes) is shipped
+as an option (`params: {calibrated: true}`). Agreement with scene_score on held-out scenes is in
 catimage/data/world/decider/MODEL_CARD.md.
 
 Only scene-world prompts can be scored: any other prompt is a `MetricError`.
@@ -30,10 +31,11 @@ if TYPE_CHECKING:
 
 class SceneDeciderParams(MetricParams):
     """`path`: a decider folder (decider.safetensors + decider.json) instead of the shipped one;
-    `calibrated`: false gives the raw rule score on the detector's reading."""
+    `calibrated`: true scores with the calibration head instead of the raw rule score on the
+    detector's reading (lower RMSE, slightly worse ranking and pass/fail agreement)."""
 
     path: str | None = None
-    calibrated: bool = True
+    calibrated: bool = False
 
 
 @functools.lru_cache(maxsize=4096)

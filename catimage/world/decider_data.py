@@ -87,6 +87,8 @@ class AugmentConfig:
     mix_max: float = 0.6
     p_split: float = 0.08  # two colours across the object (a gradient)
     colour_jitter: float = 8.0  # RGB sd of a per-object colour offset
+    p_paint_noise: float = 0.3  # per-pixel chromatic noise in the paint (labels see it: purity drops)
+    paint_noise_max: float = 35.0
     p_tint: float = 0.3  # background colour moved off the world's
     tint_max: float = 70.0
     noise_max: float = 8.0  # RGB sd of per-pixel noise (uniform 0..max per image)
@@ -255,6 +257,8 @@ def _paint_field(colour: int, rng: np.random.Generator, aug: AugmentConfig, cx: 
         t = (np.cos(theta) * (_XS - cx * SIZE) + np.sin(theta) * (_YS - cy * SIZE)) / rng.uniform(2.0, 6.0)
         w = np.clip(0.5 + t + rng.uniform(-0.5, 0.5), 0.0, 1.0)[..., None]
         paint = paint * (1 - w) + other * w
+    if rng.random() < aug.p_paint_noise:
+        paint = paint + rng.normal(0, rng.uniform(5.0, aug.paint_noise_max), size=paint.shape)
     return np.clip(paint, 0, 255)
 
 
