@@ -16,6 +16,7 @@ above the core count, quote CPU seconds, and the figure to quote is a median ove
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--estimator-params", default="{}",
+                        help='JSON object, e.g. \'{"patience": 20}\' (the transformer\'s old fixed patience)')
     args = parser.parse_args()
 
     import torch
@@ -62,12 +65,13 @@ def main() -> None:
     load_before = os.getloadavg()
     start = time.perf_counter()
     report = evaluate_table(
-        matrix, costs, EvaluateOptions(estimator=args.estimator, embedder=embedder, trials=args.trials,
+        matrix, costs, EvaluateOptions(estimator=args.estimator, estimator_params=json.loads(args.estimator_params),
+                                       embedder=embedder, trials=args.trials,
                                        cost_unit=pool.cost_unit, bootstrap=args.bootstrap), progress=progress,
     )
     total = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"{args.estimator} + {args.embedder} on {matrix.n_prompts} prompts x {len(matrix.candidates)} candidates, "
+    print(f"{args.estimator} {args.estimator_params} + {args.embedder} on {matrix.n_prompts} prompts x {len(matrix.candidates)} candidates, "
           f"torch threads {torch.get_num_threads()} (the transformer fits on its own n_threads, default 1)")
     walls, cpus = [], []
     for t in range(1, len(marks)):
