@@ -13,9 +13,12 @@ with a detector in place of the verifier's classical vision):
 2. Its output becomes a `verify.Reading` (`decode`), and the world's rule checks
    (`verify.check(spec, reading)`, the prompt parsed with `catimage.world.parse`) turn it into a
    verdict: which asked object is present, right colour, shape, size, position, count, relation...
-3. `Calibration`, a tiny MLP over the verdict's check families and the detector's confidences,
-   maps that onto the scene_score scale. It is fitted on generated pictures of TRAINING scenes
-   (their scene_score as labels); held-out scenes are only ever used to report agreement.
+   That rule score is on scene_score's scale by construction and is the default output.
+3. `Calibration` (optional), a tiny MLP over the verdict's check families and the detector's
+   confidences, corrects the rule score towards scene_score. It is fitted on generated pictures of
+   TRAINING scenes (their scene_score as labels); it lowers RMSE a little but ranks a prompt's
+   draws slightly worse, so it is not the default. Held-out scenes are only ever used to report
+   agreement (catimage/data/world/decider/MODEL_CARD.md).
 
 Cost: the detector's FLOPs per image (`detector_flops`), a few percent of the cheapest generator.
 """
