@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
-from catimage.world.decider import CalibrationSettings, DeciderSettings  # noqa: E402
+from catimage.world.decider import CalibrationSettings, DeciderSettings
 
 log = logging.getLogger("catimage.jobs.train_decider")
 
@@ -174,10 +173,10 @@ def calibration_set(storage: Path, n_prompts: int, seed: int, main: str, main_se
 
 
 def fit_calibration_head(detector: Any, rated: Any, settings: CalibrationSettings) -> Any:
+    import numpy as np
+
     from catimage.world.decider import SceneDecider, fit_calibration
     from catimage.world.parse import parse
-
-    import numpy as np
 
     decider = SceneDecider(detector)
     specs = [parse(str(p)) for p in rated.prompts]

@@ -47,8 +47,9 @@ def _other_things(spec: SceneSpec) -> SceneSpec:
 
 
 def test_registered_and_shipped_weights_load_offline():
-    from catimage.metrics import METRICS, MetricError, MetricSpec, make_scorer
     from PIL import Image
+
+    from catimage.metrics import METRICS, MetricError, MetricSpec, make_scorer
 
     assert "scene_decider" in METRICS
     assert MetricSpec(name="scene_decider", batch_size=64).name == "scene_decider"
@@ -101,7 +102,7 @@ def test_synthetic_labels_follow_the_drawing_and_its_degradation():
     rng = np.random.default_rng(3)
     spec = SceneSpec((ObjectSpec("triangle", "green", "large", 1, "top left"), ObjectSpec("circle", "purple", "small")))
     sample = synthesize(spec, rng, NO_AUGMENT)
-    got = sorted((COLOURS_LIST.index(c) for c in ("green", "purple")))
+    got = sorted(COLOURS_LIST.index(c) for c in ("green", "purple"))
     assert sorted(o.colour for o in sample.objects) == got
     tri = next(o for o in sample.objects if o.colour == COLOURS_LIST.index("green"))
     assert SHAPES[tri.shape] == "triangle" and tri.fit > 0.9 and tri.is_object and tri.purity == 1.0
@@ -164,8 +165,9 @@ def test_agreement_of_a_perfect_and_a_reversed_decider():
 
 
 def test_prompt_words_reach_the_decider_through_the_metric(decider, scenes):
-    from catimage.metrics import make_scorer
     from PIL import Image
+
+    from catimage.metrics import make_scorer
 
     scorer = make_scorer("scene_decider", device="cpu")
     spec, image = scenes[0]
