@@ -170,14 +170,16 @@ def eval_draws(sim: WorldSim, prompts: list[str], candidates: list[str]) -> Draw
 # --- fitting -----------------------------------------------------------------------------------------
 
 
-def fit_policy(table: pa.Table, candidates: list[str], costs: np.ndarray, judge: str, args, embedder) -> CascadeModel:
+def fit_policy(table: pa.Table, candidates: list[str], costs: np.ndarray, judge: str, args, embedder,
+               options: CascadeOptions | None = None) -> CascadeModel:
     """THE fit pipeline (fit_cascade -> fit_router) on a table's rows; `judge` is what it learns to
     maximise (scene_score for the full-table policy, the decider itself for the closed loop)."""
     matrix = aggregate(table, metric=judge, candidates=candidates)
     draws = draws_from_table(table, candidates, DECIDER, judge)
     split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=0)
     return fit_cascade(matrix, draws, costs, "gflops", split.train, split.calibration, score_cost=args.score_cost,
-                       options=CascadeOptions(max_attempts=SLOTS), estimator=args.estimator, embedder=embedder)
+                       options=options or CascadeOptions(max_attempts=SLOTS), estimator=args.estimator,
+                       embedder=embedder)
 
 
 # --- serving -----------------------------------------------------------------------------------------
@@ -293,6 +295,51 @@ def policy_area(model: CascadeModel, draws: Draws, X: np.ndarray, costs: np.ndar
     trial = evaluate_cascade_trial(model, draws, X, costs, bootstrap=bootstrap, seed=0, n_traces=0)
     samples = None if trial.boot is None else trial.boot[:, BOOTSTRAP_FIGURES.index("area_over_hull")]
     return float(trial.result.summary["area_over_hull"]), samples
+
+
+class CrossFitted:
+    """Cascades fitted on folds of the shipped table, each answering for the table prompts it did not
+    see; one plan set (fixed thresholds). Duck-types what `evaluate_cascade_trial` reads, so the
+    full-table policy is judged on 900 table prompts by the same evaluation path, out of sample."""
+
+    def __init__(self, models: list[CascadeModel], fold: np.ndarray, reference: CascadeModel) -> None:
+        self.models, self.fold, self.reference = models, fold, reference
+        self.plans, self.score_cost = reference.plans, reference.score_cost
+
+    def predict_stats(self, prompts, X, means=None):
+        return [(k, np.flatnonzero(self.fold == k), m) for k, m in enumerate(self.models)], prompts, X
+
+    def plan_values(self, parts):
+        folds, prompts, X = parts
+        value = np.empty((len(prompts), len(self.plans)))
+        cost = np.empty_like(value)
+        for _, idx, model in folds:
+            if idx.size:
+                value[idx], cost[idx] = model.plan_values(model.predict_stats([prompts[i] for i in idx], X[idx]))
+        return value, cost
+
+    def lambda_for_budget(self, budget: float) -> float:
+        return self.reference.lambda_for_budget(budget)
+
+
+def table_evaluation(table: pa.Table, start_ids: list[str], full: CascadeModel, candidates, costs, args, embedder,
+                     folds: int = 10) -> tuple[Draws, np.ndarray, CrossFitted]:
+    """The table prompts the closed loop never saw (all but its start prompts) as evaluation draws,
+    and the full-table policy cross-fitted over `folds` folds of the table (each fold fitted on the
+    rest, plan thresholds fixed to the full-table policy's)."""
+    ids = list(dict.fromkeys(table.column("prompt_id").to_pylist()))
+    fold_of = dict(zip(ids, np.random.default_rng(args.seed).permutation(len(ids)) % folds, strict=True))
+    keep = [p for p in ids if p not in set(start_ids)]
+    rows = table.filter(pc.is_in(table.column("prompt_id"), value_set=pa.array(keep)))
+    draws = draws_from_table(rows, candidates, DECIDER, JUDGE)
+    options = CascadeOptions(max_attempts=SLOTS, plan_thresholds=tuple(full.plan_thresholds.tolist()))
+    models = []
+    for k in range(folds):
+        train = table.filter(pc.is_in(table.column("prompt_id"),
+                                      value_set=pa.array([p for p in ids if fold_of[p] != k])))
+        models.append(fit_policy(train, candidates, costs, JUDGE, args, embedder, options))
+    fold = np.array([fold_of[p] for p in draws.prompt_ids])
+    return draws, embedder.encode(draws.prompts), CrossFitted(models, fold, full)
 
 
 def ope_check(log_dir: Path, router, budget: float, sim: WorldSim, prompts, pids) -> dict:
@@ -446,11 +493,26 @@ def main(argv=None) -> None:
     writer.close()
     final = policy_area(loop.model, eval_set, X_eval, costs, bootstrap=args.bootstrap)
     full_area = policy_area(full, eval_set, X_eval, costs, bootstrap=args.bootstrap)
-    report(args, loop, ref, areas, final, full_area, sim, log_dir, stream, pids, full, started)
+    t_draws, t_X, crossfit = table_evaluation(table, start_ids, full, candidates, costs, args, embedder)
+    on_table = {"closed_loop": policy_area(loop.model, t_draws, t_X, costs, bootstrap=args.bootstrap),
+                "start": policy_area(closed, t_draws, t_X, costs, bootstrap=args.bootstrap),
+                "full_table": policy_area(crossfit, t_draws, t_X, costs, bootstrap=args.bootstrap)}
+    report(args, loop, ref, areas, final, full_area, sim, log_dir, stream, pids, full, started, on_table,
+           t_draws.n_prompts)
+
+
+def _ratio(a: tuple[float, np.ndarray | None], b: tuple[float, np.ndarray | None]) -> tuple[float, float, float]:
+    """a / b with a 95 % paired bootstrap interval (the same resamples of the evaluation prompts)."""
+    ratio = a[0] / b[0] if b[0] > 0 else float("nan")
+    if a[1] is None or b[1] is None:
+        return ratio, float("nan"), float("nan")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low, high = np.nanquantile(a[1] / b[1], [0.025, 0.975])
+    return ratio, float(low), float(high)
 
 
 def report(args, loop: Policy, ref: Policy, areas, final, full, sim, log_dir, stream, pids, full_model,
-           started) -> None:
+           started, on_table, n_table: int) -> None:
     full_area = full[0]
     rows = window_table({"closed loop": loop.served, "full table": ref.served}, args.report_window, args.budget)
     plot(rows, args.budget, args.out / "closed_loop.png")
@@ -472,16 +534,21 @@ def report(args, loop: Policy, ref: Policy, areas, final, full, sim, log_dir, st
     print(f"OPE of a fixed router (full-table router at lambda {ope['lambda']:.3g}) on {ope['n_requests']} logged requests: "
           f"DR {ope['dr']['value']:.4f} [{ope['dr']['low']:.4f}, {ope['dr']['high']:.4f}], IPS {ope['ips']['value']:.4f}; "
           f"true on-policy {ope['truth']:.4f}: {'inside' if ope['covered'] else 'OUTSIDE'} the interval")
-    ratio = final[0] / full_area if full_area > 0 else float("nan")
-    low = high = float("nan")
-    if final[1] is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            low, high = np.nanquantile(final[1] / full[1], [0.025, 0.975])
-    print(f"area over hull on {args.eval_prompts} evaluation prompts: closed loop {final[0]:+.4f}, full table "
+    ratio, low, high = _ratio(final, full)
+    print(f"area over hull on {args.eval_prompts} fresh evaluation prompts: closed loop {final[0]:+.4f}, full table "
           f"{full_area:+.4f}; ratio {ratio:.3f} [{low:.3f}, {high:.3f}] (95 % paired bootstrap over evaluation prompts)")
+    table_ratio = _ratio(on_table["closed_loop"], on_table["full_table"])
+    start_ratio = _ratio(on_table["start"], on_table["full_table"])
+    print(f"area over hull on the {n_table} table prompts the closed loop never saw (full-table "
+          f"policy cross-fitted, 10 folds): closed loop {on_table['closed_loop'][0]:+.4f}, start policy "
+          f"{on_table['start'][0]:+.4f}, full table {on_table['full_table'][0]:+.4f}; closed loop / full "
+          f"{table_ratio[0]:.3f} [{table_ratio[1]:.3f}, {table_ratio[2]:.3f}], start / full {start_ratio[0]:.3f} "
+          f"[{start_ratio[1]:.3f}, {start_ratio[2]:.3f}]")
     (args.out / "closed_loop.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, "windows": rows, "areas": areas, "full_table_area": full_area,
-         "ratio": ratio, "ratio_interval": [float(low), float(high)], "ope": ope, "seconds": time.perf_counter() - started}, indent=2))
+         "ratio": ratio, "ratio_interval": [low, high], "ope": ope,
+         "table_evaluation": {k: v[0] for k, v in on_table.items()}, "table_ratio": table_ratio,
+         "table_start_ratio": start_ratio, "seconds": time.perf_counter() - started}, indent=2))
     print(f"wrote {args.out / 'closed_loop.png'} and {args.out / 'closed_loop.json'}")
     print(f"closed loop: {ratio:.3f} of the full-table router's area over hull after {len(stream)} served prompts; "
           f"OPE error {ope['error']:.4f}")

@@ -25,8 +25,8 @@ T0 = datetime(2026, 12, 5, 13, 50, tzinfo=UTC)
 def _row(i: int, prompt: str = "a red circle", candidate: str = "small", score: float | None = 0.5,
          minutes: int = 0, **kw) -> ServedRow:
     kw.setdefault("pool_cost", 1.0)
-    return ServedRow(prompt_id=stable_prompt_id(prompt), prompt=prompt, candidate=candidate, seed=i,
-                     request_id=f"r{i}", scores={"decider": score}, time=T0 + timedelta(minutes=minutes), **kw)
+    kw.setdefault("request_id", f"r{i}")
+    return ServedRow(prompt_id=stable_prompt_id(prompt), prompt=prompt, candidate=candidate, seed=i, scores={"decider": score}, time=T0 + timedelta(minutes=minutes), **kw)
 
 
 def _files(root):
@@ -155,3 +155,18 @@ def test_catimage_fit_and_train_read_a_log_folder_with_no_conversion(tmp_path):
                                       "--embedder", "tfidf", "--estimator", "knn"])
     assert result.exit_code == 0, result.output
     assert '"metric": "decider"' in (trained / "router.json").read_text()
+
+
+def test_training_keeps_first_attempts_unless_asked_for_all(tmp_path):
+    from catimage.tables.served_log import training_rows
+
+    with ServedLogWriter(LogConfig(uri=str(tmp_path), metrics=("decider",))) as writer:
+        writer.append([_row(0, score=0.2, attempt=0, returned=False, request_id="a"),
+                       _row(1, score=0.3, attempt=1, returned=False, request_id="a"),
+                       _row(2, score=0.9, attempt=2, request_id="a"), _row(3, "a blue square", score=0.7)])
+    log_table = read_served_log(str(tmp_path))
+    # a cascade drew again because its first draws failed: only the first is free of that selection
+    assert sorted(training_rows(log_table).column("decider").to_pylist()) == [0.2, 0.7]
+    assert sorted(training_rows(log_table, attempts="all").column("decider").to_pylist()) == [0.2, 0.3, 0.7, 0.9]
+    with pytest.raises(TableError, match="attempts"):
+        training_rows(log_table, attempts="some")
