@@ -444,61 +444,95 @@ def _retrain(base: pa.Table, log_dir: Path, candidates, costs, args, embedder) -
     return fit_policy(rows, candidates, costs, DECIDER, args, embedder)
 
 
-def main(argv=None) -> None:
-    import torch
-    from tqdm import tqdm
+@dataclass
+class Setup:
+    """Everything the run shares: the pool, the two starting policies, the prompts, the world."""
 
+    args: argparse.Namespace
+    candidates: list[str]
+    costs: np.ndarray
+    embedder: object
+    table: pa.Table
+    start_ids: list[str]
+    base: pa.Table
+    full: CascadeModel
+    start: CascadeModel
+    sim: WorldSim
+    stream: list[str]
+    pids: list[str]
+    X_stream: np.ndarray
+    eval_set: Draws
+    X_eval: np.ndarray
+
+
+def _setup(args: argparse.Namespace) -> Setup:
     from catimage.features.cache import CachedEmbedder
     from catimage.features.registry import make_embedder
     from catimage.tables.pool import load_pool
     from catimage.tables.table import stable_prompt_id
 
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     pool = load_pool(POOL)
     candidates, costs = pool.names, pool.cost_vector(pool.names)
     embedder = CachedEmbedder(make_embedder("minilm"))
     table = with_decider(read_quality_table(TABLE), args.sigma)
     started = time.perf_counter()
     full = fit_policy(table, candidates, costs, JUDGE, args, embedder)
-    start_ids = sorted(set(table.column("prompt_id").to_pylist()))
-    start_ids = list(np.random.default_rng(args.seed).choice(start_ids, args.start_prompts, replace=False))
+    ids = sorted(set(table.column("prompt_id").to_pylist()))
+    start_ids = [str(p) for p in np.random.default_rng(args.seed).choice(ids, args.start_prompts, replace=False)]
     base = table.filter(pc.is_in(table.column("prompt_id"), value_set=pa.array(start_ids)))
-    closed = fit_policy(base, candidates, costs, DECIDER, args, embedder)
+    start = fit_policy(base, candidates, costs, DECIDER, args, embedder)
     print(f"fitted the full-table policy (1,000 prompts) and the start policy ({args.start_prompts} prompts) "
           f"in {time.perf_counter() - started:.0f} s; {len(full.plans)} plans")
     stream, evaluation = _prompt_sets(args)
     sim = WorldSim(pool, args.cache, args.sigma)
-    eval_set = eval_draws(sim, evaluation, candidates)
-    X_eval = embedder.encode(evaluation)
-    X_stream = embedder.encode(stream)
-    pids = [stable_prompt_id(p) for p in stream]
+    return Setup(args, candidates, costs, embedder, table, start_ids, base, full, start, sim, stream,
+                 [stable_prompt_id(p) for p in stream], embedder.encode(stream), eval_draws(sim, evaluation, candidates),
+                 embedder.encode(evaluation))
+
+
+def _serve_stream(s: Setup) -> tuple[Policy, Policy, list[dict], Path]:
+    """Both policies serve the stream; the closed loop logs, and refits every `retrain_every` prompts."""
+    from tqdm import tqdm
+
+    args = s.args
     log_dir = Path(tempfile.mkdtemp(prefix="served_log_", dir=args.out))
     writer = ServedLogWriter(LogConfig(uri=str(log_dir), metrics=(DECIDER,), flush_rows=500))
-    loop = Policy("closed loop", closed, sim, costs, args, ExplorationConfig(epsilon=args.epsilon), writer)
-    ref = Policy("full table", full, sim, costs, args)
-    areas = [{"served": 0, "closed_loop": policy_area(closed, eval_set, X_eval, costs)[0]}]
-    for start in tqdm(range(0, len(stream), args.batch), desc="serving", unit="batch"):
-        sl = slice(start, start + args.batch)
+    loop = Policy("closed loop", s.start, s.sim, s.costs, args, ExplorationConfig(epsilon=args.epsilon), writer)
+    ref = Policy("full table", s.full, s.sim, s.costs, args)
+    areas = [{"served": 0, "closed_loop": policy_area(s.start, s.eval_set, s.X_eval, s.costs)[0]}]
+    for first in tqdm(range(0, len(s.stream), args.batch), desc="serving", unit="batch"):
+        sl = slice(first, first + args.batch)
         for policy in (loop, ref):
-            policy.serve(stream[sl], pids[sl], X_stream[sl], start)
-        served = min(start + args.batch, len(stream))
-        if served % args.retrain_every == 0 or served == len(stream):
+            policy.serve(s.stream[sl], s.pids[sl], s.X_stream[sl], first)
+        served = min(first + args.batch, len(s.stream))
+        if served % args.retrain_every == 0 or served == len(s.stream):
             writer.flush()
-            loop.swap(_retrain(base, log_dir, candidates, costs, args, embedder))
-            areas.append({"served": served, "closed_loop": policy_area(loop.model, eval_set, X_eval, costs)[0]})
+            loop.swap(_retrain(s.base, log_dir, s.candidates, s.costs, args, s.embedder))
+            areas.append({"served": served, "closed_loop": policy_area(loop.model, s.eval_set, s.X_eval, s.costs)[0]})
             print(f"after {served}: closed-loop area over hull {areas[-1]['closed_loop']:+.4f}")
     writer.close()
-    final = policy_area(loop.model, eval_set, X_eval, costs, bootstrap=args.bootstrap)
-    full_area = policy_area(full, eval_set, X_eval, costs, bootstrap=args.bootstrap)
-    t_draws, t_X, crossfit = table_evaluation(table, start_ids, full, candidates, costs, args, embedder)
-    on_table = {"closed_loop": policy_area(loop.model, t_draws, t_X, costs, bootstrap=args.bootstrap),
-                "start": policy_area(closed, t_draws, t_X, costs, bootstrap=args.bootstrap),
-                "full_table": policy_area(crossfit, t_draws, t_X, costs, bootstrap=args.bootstrap)}
-    report(args, loop, ref, areas, final, full_area, sim, log_dir, stream, pids, full, started, on_table,
-           t_draws.n_prompts)
+    return loop, ref, areas, log_dir
+
+
+def main(argv=None) -> None:
+    import torch
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    s = _setup(args)
+    loop, ref, areas, log_dir = _serve_stream(s)
+    n_boot = args.bootstrap
+    fresh = {"closed_loop": policy_area(loop.model, s.eval_set, s.X_eval, s.costs, bootstrap=n_boot),
+             "full_table": policy_area(s.full, s.eval_set, s.X_eval, s.costs, bootstrap=n_boot)}
+    t_draws, t_X, crossfit = table_evaluation(s.table, s.start_ids, s.full, s.candidates, s.costs, args, s.embedder)
+    on_table = {"closed_loop": policy_area(loop.model, t_draws, t_X, s.costs, bootstrap=n_boot),
+                "start": policy_area(s.start, t_draws, t_X, s.costs, bootstrap=n_boot),
+                "full_table": policy_area(crossfit, t_draws, t_X, s.costs, bootstrap=n_boot)}
+    ope = ope_check(log_dir, s.full.router, args.budget, s.sim, s.stream, s.pids)
+    report(s, loop, ref, areas, fresh, on_table, t_draws.n_prompts, ope, started)
 
 
 def _ratio(a: tuple[float, np.ndarray | None], b: tuple[float, np.ndarray | None]) -> tuple[float, float, float]:
@@ -511,12 +545,7 @@ def _ratio(a: tuple[float, np.ndarray | None], b: tuple[float, np.ndarray | None
     return ratio, float(low), float(high)
 
 
-def report(args, loop: Policy, ref: Policy, areas, final, full, sim, log_dir, stream, pids, full_model,
-           started, on_table, n_table: int) -> None:
-    full_area = full[0]
-    rows = window_table({"closed loop": loop.served, "full table": ref.served}, args.report_window, args.budget)
-    plot(rows, args.budget, args.out / "closed_loop.png")
-    ope = ope_check(log_dir, full_model.router, args.budget, sim, stream, pids)
+def _print_stream(args, loop: Policy, ref: Policy, rows: list[dict]) -> None:
     print(f"{'window':>11} | closed loop: judge  cost  (vs budget)  attempts | full table: judge  cost  (vs budget)")
     for r in rows:
         a, b = r["closed loop"], r["full table"]
@@ -526,31 +555,42 @@ def report(args, loop: Policy, ref: Policy, areas, final, full, sim, log_dir, st
         errs = [abs(r[name]["budget_error"]) for r in rows]
         print(f"{name}: largest budget error per window of {args.report_window} {max(errs):.1%} "
               f"({sum(e <= 0.05 for e in errs)} of {len(errs)} windows within 5 %)")
+    explored = np.asarray(loop.served.explored)
+    judge = np.asarray(loop.served.judge)
+    print(f"closed loop explored {explored.mean():.1%} of requests: judge {judge[explored].mean():.3f} there, "
+          f"{judge[~explored].mean():.3f} on the others (full table {np.mean(ref.served.judge):.3f} on all)")
+
+
+def report(s: Setup, loop: Policy, ref: Policy, areas, fresh, on_table, n_table: int, ope: dict, started) -> None:
+    args = s.args
+    rows = window_table({"closed loop": loop.served, "full table": ref.served}, args.report_window, args.budget)
+    plot(rows, args.budget, args.out / "closed_loop.png")
+    _print_stream(args, loop, ref, rows)
     for a in areas:
         print(f"area over hull after {a['served']:>5} served prompts: closed loop {a['closed_loop']:+.4f}  "
-              f"(full table {full_area:+.4f})")
-    print(f"explored {np.mean(loop.served.explored):.1%} of requests; drew {sim.drawn} new images in {sim.seconds:.0f} s; "
-          f"decider: scene_score + N(0, {args.sigma}) (scene_decider has no shipped weights yet)")
+              f"(full table {fresh['full_table'][0]:+.4f})")
+    print(f"drew {s.sim.drawn} new images in {s.sim.seconds:.0f} s; decider: scene_score + N(0, {args.sigma}) "
+          "(scene_decider has no shipped weights yet)")
     print(f"OPE of a fixed router (full-table router at lambda {ope['lambda']:.3g}) on {ope['n_requests']} logged requests: "
           f"DR {ope['dr']['value']:.4f} [{ope['dr']['low']:.4f}, {ope['dr']['high']:.4f}], IPS {ope['ips']['value']:.4f}; "
           f"true on-policy {ope['truth']:.4f}: {'inside' if ope['covered'] else 'OUTSIDE'} the interval")
-    ratio, low, high = _ratio(final, full)
-    print(f"area over hull on {args.eval_prompts} fresh evaluation prompts: closed loop {final[0]:+.4f}, full table "
-          f"{full_area:+.4f}; ratio {ratio:.3f} [{low:.3f}, {high:.3f}] (95 % paired bootstrap over evaluation prompts)")
+    ratio = _ratio(fresh["closed_loop"], fresh["full_table"])
+    print(f"area over hull on {args.eval_prompts} fresh evaluation prompts: closed loop {fresh['closed_loop'][0]:+.4f}, "
+          f"full table {fresh['full_table'][0]:+.4f}; ratio {ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}] "
+          "(95 % paired bootstrap over evaluation prompts)")
     table_ratio = _ratio(on_table["closed_loop"], on_table["full_table"])
     start_ratio = _ratio(on_table["start"], on_table["full_table"])
-    print(f"area over hull on the {n_table} table prompts the closed loop never saw (full-table "
-          f"policy cross-fitted, 10 folds): closed loop {on_table['closed_loop'][0]:+.4f}, start policy "
-          f"{on_table['start'][0]:+.4f}, full table {on_table['full_table'][0]:+.4f}; closed loop / full "
-          f"{table_ratio[0]:.3f} [{table_ratio[1]:.3f}, {table_ratio[2]:.3f}], start / full {start_ratio[0]:.3f} "
-          f"[{start_ratio[1]:.3f}, {start_ratio[2]:.3f}]")
+    print(f"area over hull on the {n_table} table prompts the closed loop never saw (full-table policy cross-fitted, "
+          f"10 folds): closed loop {on_table['closed_loop'][0]:+.4f}, start policy {on_table['start'][0]:+.4f}, full "
+          f"table {on_table['full_table'][0]:+.4f}; closed loop / full {table_ratio[0]:.3f} [{table_ratio[1]:.3f}, "
+          f"{table_ratio[2]:.3f}], start / full {start_ratio[0]:.3f} [{start_ratio[1]:.3f}, {start_ratio[2]:.3f}]")
     (args.out / "closed_loop.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "windows": rows, "areas": areas, "full_table_area": full_area,
-         "ratio": ratio, "ratio_interval": [low, high], "ope": ope,
+        {"args": {k: str(v) for k, v in vars(args).items()}, "windows": rows, "areas": areas,
+         "fresh_evaluation": {k: v[0] for k, v in fresh.items()}, "ratio": ratio, "ope": ope,
          "table_evaluation": {k: v[0] for k, v in on_table.items()}, "table_ratio": table_ratio,
          "table_start_ratio": start_ratio, "seconds": time.perf_counter() - started}, indent=2))
     print(f"wrote {args.out / 'closed_loop.png'} and {args.out / 'closed_loop.json'}")
-    print(f"closed loop: {ratio:.3f} of the full-table router's area over hull after {len(stream)} served prompts; "
+    print(f"closed loop: {ratio[0]:.3f} of the full-table router's area over hull after {len(s.stream)} served prompts; "
           f"OPE error {ope['error']:.4f}")
 
 
