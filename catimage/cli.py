@@ -186,11 +186,12 @@ def evaluate(
     model: Annotated[list[Path] | None, typer.Option("--model", help="With --logged: a fitted router (repeat)")] = None,
     lam: Annotated[float | None, typer.Option("--lambda", help="With --logged: decide at this lambda")] = None,
     budget: Annotated[float | None, typer.Option(help="With --logged: decide at each model's lambda for it")] = None,
-    policy: Annotated[PolicyOpt, typer.Option(help="route (one blind draw), cascade (score each image, escalate; "
-                                              "needs --decision-metric) or both")] = PolicyOpt.route,
+    policy: Annotated[PolicyOpt, typer.Option(help="route (one blind draw), cascade (score each image, escalate) "
+                                              "or both")] = PolicyOpt.route,
     decision_metric: Annotated[str | None, typer.Option(
-        help="Cascade: the metric column a plan reads online to accept or escalate (default: the judge, --metric: "
-             "then every cascade figure is an upper bound)")] = None,
+        help="Cascade: the metric column a plan reads online to accept or escalate (default: the pool's "
+             "decision_metric when the table has it, else the judge, --metric: then every cascade figure is an "
+             "upper bound)")] = None,
     decision_cost: Annotated[float | None, typer.Option(
         help="Cascade: the decision scorer's cost per image, in the pool's cost unit (default: the pool's "
              "`cost` of that metric when it declares one, else 0, said in the report)")] = None,
@@ -259,25 +260,12 @@ def _cascade_inputs(table, fmt, pool, matrix, options, decision_metric, decision
         if decision_metric is not None or decision_cost is not None:
             raise CatimageError("--decision-metric / --decision-cost apply to --policy cascade or both")
         return None, 0.0, ()
-    from catimage.tables.draws import draws_from_table
+    from catimage.tables.draws import cascade_inputs
     from catimage.tables.table import read_quality_table
 
-    decision = decision_metric or matrix.metric
-    draws = draws_from_table(read_quality_table(table, fmt.value), matrix.candidates, decision, matrix.metric)
-    notes = []
-    if draws.upper_bound:
-        notes.append(f"The cascade decides on {decision}, the judge itself: its figures are UPPER BOUNDS; pass "
-                     "--decision-metric with another metric for a figure a deployment can reach.")
-    if decision_cost is None:
-        spec = next((m for m in pool.metrics if m.name == decision), None)
-        decision_cost = getattr(spec, "cost", None)
-        if decision_cost is None:
-            decision_cost = 0.0
-            notes.append(f"The pool declares no cost for the decision scorer {decision}: plans are charged for "
-                         "generation only (pass --decision-cost to count it).")
-    if decision_cost < 0:
-        raise CatimageError(f"--decision-cost must be >= 0 (in {pool.cost_unit}), got {decision_cost}")
-    return draws, float(decision_cost), tuple(notes)
+    got = cascade_inputs(read_quality_table(table, fmt.value), pool, matrix.candidates, matrix.metric,
+                         decision_metric, decision_cost)
+    return got.draws, got.score_cost, got.notes
 
 
 def _evaluate_logged(log_dir: Path, models: list[Path], metric: str | None, lam: float | None, budget: float | None,

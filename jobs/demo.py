@@ -212,42 +212,6 @@ def _budgets(report: dict[str, Any]) -> tuple[float, float]:
     return max(best / 8, cheapest), max(best / 2, cheapest)
 
 
-DECIDER = "scene_decider"  # the world's learned decision scorer (its column appears once it ships)
-
-
-@dataclass
-class Evaluation:
-    """What stage 3 hands on: the report, its files, and the notes printed at the end."""
-
-    report: dict[str, Any]
-    paths: dict[str, Path]
-
-
-def decision_metric_for(table_metrics: list[str], judge: str, requested: str | None) -> tuple[str, list[str]]:
-    """The cascade's decision metric: the one asked for, else the learned decider when the table has its
-    column, else the judge itself, said to be an upper bound (the decider has not shipped)."""
-    if requested:
-        return requested, []
-    if DECIDER in table_metrics:
-        return DECIDER, []
-    return judge, [(f"The world's learned decider ({DECIDER}) is not in this table yet: the cascade decides on {judge}, "
-                    "the judge itself, so its figures are UPPER BOUNDS, not what a deployment reaches.")]
-
-
-def _draws(fit_table: Path, pool: Any, matrix: Any, requested: str | None) -> tuple[Any, float, list[str]]:
-    """Per-draw scores for the cascade, the decision scorer's cost per image (the pool's metric spec) and notes."""
-    from catimage.tables.draws import draws_from_table
-    from catimage.tables.table import metric_columns, read_quality_table
-
-    table = read_quality_table(fit_table)
-    decision, notes = decision_metric_for(metric_columns(table), matrix.metric, requested)
-    spec = next((m for m in pool.metrics if m.name == decision), None)
-    cost = getattr(spec, "cost", None)
-    if cost is None:
-        notes.append(f"The pool declares no cost for the decision scorer {decision}: plans are charged for generation only.")
-    return draws_from_table(table, matrix.candidates, decision, matrix.metric), float(cost or 0.0), notes
-
-
 def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Path, report_dir: Path,
               metric: str | None, estimator: str, embedder: str, max_epochs: int, trials: int,
               decision_metric: str | None = None) -> Evaluation:
@@ -257,16 +221,17 @@ def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Pa
     from catimage.evaluation.trials import EvaluateOptions, evaluate_table
     from catimage.features.registry import make_embedder
     from catimage.model.router_model import RouterModel
-    from catimage.tables.table import load_pool_matrix
+    from catimage.tables.draws import cascade_inputs
+    from catimage.tables.table import load_pool_matrix, read_quality_table
 
     pool, matrix, costs = load_pool_matrix(fit_table, pool_path, metric=metric)
-    draws, score_cost, notes = _draws(fit_table, pool, matrix, decision_metric)
+    cascade = cascade_inputs(read_quality_table(fit_table), pool, matrix.candidates, matrix.metric, decision_metric)
     params = {"max_epochs": max_epochs} if estimator == "transformer" else {}
     report = evaluate_table(matrix, costs, EvaluateOptions(
         estimator=estimator, estimator_params=params, embedder=make_embedder(embedder), test_frac=0.2,
         calibration_frac=0.1, seed=0, trials=trials, cost_unit=pool.cost_unit,
-        notes=(*pool.report_notes(), *notes), policy="both", score_cost=score_cost,
-    ), draws=draws)
+        notes=(*pool.report_notes(), *cascade.notes), policy="both", score_cost=cascade.score_cost,
+    ), draws=cascade.draws)
     router = RouterModel.load(model_dir)
     if fresh_table != fit_table:
         _fresh_prompts(report, router, fresh_table, pool_path, metric, costs, fit_table.name)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from jobs.demo import DECIDER, decision_metric_for, policy_rows, request_body
+from jobs.demo import policy_rows, request_body
+
+DECIDER = "scene_decider"
 
 
 def _record(ratio: float, missed: bool, area: float) -> dict:
@@ -30,13 +32,6 @@ def test_policy_rows_show_every_split_and_mark_misses_and_upper_bounds():
     assert cascade == ["cascade", DECIDER, "scene_score", "0.31, 0.42, 0.35", "0.36", "3/3"]
     _, upper = policy_rows(_report("scene_score"))
     assert upper[1] == "scene_score" and upper[2] == "scene_score (UPPER BOUND)"
-
-
-def test_the_cascade_decides_on_the_learned_decider_when_the_table_has_it():
-    assert decision_metric_for(["scene_score", DECIDER], "scene_score", None) == (DECIDER, [])
-    assert decision_metric_for(["scene_score", DECIDER], "scene_score", "sharpness") == ("sharpness", [])
-    metric, notes = decision_metric_for(["scene_score", "sharpness"], "scene_score", None)
-    assert metric == "scene_score" and len(notes) == 1 and "UPPER BOUNDS" in notes[0]
 
 
 def test_a_request_names_its_policy_only_when_the_app_takes_one():

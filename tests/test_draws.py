@@ -10,7 +10,8 @@ from sklearn.base import clone
 from catimage.errors import TableError
 from catimage.estimators.base import EstimatorError
 from catimage.estimators.draws import DrawEstimator, load_draw_estimator
-from catimage.tables.draws import draws_from_table
+from catimage.tables.draws import cascade_inputs, draws_from_table
+from catimage.tables.pool import Pool
 
 
 def _table() -> pa.Table:
@@ -96,3 +97,39 @@ def test_estimator_contract_save_load_and_errors(tmp_path):
         DrawEstimator().fit(X, nan, jud)
     with pytest.raises(EstimatorError, match="draw_estimator.json"):
         load_draw_estimator(tmp_path)
+
+
+def _pool(decision_metric: str | None, decider_cost: float | None) -> Pool:
+    metrics = [{"name": "scene_score"}, {"name": "scene_decider", **({"cost": decider_cost} if decider_cost is not None else {})}]
+    cands = [{"name": n, "cost": c, "generator": {"model": "world:mini", "steps": 2}} for n, c in (("cheap", 1.0), ("dear", 3.0))]
+    return Pool.model_validate({"cost_unit": "gflops", "metrics": metrics, "candidates": cands,
+                                **({"decision_metric": decision_metric} if decision_metric else {})})
+
+
+def _scene_table() -> pa.Table:
+    return _table().rename_columns(["prompt_id", "prompt", "candidate", "seed", "scene_score", "scene_decider"])
+
+
+def test_cascade_inputs_take_the_pools_decider_and_its_cost():
+    got = cascade_inputs(_scene_table(), _pool("scene_decider", 0.04), ["cheap", "dear"], "scene_score")
+    assert got.draws.decision_metric == "scene_decider" and got.score_cost == 0.04 and got.notes == ()
+    assert got.draws.decision[0, 0].tolist() == [0.15, 0.25]  # the decider's column, not the judge's
+
+
+def test_cascade_inputs_say_when_the_judge_decides_or_the_scorer_is_free():
+    no_column = _scene_table().drop_columns(["scene_decider"])
+    got = cascade_inputs(no_column, _pool("scene_decider", 0.04), ["cheap", "dear"], "scene_score")
+    assert got.draws.upper_bound and any("UPPER BOUNDS" in n for n in got.notes)
+    assert any("not a column of this table" in n for n in got.notes)
+    free = cascade_inputs(_scene_table(), _pool(None, None), ["cheap", "dear"], "scene_score", "scene_decider")
+    assert free.score_cost == 0.0 and any("no cost for the decision scorer" in n for n in free.notes)
+    asked = cascade_inputs(_scene_table(), _pool("scene_decider", 0.04), ["cheap", "dear"], "scene_score", None, 0.5)
+    assert asked.score_cost == 0.5
+    with pytest.raises(TableError, match=">= 0"):
+        cascade_inputs(_scene_table(), _pool("scene_decider", 0.04), ["cheap", "dear"], "scene_score", None, -1.0)
+
+
+def test_a_pool_refuses_a_decision_metric_it_does_not_score():
+    with pytest.raises(ValueError, match="not one of the pool's metrics"):
+        Pool.model_validate({"cost_unit": "gflops", "metrics": [{"name": "scene_score"}], "decision_metric": "scene_decider",
+                             "candidates": [{"name": "a", "cost": 1.0, "generator": {"model": "world:mini", "steps": 2}}]})

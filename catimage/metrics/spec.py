@@ -23,3 +23,8 @@ class MetricSpec(BaseModel):
     memory: ByteSize | None = Field(
         default=None, description="Host memory one scorer actor holds (e.g. 900MiB): what Ray reserves for it."
     )
+    cost: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False,
+        description="What scoring one image costs, in the pool's cost_unit: a cascade pays it for every image it "
+        "scores online, so a plan's cost counts it beside each generation.",
+    )

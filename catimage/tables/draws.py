@@ -16,8 +16,10 @@ metric IS the judge, every figure built on the draws is an upper bound (`upper_b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +27,10 @@ import pyarrow as pa
 from catimage.errors import TableError
 from catimage.tables.table import metric_columns, validate_table
 
-__all__ = ["Draws", "draws_from_table"]
+if TYPE_CHECKING:
+    from catimage.tables.pool import Pool
+
+__all__ = ["CascadeInputs", "Draws", "cascade_inputs", "draws_from_table"]
 
 
 @dataclass
@@ -150,3 +155,49 @@ def draws_from_table(
     out["judge"][missing] = np.nan
     return Draws(list(order), prompts, candidates, out["decision"], out["judge"], seed_arr,
                  decision_metric, judge_metric)
+
+
+@dataclass(frozen=True)
+class CascadeInputs:
+    """What a cascade evaluation or fit needs beyond the quality matrix: per-draw scores, what scoring
+    one image costs (in the pool's unit) and the notes every report built on them must carry."""
+
+    draws: Draws
+    score_cost: float
+    notes: tuple[str, ...]
+
+
+def cascade_inputs(
+    table: pa.Table, pool: Pool, candidates: Sequence[str], judge_metric: str,
+    decision_metric: str | None = None, decision_cost: float | None = None,
+) -> CascadeInputs:
+    """The one way every caller (CLI, demo, benchmarks) picks a cascade's decision metric and its cost.
+
+    The decision metric is the one asked for, else the pool's `decision_metric` when the table has its
+    column, else the judge itself (then every cascade figure is an upper bound, and a note says so).
+    The scorer's cost is the one asked for, else the pool's `cost` for that metric, else 0 with a note:
+    a plan pays for every image it scores, and a figure that leaves it out must say so.
+    """
+    notes: list[str] = []
+    decision = decision_metric
+    if decision is None and pool.decision_metric is not None:
+        if pool.decision_metric in metric_columns(table):
+            decision = pool.decision_metric
+        else:
+            notes.append(f"The pool's decision metric {pool.decision_metric!r} is not a column of this table (build it "
+                         "with that metric in the pool's `metrics:`): the judge decides instead.")
+    decision = decision or judge_metric
+    draws = draws_from_table(table, candidates, decision, judge_metric)
+    if draws.upper_bound:
+        notes.append(f"The cascade decides on {decision}, the judge itself: its figures are UPPER BOUNDS, not what a "
+                     "deployment reaches; pass another decision metric for a figure a deployment can reach.")
+    if decision_cost is None:
+        spec = pool.metric(decision)
+        decision_cost = spec.cost if spec is not None else None
+        if decision_cost is None:
+            notes.append(f"The pool declares no cost for the decision scorer {decision}: plans are charged for "
+                         "generation only (declare the metric's `cost:` in the pool, or pass the decision cost).")
+            decision_cost = 0.0
+    if not math.isfinite(decision_cost) or decision_cost < 0:
+        raise TableError(f"the decision scorer's cost must be a number >= 0 (in {pool.cost_unit}), got {decision_cost}")
+    return CascadeInputs(draws, float(decision_cost), tuple(notes))

@@ -134,6 +134,12 @@ class Pool(BaseModel):
     cost_unit: str = Field(description=f"what every cost counts, per image: one of {', '.join(COST_UNITS)}")
     candidates: list[Candidate] = Field(min_length=1)
     metrics: list[MetricSpec] = Field(default_factory=list)
+    decision_metric: str | None = Field(
+        default=None,
+        description="The metric a cascade reads online to accept or escalate (one of `metrics`, with its `cost`): "
+        "the default of `catimage evaluate --decision-metric` and of serving. Unset: the judge decides, and "
+        "every cascade figure is an upper bound.",
+    )
     description: str | None = None
     costs_assumed: bool = Field(
         default=False, description="True when costs are illustrative, not measured: every report says so."
@@ -158,7 +164,16 @@ class Pool(BaseModel):
         mnames = [m.name for m in self.metrics]
         if len(set(mnames)) != len(mnames):
             raise ValueError(f"duplicate metric names in metrics: {mnames}")
+        if self.decision_metric is not None and self.decision_metric not in mnames:
+            raise ValueError(
+                f"decision_metric {self.decision_metric!r} is not one of the pool's metrics {mnames}: add it to "
+                "`metrics:` (with its `cost:` per image) or remove decision_metric"
+            )
         return self
+
+    def metric(self, name: str) -> MetricSpec | None:
+        """The pool's spec of metric `name`, or None when the pool does not declare it."""
+        return next((m for m in self.metrics if m.name == name), None)
 
     @property
     def names(self) -> list[str]:
