@@ -212,6 +212,14 @@ def _budgets(report: dict[str, Any]) -> tuple[float, float]:
     return max(best / 8, cheapest), max(best / 2, cheapest)
 
 
+@dataclass
+class Evaluation:
+    """What stage 3 hands on: the report, its files, and the notes printed at the end."""
+
+    report: dict[str, Any]
+    paths: dict[str, Path]
+
+
 def _evaluate(fit_table: Path, fresh_table: Path, pool_path: Path, model_dir: Path, report_dir: Path,
               metric: str | None, estimator: str, embedder: str, max_epochs: int, trials: int,
               decision_metric: str | None = None) -> Evaluation:
