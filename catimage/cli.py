@@ -380,28 +380,59 @@ def fit(
     estimator_params: Annotated[str | None, typer.Option(help="JSON object of estimator params")] = None,
     calibration_frac: Annotated[float, typer.Option(help="Held out for lambda calibration only")] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
+    policy: Annotated[PolicyOpt, typer.Option(help="route: a router bundle; cascade: a cascade bundle (router + "
+                                              "per-draw model + plans) that Serve runs as route or cascade")] = PolicyOpt.route,
+    decision_metric: Annotated[str | None, typer.Option(help="Cascade: the metric a plan reads online (default: "
+                                                      "the pool's decision_metric, else the judge: upper bound)")] = None,
+    decision_cost: Annotated[float | None, typer.Option(help="Cascade: the scorer's cost per image (default: the "
+                                                        "pool's cost of that metric)")] = None,
+    max_attempts: Annotated[int, typer.Option(min=1, max=6, help="Cascade: the most attempts a plan draws")] = 4,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Fit a router in-process on the whole table (minus a calibration split); write a model directory."""
+    """Fit a router (or a cascade) in-process on the whole table (minus a calibration split); write a model directory."""
     _setup_logging(verbose)
     _offline_defaults()
 
     def _fit() -> None:
-        from catimage.model.router_model import RouterModel
-
+        if policy is PolicyOpt.both:
+            _fail("catimage fit writes one bundle: --policy route or cascade (a cascade bundle also routes)")
         pool_obj, matrix, costs = _load_matrix(table, pool, fmt, metric)
-        with _progress(f"fitting {estimator.value} on {matrix.n_prompts} prompts"):
-            model = RouterModel.fit(
-                matrix, costs, pool_obj.cost_unit, embedder.value, {}, estimator.value,
-                _parse_params(estimator_params, "--estimator-params"), calibration_frac=calibration_frac, seed=seed,
-                notes=pool_obj.report_notes(), embedder=_make_embedder(embedder.value, True),
-            )
+        router_args = {"estimator": estimator.value, "estimator_params": _parse_params(estimator_params, "--estimator-params"),
+                       "embedder": _make_embedder(embedder.value, True), "notes": pool_obj.report_notes()}
+        with _progress(f"fitting {estimator.value} ({policy.value}) on {matrix.n_prompts} prompts"):
+            if policy is PolicyOpt.cascade:
+                model = _fit_cascade(table, fmt, pool_obj, matrix, costs, decision_metric, decision_cost, max_attempts,
+                                     calibration_frac, seed, router_args)
+                router = model.router
+            else:
+                from catimage.model.router_model import RouterModel
+
+                split_args = {"calibration_frac": calibration_frac, "seed": seed}
+                model = router = RouterModel.fit(matrix, costs, pool_obj.cost_unit, embedder.value, {}, estimator.value,
+                                                 router_args["estimator_params"], notes=router_args["notes"],
+                                                 embedder=router_args["embedder"], **split_args)
         model.save(out)
-        console.print(f"wrote model to {out} ({len(model.candidates)} candidates, metric {model.metric})")
-        if model.selection:
-            console.print(f"[bold]selection:[/] {model.selection}")
+        console.print(f"wrote {policy.value} model to {out} ({len(router.candidates)} candidates, metric {router.metric})")
+        if router.selection:
+            console.print(f"[bold]selection:[/] {router.selection}")
 
     _run(_fit)
+
+
+def _fit_cascade(table, fmt, pool, matrix, costs, decision_metric, decision_cost, max_attempts, calibration_frac,
+                 seed, router_args):
+    """A cascade bundle on the whole table: the same decision metric and scorer cost as `evaluate` picks."""
+    from catimage.model.cascade_model import CascadeModel, CascadeOptions
+    from catimage.tables.draws import cascade_inputs
+    from catimage.tables.table import read_quality_table
+
+    got = cascade_inputs(read_quality_table(table, fmt.value), pool, matrix.candidates, matrix.metric,
+                         decision_metric, decision_cost)
+    for note in got.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    return CascadeModel.fit(matrix, got.draws, costs, pool.cost_unit, score_cost=got.score_cost,
+                            options=CascadeOptions(max_attempts=max_attempts), calibration_frac=calibration_frac,
+                            seed=seed, **router_args)
 
 
 @app.command("route")

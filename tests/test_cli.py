@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -85,6 +86,27 @@ def test_fit_then_route_prints_choice_and_json(table_and_pool):
     # At the cheapest budget every prompt must go to the cheapest candidate.
     cheap = json.loads(_ok(runner.invoke(app, ["route", str(model), "--budget", "1.0", "--json", "a", "b c d e f"])).output)
     assert {d["candidate"] for d in cheap} == {"small"}
+
+
+def test_fit_policy_cascade_writes_a_bundle_that_decides_on_the_pools_decision_metric(table_and_pool):
+    from catimage.model.cascade_model import CascadeModel
+
+    table, _, root = table_and_pool
+    base = pq.read_table(table).rename_columns({"quality": "scene_score"})
+    verdict = pa.array(np.clip(base.column("scene_score").to_numpy() + 0.05, 0, 1))
+    with_verdict = write_quality_table(base.append_column("scene_decider", verdict), root / "qv.parquet")
+    pool = root / "pool_verdict.yaml"
+    pool.write_text("cost_unit: seconds\nmetrics:\n  - {name: scene_score}\n  - {name: scene_decider, cost: 0.25}\n"
+                    "decision_metric: scene_decider\ncandidates:\n  - {name: small, cost: 1.0}\n  - {name: big, cost: 4.0}\n")
+    out = root / "cascade"
+    _ok(runner.invoke(app, ["fit", str(with_verdict), "--pool", str(pool), "--out", str(out), "--embedder", "tfidf",
+                            "--metric", "scene_score", "--policy", "cascade"]))
+    model = CascadeModel.load(out)
+    assert (model.decision_metric, model.judge_metric, model.score_cost) == ("scene_decider", "scene_score", 0.25)
+    # At a prohibitive lambda the cheapest plan wins: one draw of the cheapest candidate.
+    assert [p.attempts for p in model.plan(["cat", "cat dog castle robot river"], lam=1e6)] == [("small",), ("small",)]
+    refused = runner.invoke(app, ["fit", str(with_verdict), "--pool", str(pool), "--out", str(out), "--policy", "both"])
+    assert refused.exit_code != 0 and "one bundle" in refused.output
 
 
 @pytest.mark.parametrize(
@@ -186,7 +208,7 @@ def test_build_fails_fast_on_a_gpu_pool_without_gpus(tmp_path):
 def test_add_candidate_refuses_costs_in_another_unit_than_the_routers(table_and_pool, tmp_path):
     """The router counts seconds; a new candidate's cost declared in a gflops pool, or only measured
     for a gflops router, would silently mix units in its lambda. Both refused, naming the units."""
-    table, pool, root = table_and_pool
+    table, pool, _ = table_and_pool
     model = tmp_path / "model"
     _ok(runner.invoke(app, ["fit", str(table), "--pool", str(pool), "--out", str(model), "--embedder", "tfidf"]))
     rows = {k: [] for k in ("prompt_id", "prompt", "candidate", "seed", "cost", "quality")}
