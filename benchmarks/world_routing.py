@@ -99,25 +99,22 @@ def complexity_table(console: Console) -> None:
     console.print(tab)
 
 
-def world_draws(table_path: Path, candidates: list[str], decision: str, noise: float, seed: int = 0):
-    """Per-draw scores of a world table: the decision metric (plus Gaussian noise of sd `noise`, a stand-in
-    for a learned decider before one exists) and scene_score as the judge."""
-    from catimage.tables.draws import draws_from_table
+def world_cascade_inputs(table_path: Path, candidates: list[str], args: argparse.Namespace, seed: int = 0):
+    """The cascade's inputs as every command picks them (catimage.tables.draws.cascade_inputs: the pool's
+    decision metric, scene_decider, and its cost, unless the flags say otherwise), plus Gaussian noise of sd
+    `--decision-noise` on the decision scores when asked (a noisy stand-in decider, for the agreement study)."""
+    from catimage.tables.draws import CascadeInputs, cascade_inputs
+    from catimage.tables.pool import load_pool
     from catimage.tables.table import read_quality_table
 
-    draws = draws_from_table(read_quality_table(table_path), candidates, decision, METRIC)
-    if noise > 0:
-        rng = np.random.default_rng(seed)
-        draws.decision = draws.decision + rng.normal(0.0, noise, draws.decision.shape)
-        draws.decision_metric = f"{decision}+N(0,{noise:g})"
-    return draws
-
-
-def default_decision(table_path: Path) -> str:
-    """The learned decider's column when the table has one, else the judge itself (an upper bound)."""
-    from catimage.tables.table import metric_columns
-
-    return "scene_decider" if "scene_decider" in metric_columns(pq.read_table(table_path)) else METRIC
+    got = cascade_inputs(read_quality_table(table_path), load_pool(POOL), candidates, METRIC, args.decision_metric,
+                         args.decision_cost)
+    if args.decision_noise > 0:
+        draws = got.draws
+        draws.decision = draws.decision + np.random.default_rng(seed).normal(0.0, args.decision_noise, draws.decision.shape)
+        draws.decision_metric = f"{draws.decision_metric}+N(0,{args.decision_noise:g})"
+        got = CascadeInputs(draws, got.score_cost, got.notes)
+    return got
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -130,10 +127,10 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.policy == "route":
         complexity_table(console)
     pool, matrix, costs = load_pool_matrix(TABLE, POOL, metric=METRIC)
-    decision = args.decision_metric or default_decision(TABLE)
-    draws = None if args.policy == "route" else world_draws(TABLE, matrix.candidates, decision, args.decision_noise)
-    label = "" if draws is None else f"; cascade decides on {draws.decision_metric}" + (
-        " (UPPER BOUND: the judge decides)" if draws.upper_bound else "") + f", scorer cost {args.decision_cost:g}"
+    inputs = None if args.policy == "route" else world_cascade_inputs(TABLE, matrix.candidates, args)
+    draws = None if inputs is None else inputs.draws
+    label = "" if inputs is None else f"; cascade decides on {draws.decision_metric}" + (
+        " (UPPER BOUND: the judge decides)" if draws.upper_bound else "") + f", scorer cost {inputs.score_cost:g}"
     tab = Table(title=f"{args.policy} on the world table: {args.trials} re-drawn splits, test {args.test_frac:.0%}{label}")
     for col in ("estimator", "policy", "best fixed", "area over hull (mean, min)", "q@best cost",
                 "cost ratio to match (mean; per split)", "APGR", "CPT50/80", "s"):
@@ -143,7 +140,7 @@ def evaluate(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         options = EvaluateOptions(estimator=name, embedder=embedder, test_frac=args.test_frac, calibration_frac=0.1,
                                   seed=0, trials=args.trials, cost_unit=pool.cost_unit, bootstrap=args.bootstrap,
-                                  policy=args.policy, score_cost=args.decision_cost,
+                                  policy=args.policy, score_cost=0.0 if inputs is None else inputs.score_cost,
                                   cascade=CascadeOptions(max_attempts=args.max_attempts,
                                                          router_means=args.draw_means == "router",
                                                          draw_estimator={"k": args.draw_k} if args.draw_k else {}))
@@ -172,24 +169,46 @@ def _ratio_text(summary: dict) -> str:
     return "miss" if summary["missed_best_fixed"] else f"{summary['cost_ratio_or_miss']:.3f}"
 
 
-def shipped_cascade(router_dir: Path, decision: str, noise: float, score_cost: float):
-    """The shipped cascade when one exists (catimage/data/world_cascade), else one fitted on the shipped
-    table around the SHIPPED router (its embedder and predictions unchanged): the draw estimator learns
-    from every shipped prompt but a 10 % calibration split."""
-    from catimage.model.cascade_model import CascadeModel, fit_cascade
+WORLD_CASCADE = DATA / "world_cascade"
+
+
+def fit_shipped_cascade(router_dir: Path, args: argparse.Namespace):
+    """A cascade fitted on the shipped table around the SHIPPED router (its embedder and predictions
+    unchanged): the draw estimator learns from every shipped prompt but a 10 % calibration split."""
+    from catimage.model.cascade_model import CascadeOptions, fit_cascade
     from catimage.model.router_model import RouterModel
     from catimage.tables.table import load_pool_matrix, split_prompts
 
-    shipped = DATA / "world_cascade"
-    if (shipped / "cascade.json").is_file():
-        return CascadeModel.load(shipped), f"the shipped cascade {shipped}"
     _, matrix, costs = load_pool_matrix(TABLE, POOL, metric=METRIC)
-    draws = world_draws(TABLE, matrix.candidates, decision, noise)
+    inputs = world_cascade_inputs(TABLE, matrix.candidates, args)
     split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=0)
     router = RouterModel.load(router_dir)
-    model = fit_cascade(matrix, draws, costs, router.cost_unit, split.train, split.calibration, score_cost=score_cost,
-                        router=router)
-    return model, f"a cascade fitted on {TABLE.name} around the shipped router (no shipped cascade yet)"
+    return fit_cascade(matrix, inputs.draws, costs, router.cost_unit, split.train, split.calibration,
+                       score_cost=inputs.score_cost, router=router,
+                       options=CascadeOptions(max_attempts=args.max_attempts)), inputs
+
+
+def shipped_cascade(router_dir: Path, args: argparse.Namespace):
+    """The shipped cascade (catimage/data/world_cascade) when it exists and no flag asks for another
+    decider; else one fitted now as `ship-cascade` fits it."""
+    from catimage.model.cascade_model import CascadeModel
+
+    default = args.decision_metric is None and args.decision_noise == 0 and args.decision_cost is None
+    if default and (WORLD_CASCADE / "cascade.json").is_file():
+        return CascadeModel.load(WORLD_CASCADE), f"the shipped cascade {WORLD_CASCADE.relative_to(ROOT)}"
+    model, _ = fit_shipped_cascade(router_dir, args)
+    return model, f"a cascade fitted on {TABLE.name} around the shipped router"
+
+
+def ship_cascade(args: argparse.Namespace) -> None:
+    """Fit the world's cascade bundle and write it into the package (catimage/data/world_cascade)."""
+    model, inputs = fit_shipped_cascade(Path(args.router), args)
+    for note in inputs.notes:
+        print(f"note: {note}")
+    model.save(WORLD_CASCADE)
+    size = sum(f.stat().st_size for f in WORLD_CASCADE.rglob("*") if f.is_file())
+    print(f"wrote {WORLD_CASCADE} ({size / 1e6:.2f} MB): decides on {model.decision_metric} at {model.score_cost:g} "
+          f"{model.cost_unit} per image, judged by {model.judge_metric}; {len(model.plans)} plans")
 
 
 def foreign(args: argparse.Namespace) -> None:
@@ -209,18 +228,18 @@ def foreign(args: argparse.Namespace) -> None:
     print_summary(result, Console())
     pool, matrix, costs = load_pool_matrix(result.table_path, POOL, metric=METRIC)
     router = RouterModel.load(args.router)
-    decision = args.decision_metric or default_decision(result.table_path)
-    draws = world_draws(Path(result.table_path), matrix.candidates, decision, args.decision_noise, seed=1)
+    inputs = world_cascade_inputs(Path(result.table_path), matrix.candidates, args, seed=1)
+    draws = inputs.draws
     keep = np.isfinite(matrix.mean).all(axis=1) & usable_prompts(draws, 4)
     prompts = [matrix.prompts[i] for i in np.flatnonzero(keep)]
     route = evaluate_predictions(router.predict(prompts), matrix.mean[keep], costs, matrix.candidates).summary
-    model, what = shipped_cascade(Path(args.router), decision, args.decision_noise, args.decision_cost)
+    model, what = shipped_cascade(Path(args.router), args)
     X = embed_features(model.router.embedder, prompts, "pooled")
     cascade = evaluate_cascade_trial(model, draws.subset(np.flatnonzero(keep)), X, costs, bootstrap=0, seed=0,
                                      n_traces=0).result.summary
     bound = " (UPPER BOUND: the judge decides)" if draws.upper_bound else ""
     print(f"{int(keep.sum())} prompts from {args.prompts}, S={args.seeds}; router {args.router}; {what}; the cascade "
-          f"decides on {draws.decision_metric}{bound}, scorer cost {args.decision_cost:g} {pool.cost_unit}")
+          f"decides on {draws.decision_metric}{bound}, scorer cost {model.score_cost:g} {pool.cost_unit}")
     for name, s in (("route", route), ("cascade", cascade)):
         print(f"{name}: best fixed {s['best_fixed']} ({s['best_fixed_quality']:.3f} at {s['best_fixed_cost']:.3g} "
               f"{pool.cost_unit}); at that cost {s['quality_at_best_fixed_cost']:.3f}; area over hull {s['area_over_hull']:+.4f}")
@@ -244,13 +263,17 @@ def main() -> None:
     f.add_argument("--prompts", default=str(FOREIGN))
     f.add_argument("--seeds", type=int, default=4)
     f.add_argument("--router", default=str(ROUTER))
-    for p in (e, f):
+    c = sub.add_parser("ship-cascade", help="fit the world cascade around the shipped router; write catimage/data/world_cascade")
+    c.add_argument("--router", default=str(ROUTER))
+    for p in (e, f, c):
         p.add_argument("--policy", choices=("route", "cascade", "both"), default="route" if p is e else "both")
         p.add_argument("--decision-metric", default=None,
-                       help="what the cascade reads online (default: scene_decider when the table has it, else scene_score)")
+                       help="what the cascade reads online (default: the pool's decision metric, scene_decider, when the table has "
+                            "it, else scene_score: an upper bound)")
         p.add_argument("--decision-noise", type=float, default=0.0,
                        help="add N(0, sd) to the decision scores: a noisy stand-in for a learned decider")
-        p.add_argument("--decision-cost", type=float, default=0.0, help="the decision scorer's cost per image (GFLOPs)")
+        p.add_argument("--decision-cost", type=float, default=None,
+                       help="the decision scorer's cost per image in GFLOPs (default: the pool's cost of that metric)")
         p.add_argument("--max-attempts", type=int, default=4)
         p.add_argument("--draw-k", type=int, default=None,
                        help="fix the draw estimator's k (default: chosen by leave-one-out); a k above the training "
@@ -261,7 +284,7 @@ def main() -> None:
     f.add_argument("--num-cpus", type=float, default=None)
     f.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "catimage-world-table"))
     args = parser.parse_args()
-    {"build": build, "evaluate": evaluate, "foreign": foreign}[args.command](args)
+    {"build": build, "evaluate": evaluate, "foreign": foreign, "ship-cascade": ship_cascade}[args.command](args)
 
 
 if __name__ == "__main__":
