@@ -29,8 +29,8 @@
    and seeds.
 
 The decider (`--decider`): the learned `scene_decider` (shipped weights; its cost per image,
-`--score-cost`, 0.043 GFLOPs from its model card), whose scores the shipped table lacks, so the
-table's 28,000 images are drawn again with the same seeds and scored; or `noisy`, scene_score plus
+`--score-cost`, 0.043 GFLOPs from its model card), read from the shipped table's column (a table
+without it is drawn again with the same seeds and scored); or `noisy`, scene_score plus
 Gaussian noise (sigma `--sigma`, a fixed function of prompt, candidate and seed), which needs no
 redraw of the table. Images are never kept; their scores are cached outside the repository
 (`--cache`) so that a rerun draws nothing twice. Prints; asserts nothing. The last line reads
@@ -164,8 +164,11 @@ class WorldSim:
 
 
 def with_decider(table: pa.Table, sim: WorldSim) -> pa.Table:
-    """The shipped table plus the decider's column. With the learned decider, the table's images are
-    drawn again (same seeds) and scored, and the redrawn judge is checked against the table's."""
+    """The shipped table plus the decider's column: the table's own scene_decider column when it has one
+    (the shipped table does); else, with the learned decider, the table's images drawn again (same seeds)
+    and scored, with the redrawn judge checked against the table's."""
+    if sim.decider == LEARNED and LEARNED in table.column_names:
+        return table.append_column(DECIDER, table.column(LEARNED))
     keys = list(zip(table.column("prompt_id").to_pylist(), table.column("candidate").to_pylist(),
                     [int(v) for v in table.column("seed").to_pylist()], strict=True))
     if sim.decider == LEARNED:
