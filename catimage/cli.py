@@ -13,7 +13,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import typer
 from rich.console import Console
@@ -96,7 +96,7 @@ class _progress:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
-    def __enter__(self) -> _progress:
+    def __enter__(self) -> Self:
         self.status = console.status(f"[bold]{self.prefix}[/]")
         self.status.__enter__()
         self.handler = _StatusHandler(self.status, self.prefix)
@@ -113,7 +113,7 @@ class _progress:
             console.print(f"[dim]{self.prefix}:[/] {text}")
         self.status.update(f"{self.prefix}: {text}")
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.logger.removeHandler(self.handler)
         self.logger.setLevel(self.saved[0])
         self.logger.propagate = self.saved[1]
