@@ -25,15 +25,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from rated_sets import SETS, SHARED_DATA, load_set  # noqa: E402  (benchmarks/, the script's own folder)
+import numpy as np
+from rated_sets import SETS, SHARED_DATA, load_set
 
 from catimage.evaluation.figures import evaluate_predictions
 from catimage.features.cache import CachedEmbedder
 from catimage.features.registry import make_embedder
 from catimage.features.stage import FeatureCache
-from catimage.model.router_model import fit_router  # noqa: E402
-from catimage.tables.table import QualityMatrix, split_prompts  # noqa: E402
+from catimage.model.router_model import fit_router
+from catimage.tables.table import QualityMatrix, split_prompts
 
 FIGURES = ("area_over_hull", "gain_at_best_fixed_cost", "cost_ratio_or_miss")
 

@@ -110,7 +110,7 @@ def main() -> None:
         est.fit(X[:n_train], Y[:n_train])
         lam = calibrate_lambda(est.predict(X[:64]), costs, float(np.median(costs)))
         xb = X[n_train:][: len(batch)]
-        ms = _time_per_prompt(lambda est=est, xb=xb: route(est.predict(xb), costs, lam), len(xb), args.repeats)
+        ms = _time_per_prompt(lambda est=est, xb=xb, lam=lam: route(est.predict(xb), costs, lam), len(xb), args.repeats)
         table.add_row(f"estimator + rule: {est_name}", f"{ms:.3f}", "<= 1")
     console.print(table)
     single_prompt(prompts, Y, costs, args.single, console)
@@ -133,8 +133,8 @@ def single_prompt(prompts: list[str], Y: np.ndarray, costs: np.ndarray, n: int, 
         times: dict[str, list[float]] = {"float32": [], "int8": [], "cache hit": [], "batch of 8, per prompt": []}
         for i in range(n):
             p = [prompts[i % len(prompts)]]
-            for name, fn in (("float32", lambda: fp32.encode(list(p))), ("int8", lambda: int8.encode(list(p))),
-                             ("cache hit", lambda: cached.encode(list(p)))):
+            for name, fn in (("float32", lambda p=p: fp32.encode(list(p))), ("int8", lambda p=p: int8.encode(list(p))),
+                             ("cache hit", lambda p=p: cached.encode(list(p)))):
                 start = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - start) * 1000)

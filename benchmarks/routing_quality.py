@@ -26,9 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rated_sets import SETS, SHARED_DATA, load_set  # noqa: E402  (benchmarks/, the script's own folder)
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rated_sets import SETS, SHARED_DATA, load_set
+from rich.console import Console
+from rich.table import Table
 
 from catimage.evaluation.confidence import combined_interval
 from catimage.evaluation.noise import label_noise

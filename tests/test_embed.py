@@ -224,7 +224,7 @@ def test_tiny_clip_works_in_a_fresh_process(tiny_clip):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-c", code, tiny_clip.checkpoint], capture_output=True, text=True, env=env,
-        cwd=Path(__file__).resolve().parents[1], timeout=120,
+        cwd=Path(__file__).resolve().parents[1], timeout=120, check=False,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     here = make_embedder("clip", model="catimage-tiny-clip", pretrained=tiny_clip.checkpoint).encode(["a red car"])

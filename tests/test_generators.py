@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pytest
@@ -259,7 +260,7 @@ class _ImagesServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append(body)
                 outer.headers.append(dict(self.headers))
@@ -285,7 +286,7 @@ class _ImagesServer:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/images/generations"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> _ImagesServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

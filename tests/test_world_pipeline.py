@@ -114,7 +114,7 @@ def test_guidance_changes_the_image_and_steps_share_the_start_noise(exported):
 
 
 def test_cost_of_a_world_candidate_adds_up(exported):
-    spec = lambda steps, g=2.0: DiffusersSpec(model=str(exported), steps=steps, scheduler="ddim", guidance_scale=g)  # noqa: E731
+    spec = lambda steps, g=2.0: DiffusersSpec(model=str(exported), steps=steps, scheduler="ddim", guidance_scale=g)
     four, eight, plain = count_flops(spec(4)), count_flops(spec(8)), count_flops(spec(4, 1.0))
     assert eight.unet_evals == 8 and eight.vae_decode == 0
     assert eight.total - four.total == pytest.approx(4 * four.unet_per_step, rel=1e-9)

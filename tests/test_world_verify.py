@@ -4,6 +4,7 @@ it should (expected check values worked out by hand from the scene, not read off
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -251,7 +252,7 @@ def test_blur_lowers_crispness_step_by_step() -> None:
         v = verify(PAIR, image.filter(ImageFilter.GaussianBlur(sigma)) if sigma else image)
         assert all(c.value == 1.0 for c in v.checks if not c.name.startswith("crisp")), _failed(v)
         crisp.append(v.value("crisp_edges"))
-    assert crisp[0] == 1.0 and all(a > b for a, b in zip(crisp, crisp[1:])) and crisp[-1] < 0.3
+    assert crisp[0] == 1.0 and all(a > b for a, b in itertools.pairwise(crisp)) and crisp[-1] < 0.3
 
 
 def test_checks_list_names_weights_and_the_matching() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from catimage.errors import CatimageError
 from catimage.generators.spec import DiffusersSpec, GeneratorSpec
@@ -106,7 +106,7 @@ class Generator(ABC):
     def close(self) -> None:
         """Release clients or device memory; the generator is unusable afterwards."""
 
-    def __enter__(self) -> Generator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -57,7 +57,7 @@ def pipeline_class_name(kind: str, model: str) -> str:
             from diffusers import DiffusionPipeline
 
             name = DiffusionPipeline.load_config(model)["_class_name"]
-    except Exception as err:  # offline hub miss, malformed folder, ...
+    except Exception as err:  # noqa: BLE001 - offline hub miss, malformed folder, ...: one clear error
         raise CatimageError(
             f"cannot read model_index.json of {model!r} ({type(err).__name__}: {err}); give a local "
             "diffusers folder or a cached hub id, or set `pipeline: sd|sdxl|world` in the generator block"
@@ -114,7 +114,7 @@ def load_unet(ref: str, base_model: str, dtype: torch.dtype) -> Any:
         repo, _, filename = ref.rpartition("/")
         try:
             path = Path(hf_hub_download(repo, filename))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear error
             raise CatimageError(f"cannot fetch UNet checkpoint {ref!r} ({type(err).__name__}: {err}); download it and give the local path") from None
     from safetensors.torch import load_file
 

@@ -66,7 +66,7 @@ def cache_root() -> Path:
 
 
 def _kind_of(ref: str) -> str:
-    kind = ref[len(TINY_PREFIX):] if ref.startswith(TINY_PREFIX) else ref
+    kind = ref.removeprefix(TINY_PREFIX)
     if kind not in TINY_KINDS:
         raise CatimageError(
             f"unknown tiny pipeline {ref!r}: use one of {[TINY_PREFIX + k for k in TINY_KINDS]}"
@@ -132,7 +132,8 @@ def write_clip_vocab(out_dir: str | Path) -> tuple[Path, Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    with gzip.open(default_bpe()) as bpe:
+        lines = bpe.read().decode("utf-8").split("\n")
     merges = lines[1 : N_MERGES + 1]
     byte_symbols = list(bytes_to_unicode().values())
     vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges] + [SOT, EOT]

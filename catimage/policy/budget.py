@@ -35,7 +35,7 @@ import numpy as np
 
 from catimage.errors import BudgetError
 
-__all__ = ["ControllerConfig", "BudgetController", "lambda_scale"]
+__all__ = ["BudgetController", "ControllerConfig", "lambda_scale"]
 
 
 @dataclass(frozen=True)
