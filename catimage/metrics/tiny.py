@@ -41,7 +41,13 @@ TINY_BERT: dict[str, Any] = {
     "encoder_width": 32,
 }
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-_WORDS = ["a", "an", "the", "of", "in", "on", "at", "with", "and", "photo", "painting", "portrait", "landscape", "drawing", "of", "cat", "dog", "bird", "horse", "man", "woman", "child", "house", "tree", "sky", "city", "street", "car", "boat", "mountain", "river", "sea", "forest", "flower", "red", "blue", "green", "yellow", "black", "white", "small", "big", "old", "young", "night", "sunset", "morning", "snow", "rain", "light", "dark", "beautiful"]
+_WORDS = [
+    "a", "an", "the", "of", "in", "on", "at", "with", "and", "photo", "painting", "portrait", "landscape",
+    "drawing", "of", "cat", "dog", "bird", "horse", "man", "woman", "child", "house", "tree", "sky", "city",
+    "street", "car", "boat", "mountain", "river", "sea", "forest", "flower", "red", "blue", "green", "yellow",
+    "black", "white", "small", "big", "old", "young", "night", "sunset", "morning", "snow", "rain", "light",
+    "dark", "beautiful",
+]
 _CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789")
 _PUNCT = list(".,!?'-:;()")
 
