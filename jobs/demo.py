@@ -191,16 +191,40 @@ def _run_stages(config: DemoConfig, pool: Any, console: Console) -> DemoResult:
             raise CatimageError(f"the build wrote no rows; see the errors table {build.errors_path}")
         fit_table = config.table_path or build.table_path
         where = "Ray Train" if config.estimator == "transformer" else "in-process"
-        with _stage(console, f"2/5 fit the router ({config.estimator}) on {fit_table.name} ({where})", timings):
+        with _stage(console, f"2/5 fit the router ({config.estimator}, {where}) and its cascade on {fit_table.name}",
+                    timings):
             run_train(fit_table, config.pool_path, model_dir, estimator=config.estimator, embedder=config.embedder,
                       metric=config.metric, num_workers=1, max_epochs=config.max_epochs)
+            cascade_dir = fit_cascade_bundle(fit_table, config.pool_path, model_dir, config.out / "cascade",
+                                             config.metric, config.decision_metric)
+        serving_dir = cascade_dir if "cascade" in served_policies() else model_dir
         with _stage(console, f"3/5 evaluate route and cascade ({config.trials} re-drawn splits; the router on the fresh "
                              "prompts)", timings):
             ev = _evaluate(fit_table, build.table_path, config.pool_path, model_dir, config.out, config.metric,
                            config.estimator, config.embedder, config.max_epochs, config.trials, config.decision_metric)
-        decisions = _serve_and_ask(console, timings, model_dir, config.pool_path, pool, config.port, _budgets(ev.report))
+        decisions = _serve_and_ask(console, timings, serving_dir, config.pool_path, pool, config.port, _budgets(ev.report))
     _print_final(console, build.table_path, model_dir, ev, decisions, sum(timings.values()))
     return DemoResult(config.out, build.table_path, model_dir, ev.paths, decisions, timings)
+
+
+def fit_cascade_bundle(fit_table: Path, pool_path: Path, router_dir: Path, out: Path, metric: str | None,
+                       decision_metric: str | None) -> Path:
+    """The cascade bundle the Serve app runs: the router just fitted, plus the per-draw model and plans
+    fitted on the same table (every prompt but a 10 % calibration split), deciding on the pool's decision
+    metric at its cost, as `catimage fit --policy cascade` does. Serving it offers both policies."""
+    from catimage.model.cascade_model import fit_cascade
+    from catimage.model.router_model import RouterModel
+    from catimage.tables.draws import cascade_inputs
+    from catimage.tables.table import load_pool_matrix, read_quality_table, split_prompts
+
+    pool, matrix, costs = load_pool_matrix(fit_table, pool_path, metric=metric)
+    got = cascade_inputs(read_quality_table(fit_table), pool, matrix.candidates, matrix.metric, decision_metric)
+    split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=0)
+    router = RouterModel.load(router_dir)
+    model = fit_cascade(matrix, got.draws, costs, router.cost_unit, split.train, split.calibration,
+                        score_cost=got.score_cost, router=router)
+    model.save(out)
+    return out
 
 
 def _budgets(report: dict[str, Any]) -> tuple[float, float]:
@@ -397,7 +421,8 @@ def _print_decisions(console: Console, decisions: list[dict[str, Any]], metric: 
 def metric_name(model_dir: Path) -> str:
     import json
 
-    return json.loads((Path(model_dir) / "router.json").read_text()).get("metric", "quality")
+    router_dir = Path(model_dir) / "router" if (Path(model_dir) / "cascade.json").is_file() else Path(model_dir)
+    return json.loads((router_dir / "router.json").read_text()).get("metric", "quality")
 
 
 def _wait_healthy(url: str, timeout_s: float = 120.0) -> None:
