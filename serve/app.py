@@ -1,8 +1,10 @@
 """The Serve application: a FastAPI router deployment in front of one generator deployment per candidate.
 
-    client --HTTP--> Router (embeds, predicts, applies argmax_m q_m - lambda c_m [- mu wait_m])
+    client --HTTP--> Router (decides a plan: route = one candidate, cascade = draw / score / escalate)
                         |--DeploymentHandle--> Generator-<candidate A>  (autoscaled, own resources)
                         |--DeploymentHandle--> Generator-<candidate B>
+                        |--DeploymentHandle--> Scorer-<decision metric> (cascade bundles; batched, autoscaled)
+                        |--DeploymentHandle--> ServedLog                (with `log:`; every attempt a row)
                         |--DeploymentHandle--> BudgetCoordinator        (only with budget_controller)
                         ...
 
@@ -25,39 +27,38 @@ Run it with `serve run serve/config.yaml` (see docs/serving.md) or `build_app(Ap
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from catimage.errors import BudgetError, CatimageError, PoolError
+from catimage.errors import BudgetError, PoolError
 from catimage.tables.pool import Candidate, Pool, load_pool
 from serve.budget_coordinator import BudgetCoordinator
 from serve.bundle import check_overrides
 from serve.generator_deployment import Generator, deployment_name
 from serve.lambdas import GLOBAL_KEY
+from serve.log_deployment import ServedLog, log_options
 from serve.resources import check_cluster, deployment_demand
 from serve.router import Router, fastapi_app
 from serve.schemas import AppArgs
+from serve.scorer_deployment import Scorer, scorer_options
+from serve.serving_model import bundle_meta, model_version
 
 log = logging.getLogger("catimage.serve")
 
-__all__ = ["AppArgs", "BudgetCoordinator", "Generator", "Router", "build_app", "deployment_name", "fastapi_app"]
-
-
-def _model_meta(model_dir: str) -> dict[str, Any]:
-    """A router bundle's router.json (candidates, costs, cost unit), read without loading any weights."""
-    meta = Path(model_dir) / "router.json"
-    if not meta.is_file():
-        raise CatimageError(
-            f"{model_dir} is not a catimage model directory (no router.json); create one with "
-            "`catimage fit` or `catimage train`, and give its path as model_dir"
-        )
-    return json.loads(meta.read_text())
+__all__ = [
+    "AppArgs",
+    "BudgetCoordinator",
+    "Generator",
+    "Router",
+    "build_app",
+    "compose",
+    "deployment_name",
+    "fastapi_app",
+]
 
 
 def check_budgets(args: AppArgs, costs: Mapping[str, float], cost_unit: str) -> None:
@@ -140,37 +141,115 @@ def _generators(args: AppArgs, pool: Pool, candidates: list[str]) -> dict[str, t
     return out
 
 
+def decision_metric(args: AppArgs, meta: dict[str, Any], pool: Pool) -> str | None:
+    """The metric of the app's Scorer deployment: given, else the cascade bundle's, else (when routed
+    images are scored) the pool's decision_metric; None: no scorer."""
+    if args.decision_metric is not None:
+        name = args.decision_metric
+    elif meta.get("cascade") is not None:
+        name = meta["cascade"]["decision_metric"]
+    elif args.score_routed:
+        name = pool.decision_metric
+        if name is None:
+            raise PoolError(f"score_routed needs a decision metric: set decision_metric in the app's args or in {args.pool}")
+    else:
+        return None
+    if meta.get("cascade") is not None and meta["cascade"]["decision_metric"] != name:
+        raise PoolError(f"the cascade at {args.model_dir} decides with {meta['cascade']['decision_metric']!r}, the app "
+                        f"was given decision_metric {name!r}; drop decision_metric or serve a cascade fitted on it")
+    if pool.metric(name) is None:
+        raise PoolError(f"the decision metric {name!r} is not in the `metrics:` of {args.pool}; add it there (its "
+                        "resources and its `cost:` per image are what the Scorer deployment runs with)")
+    return name
+
+
+def _score_cost(meta: dict[str, Any], pool: Pool, metric: str | None) -> float:
+    """What scoring one image costs (pool unit): the cascade bundle's, else the pool's metric cost."""
+    if metric is None:
+        return 0.0
+    if meta.get("cascade") is not None:
+        return float(meta["cascade"]["score_cost"])
+    return float(pool.metric(metric).cost or 0.0)
+
+
+def _coordinator(args: AppArgs, version: str, code_version: str | None) -> Any:
+    budget = args.controller_budget()
+    if budget is None:
+        return None
+    ctrl = args.budget_controller
+    config = {"window": ctrl.window, "ki": ctrl.ki, "kp": ctrl.kp, "max_step": ctrl.max_step}
+    return _versioned(BudgetCoordinator, code_version).bind(args.model_dir, {GLOBAL_KEY: budget, **ctrl.per_key_budgets}, config, version)
+
+
+def _versioned(deployment: Any, code_version: str | None) -> Any:
+    """`deployment` with a fixed code version (see `compose`)."""
+    return deployment if code_version is None else deployment.options(version=code_version, _internal=True)
+
+
+def compose(args: AppArgs, generators: Mapping[str, Any], pool: Pool, meta: dict[str, Any],
+            demands: list[Any] | None = None, user_config: Mapping[str, Any] | None = None,
+            code_version: str | None = None) -> serve.Application:
+    """The Router bound to `generators` (bound deployments by candidate) and to the scorer, served-log
+    and coordinator deployments `args` asks for. `build_app` passes the pool's generators; tests pass
+    planted ones. `demands` (the generators') is checked against the cluster with the rest.
+
+    `user_config`: the Router's (the model to serve: serve/serving_model.py). A config deploy
+    (`serve deploy`, a RayService) versions the code by the app's config, so changing only the
+    Router's user_config there is a lightweight update: Serve calls `reconfigure` on the running
+    replicas. An app built in Python and started with `serve.run` gets a random code version per
+    call (every replica restarts); `code_version` fixes it, so that a second `serve.run` differing
+    only in `user_config` is the same lightweight update (the hot-swap test does this)."""
+    metric = decision_metric(args, meta, pool)
+    demands = list(demands or [])
+    scorer = logger = None
+    if metric is not None:
+        opts = scorer_options(pool.metric(metric), args.scorer)
+        demands.append(deployment_demand(opts["name"], opts))
+        scorer = _versioned(Scorer.options(**opts), code_version).bind(pool.metric(metric).model_dump(mode="json"), args.device,
+                                             None, args.scorer.batch_wait_timeout_s)
+    if args.log is not None and args.log.enabled:
+        log_args = args.log.absolute()
+        log_args.writer_config([metric] if metric else [])  # refuse a bad log config at start-up
+        opts = log_options(log_args)
+        demands.append(deployment_demand(opts["name"], opts))
+        logger = _versioned(ServedLog.options(**opts), code_version).bind(log_args.model_dump(), [metric] if metric else [])
+    router = router_options(args)
+    demands.append(deployment_demand("Router", router))
+    check_cluster(demands, args.wait_for_resources)
+    version = model_version(args.model_dir, args.model_version)
+    if user_config is not None:
+        router["user_config"] = dict(user_config)
+    return _versioned(Router.options(**router), code_version).bind(
+        args.model_dump(by_alias=True), dict(generators), _coordinator(args, version, code_version), scorer=scorer,
+        logger=logger,
+        decision_metric=metric, score_cost=_score_cost(meta, pool, metric),
+    )
+
+
 def build_app(args: AppArgs | Mapping[str, Any]) -> serve.Application:
     """The application `serve run serve/config.yaml` deploys: one Router + one Generator per candidate
-    (+ a BudgetCoordinator when `budget_controller` is set).
+    (+ a Scorer for a cascade bundle's decision metric, a ServedLog with `log:`, a BudgetCoordinator
+    with `budget_controller`).
 
     Candidates are the model's; each must be declared in the pool. A candidate without a `generator:`
     block gets no deployment: the router still predicts it but falls back past it. Before anything is
     deployed: budgets are checked against the model's costs, embedder overrides against the runtime
-    options, and the app's starting demand against the cluster (`wait_for_resources` to skip).
+    options, the decision metric against the pool, and the app's starting demand against the cluster
+    (`wait_for_resources` to skip).
     """
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(dict(args))
-    meta = _model_meta(args.model_dir)
+    meta = bundle_meta(args.model_dir)
     candidates = list(meta["candidates"])
     check_overrides(args.embedder_overrides)
     check_budgets(args, dict(zip(candidates, map(float, meta["costs"]))), meta.get("cost_unit", ""))
     pool = _checked_pool(args, candidates)
     pool.require_unit(meta.get("cost_unit", pool.cost_unit), f"the model at {args.model_dir}")
     generators = _generators(args, pool, candidates)
-    router = router_options(args)
     demands = [deployment_demand(opts["name"], opts) for opts, _ in generators.values()]
-    demands.append(deployment_demand("Router", router))
-    check_cluster(demands, args.wait_for_resources)
     handles = {
         name: Generator.options(**opts).bind(name, cand.generator.model_dump(mode="json"), args.device,
                                              cand.serve.max_batch_size, cand.serve.batch_wait_timeout_s)
         for name, (opts, cand) in generators.items()
     }
-    coordinator = None
-    budget = args.controller_budget()
-    if budget is not None:
-        ctrl = args.budget_controller
-        config = {"window": ctrl.window, "ki": ctrl.ki, "kp": ctrl.kp, "max_step": ctrl.max_step}
-        coordinator = BudgetCoordinator.bind(args.model_dir, {GLOBAL_KEY: budget, **ctrl.per_key_budgets}, config)
-    return Router.options(**router).bind(args.model_dump(by_alias=True), handles, coordinator)
+    return compose(args, handles, pool, meta, demands)

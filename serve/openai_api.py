@@ -1,13 +1,10 @@
-"""The OpenAI Images API's pieces that are not routing: reading `model` (and the budget header),
-the `size` filter, and the answer body. Pure (no Ray); errors are HTTPExceptions with what to send.
+"""The OpenAI Images API's pieces that are not routing: reading `model` (and the budget header) and
+the `size` filter (the answer body is serve/answers.py). Pure (no Ray); errors are HTTPExceptions with what to send.
 """
 
 from __future__ import annotations
 
-import base64
-import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from fastapi import HTTPException
 
@@ -89,25 +86,3 @@ def order_for_size(order: list[str], size: str | None, sizes: Mapping[str, str |
     if not fits:
         raise HTTPException(status_code=400, detail=f"size {size!r} is not offered; {_offered(sizes)}")
     return fits
-
-
-def images_body(drawn: Sequence[Any], failed: Sequence[dict[str, Any]], n: int, costs: Mapping[str, float],
-                cost_unit: str, lam: float, predicted: Mapping[str, float], router_ms: float) -> dict[str, Any]:
-    """The answer: every image drawn (in order), the failures said in `catimage.failed`."""
-    first = drawn[0]
-    return {
-        "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(d.png).decode("ascii"), "revised_prompt": None} for d in drawn],
-        "catimage": {
-            "candidate": first.candidate,
-            "candidates": [d.candidate for d in drawn],
-            "cost": sum(costs[d.candidate] for d in drawn),
-            "cost_unit": cost_unit,
-            "lambda": lam,
-            "predicted_quality": dict(predicted),
-            "fallback": first.fallback().model_dump(by_alias=True) if first.tried else None,
-            "router_ms": router_ms,
-            "requested": n,
-            "failed": list(failed),
-        },
-    }

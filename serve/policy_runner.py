@@ -87,6 +87,8 @@ class Outcome:
     fallback_seed: int | None = None
     fallback_cost: float = 0.0
     failed_attempts: list[Attempt] = field(default_factory=list)
+    request_id: str = ""
+    """The served-log rows' request id (one per plan run)."""
 
     @property
     def attempts(self) -> list[Attempt]:
@@ -137,6 +139,7 @@ class PolicyRunner:
             outcome = Outcome(await executor.run(ctx.choice.plan, prompt, seeds, parallel))
         except NoImageDrawn as err:
             outcome = await self._fall_back(ctx, prompt, err.attempts, seeds[0], costs, account)
+        outcome.request_id = ctx.request_id
         self._after(ctx, prompt, prompt_id, outcome)
         return outcome
 

@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve.log_deployment import LogServeArgs
+from serve.scorer_deployment import ScorerServeArgs
+
 MAX_PROMPT_CHARS = 2000
 """Longest prompt accepted. Text encoders read at most a few hundred tokens (CLIP: 77), so a longer
 prompt only costs embedding time; 2000 characters is ~10x what a user usefully writes."""
@@ -123,8 +126,50 @@ class BudgetOrLambda(BaseModel):
         return self
 
 
-class GenerateRequest(BudgetOrLambda):
-    """`POST /v1/generate`: route one prompt and draw it."""
+POLICIES = ("route", "cascade")
+MAX_ATTEMPTS = 8
+"""Most attempts one request may ask for (`max_attempts`): each attempt is a generation and a scoring."""
+
+
+class PolicyFields(BaseModel):
+    """What a request may ask of the policy (docs/serving.md, "Policies").
+
+    `policy`: `route` (one draw, decided before any image exists) or `cascade` (draw, score with the
+    decision metric, accept or escalate; needs a cascade bundle); default: the app's `policy`.
+    `min_quality`: accept no image below this decision score (the cascade's threshold, raised).
+    `max_attempts`: at most this many draws. `parallel`: draw this many attempts at once and keep
+    the best (lower latency, may pay for draws the sequential plan would not make).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["route", "cascade"] | None = Field(default=None, description="route | cascade; default: the app's.")
+    min_quality: float | None = Field(
+        default=None, strict=False, description="Cascade: accept no image whose decision score is below this."
+    )
+    max_attempts: int | None = Field(default=None, ge=1, le=MAX_ATTEMPTS, strict=True,
+                                     description=f"Cascade: at most this many draws (1..{MAX_ATTEMPTS}).")
+    parallel: int = Field(default=1, ge=1, le=MAX_ATTEMPTS, strict=True,
+                          description="Cascade: draw this many attempts at once and keep the best.")
+
+    @field_validator("min_quality", mode="before")
+    @classmethod
+    def _min_quality_not_bool(cls, v: Any) -> Any:
+        return _no_bool(v, "min_quality")
+
+    @field_validator("min_quality")
+    @classmethod
+    def _min_quality_finite(cls, v: float | None) -> float | None:
+        return _check_finite(v, "min_quality")
+
+    @field_validator("max_attempts", "parallel", mode="before")
+    @classmethod
+    def _counts_not_bool(cls, v: Any) -> Any:
+        return _no_bool(v, "max_attempts / parallel")
+
+
+class GenerateRequest(BudgetOrLambda, PolicyFields):
+    """`POST /v1/generate`: decide a plan for one prompt (route or cascade) and carry it out."""
 
     prompt: str = Field(description=f"Text to draw (1..{MAX_PROMPT_CHARS} characters).")
     seed: int | None = Field(
@@ -155,7 +200,11 @@ class GenerateRequest(BudgetOrLambda):
 
 
 class RouteRequest(BudgetOrLambda):
-    """`POST /v1/route`: decisions for a batch of prompts, no generation."""
+    """`POST /v1/route`: decisions for a batch of prompts, no generation (no exploration either)."""
+
+    policy: Literal["route", "cascade"] | None = Field(
+        default=None, description="route: the candidate per prompt; cascade: the plan per prompt. Default: the app's."
+    )
 
     prompts: list[str] = Field(min_length=1, max_length=MAX_ROUTE_PROMPTS)
 
@@ -180,31 +229,67 @@ class Fallback(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
 
+class PlanOut(BaseModel):
+    """A plan on the wire: ordered attempts and the acceptance threshold (null: none)."""
+
+    attempts: list[str]
+    threshold: float | None
+
+
+class AttemptOut(BaseModel):
+    """One attempt of the plan as it was carried out."""
+
+    candidate: str
+    seed: int
+    decision_score: float | None = Field(description="The decision metric's score; null when unscored.")
+    scored: bool
+    score_error: str | None = Field(default=None, description="Why there is no score although one was asked for.")
+    draw_error: str | None = Field(default=None, description="Why no image was drawn (then it cost nothing).")
+    cost: float = Field(description="Generation + scoring, in the pool's cost unit.")
+    accepted: bool
+    returned: bool
+    wave: int
+    generate_ms: float
+    score_ms: float
+
+
 class GenerateResponse(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
-    candidate: str
+    candidate: str = Field(description="The candidate whose image is returned.")
     predicted_quality: dict[str, float]
     metric: str
-    cost: float
+    cost: float = Field(description="Realised cost of everything drawn and scored for this request.")
     cost_unit: str
     lambda_: float = Field(alias="lambda", serialization_alias="lambda")
-    seed: int
+    seed: int = Field(description="The returned image's seed.")
     image: str | None = Field(description="Base64 PNG, or null when return=none.")
     fallback: Fallback | None = None
     router_ms: float = Field(description="Time spent choosing (embedding + prediction + rule).")
     generate_ms: float
+    policy: str = "route"
+    plan: PlanOut | None = None
+    attempts: list[AttemptOut] = Field(default_factory=list, description="Every attempt of the plan, in order.")
+    returned: int = Field(default=0, description="Index into `attempts` of the returned image (a fallback draw is listed last).")
+    decision_metric: str | None = None
+    decision_score: float | None = Field(default=None, description="The returned image's decision score (null: unscored).")
+    propensity: float = Field(default=1.0, description="Probability with which this plan was drawn (exploration).")
+    explored: bool = False
+    model_version: str | None = None
+    request_id: str | None = Field(default=None, description="The served log's request_id of this request's rows.")
 
 
 class RouteDecision(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
     prompt: str
-    candidate: str
-    cost: float
+    candidate: str = Field(description="The candidate drawn first.")
+    cost: float = Field(description="Route: the candidate's cost; cascade: the plan's expected cost.")
     lambda_: float = Field(alias="lambda", serialization_alias="lambda")
     predicted_quality: dict[str, float]
     ranking: list[str]
+    plan: PlanOut | None = Field(default=None, description="Cascade: the plan this prompt would follow.")
+    expected_quality: float | None = Field(default=None, description="Cascade: the plan's expected judge score.")
 
 
 class RouteResponse(BaseModel):
@@ -212,6 +297,8 @@ class RouteResponse(BaseModel):
     mean_cost: float
     cost_unit: str
     metric: str
+    policy: str = "route"
+    model_version: str | None = None
 
 
 class CandidateStatus(BaseModel):
@@ -235,14 +322,25 @@ class PoolResponse(BaseModel):
         default=None, description="Per controlled key ('*' = the whole deployment): budget, lambda, window mean cost, ..."
     )
     load_aware_mu: float = Field(default=0.0, description="Price of one second of expected queueing (0 = off).")
+    model_version: str | None = Field(default=None, description="The model this router replica serves (hot swap).")
+    model_dir: str | None = None
+    policies: list[str] = Field(default_factory=lambda: ["route"], description="Policies the served model offers.")
+    default_policy: str = "route"
+    decision_metric: str | None = None
+    swap: dict[str, Any] | None = Field(default=None, description="The last hot swap asked for: done, or refused and why.")
+    scorer: dict[str, Any] | None = Field(default=None, description="Scorer calls: failures by kind.")
+    served_log: dict[str, Any] | None = Field(default=None, description="Served-log rows handed over, acknowledged, lost.")
+    exploration: dict[str, Any] | None = None
 
 
-class ImagesRequest(BaseModel):
+class ImagesRequest(PolicyFields):
     """`POST /v1/images/generations`, the OpenAI Images API subset catimage serves.
 
-    `model`: `auto` (route), `auto:budget=B` / `auto:lambda=L` (route at that budget / lambda), or a
-    candidate name (no routing; still falls back). The budget may also come in the
-    `X-Catimage-Budget` header. `quality`, `style` and `user` are accepted and ignored.
+    `model`: `auto` (the app's policy), `auto:budget=B` / `auto:lambda=L` (at that budget / lambda), or
+    a candidate name (no choice; still falls back). The budget may also come in the
+    `X-Catimage-Budget` header. `quality`, `style` and `user` are accepted and ignored. The policy
+    fields of /v1/generate (`policy`, `min_quality`, `max_attempts`, `parallel`) are accepted as
+    extra body fields (OpenAI SDK: `extra_body={...}`); each image is its own plan.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -308,6 +406,24 @@ class LoadAwareArgs(BaseModel):
     cold_start_s: float = Field(default=60.0, ge=0, description="Wait charged to a candidate with no running replica.")
 
 
+class ExplorationArgs(BaseModel):
+    """Exploration with known propensities (catimage.policy.explore; docs/serving.md "Exploration").
+
+    A share `epsilon` of the requests the app decides (not pinned to a candidate) draws uniformly
+    among the choices (candidates, or the request's Pareto plans) whose expected cost is at most
+    `max_cost_factor` times the app's budget; the probability of what was drawn is logged.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epsilon: float = Field(default=0.05, ge=0, le=1, description="Share of decided traffic that explores.")
+    temperature: float | None = Field(default=None, gt=0, description="Softmax over utilities instead of the argmax.")
+    max_cost_factor: float | None = Field(
+        default=2.0, gt=0, description="Explore only choices expected to cost <= this x the budget (None: any).",
+    )
+    seed: int | None = Field(default=None, description="Seed of each router replica's draws (None: fresh).")
+
+
 class AppArgs(BaseModel):
     """What `serve/config.yaml` (or `build_app`) passes to the application builder.
 
@@ -361,6 +477,27 @@ class AppArgs(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         default=5.0, ge=0, description="How long a stopping replica lets in-flight requests finish (Serve's default: 20 s).",
     )
+    policy: Literal["route", "cascade"] | None = Field(
+        default=None, description="Requests' default policy; None: cascade when the model is a cascade bundle, else route.",
+    )
+    model_version: str | None = Field(default=None, description="The first model's version (default: dir name + hash).")
+    decision_metric: str | None = Field(
+        default=None,
+        description="Metric of the Scorer deployment; default: the cascade bundle's, else the pool's decision_metric "
+        "when score_routed is on, else none. One of the pool's `metrics:`.",
+    )
+    score_routed: bool = Field(
+        default=False, description="Also score routed images (their cost includes scoring), so routed traffic is "
+        "logged with an online score to learn from.",
+    )
+    scorer: ScorerServeArgs = Field(
+        default_factory=ScorerServeArgs, description="The Scorer deployment: autoscaling, timeouts, retries.",
+    )
+    log: LogServeArgs | None = Field(
+        default=None, description="The served log (uri, flush_rows, hash_prompts, ...); None: no log. serve/config.yaml "
+        "turns it on.",
+    )
+    exploration: ExplorationArgs = Field(default_factory=ExplorationArgs)
 
     @field_validator("embedder_overrides")
     @classmethod

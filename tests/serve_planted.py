@@ -119,13 +119,33 @@ SCORE_COST = 0.1
 
 
 def planted_pool(path) -> str:
-    """A pool declaring the planted candidates (no generator blocks: tests bind Planted deployments)."""
+    """A pool declaring the planted candidates (no generator blocks: tests bind Planted deployments)
+    and scene_score as its decision metric at SCORE_COST per image."""
     import yaml
 
-    data = {"cost_unit": "gflops", "candidates": [
-        {"name": n, "cost": c, "serve": {"num_cpus": 0, "request_timeout_s": 30}} for n, c in PLANTED_COSTS.items()]}
+    data = {"cost_unit": "gflops",
+            "metrics": [{"name": "scene_score", "batch_size": 16, "num_cpus": 0, "cost": SCORE_COST}],
+            "decision_metric": "scene_score",
+            "candidates": [{"name": n, "cost": c, "serve": {"num_cpus": 0, "request_timeout_s": 30}}
+                           for n, c in PLANTED_COSTS.items()]}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)
+
+
+def planted_app(args, user_config=None, code_version=None):
+    """The real Router (serve.app.compose: scorer, served log, coordinator as `args` asks) in front
+    of the Planted generators: `blank` draws grey, `render` the prompt's own scene."""
+    from catimage.tables.pool import load_pool
+    from serve.app import compose
+    from serve.serving_model import bundle_meta
+
+    def deployment(name: str):
+        dep = Planted.options(name=name)
+        return dep if code_version is None else dep.options(version=code_version, _internal=True)
+
+    gens = {"blank": deployment("PlantedBlank").bind("blank"), "render": deployment("PlantedRender").bind("render")}
+    return compose(args, gens, load_pool(args.pool), bundle_meta(args.model_dir), user_config=user_config,
+                   code_version=code_version)
 
 
 def planted_world_table(blank_pass: float, blank_judge: float, n_prompts: int = 40, seed: int = 0):
