@@ -18,7 +18,7 @@ from typing import Any
 from catimage.policy.choice import Choice
 from catimage.policy.explore import action_key
 from catimage.tables.served_log import ServedRow
-from serve.drawing import Drawer, Drawn
+from serve.drawing import AllFailed, Drawer, Drawn
 from serve.plan_executor import Attempt, NoImageDrawn, PlanExecutor, PlanRun, served_rows
 
 log = logging.getLogger("catimage.serve")
@@ -27,6 +27,15 @@ __all__ = ["Outcome", "PolicyMetrics", "PolicyRunner", "RequestContext"]
 
 AccountFn = Callable[[str, float, bool], None]
 """(candidate, amount, is_scoring): a cost was just paid."""
+
+
+class AttemptFailed(Exception):
+    """An attempt's candidate drew no image; `reason` says why (the plan executor records it)."""
+
+    def __init__(self, tried: list[dict[str, str]]) -> None:
+        self.tried = tried
+        self.reason = "; ".join(t["reason"] for t in tried) or "no image"
+        super().__init__(self.reason)
 
 
 class PolicyMetrics:
@@ -125,8 +134,11 @@ class PolicyRunner:
         self.always_score = always_score
 
     async def _draw_one(self, candidate: str, prompt: str, seed: int) -> bytes:
-        """One attempt: only its candidate (a dead replica is retried); AllFailed says why."""
-        drawn = await self.drawer.draw(prompt, [candidate], seed, True, lambda _c: None)
+        """One attempt: only its candidate (a dead replica is retried); AttemptFailed says why."""
+        try:
+            drawn = await self.drawer.draw(prompt, [candidate], seed, True, lambda _c: None)
+        except AllFailed as err:
+            raise AttemptFailed(err.tried) from None
         return drawn.png
 
     async def run(self, ctx: RequestContext, prompt: str, prompt_id: str, costs: dict[str, float],
@@ -148,8 +160,12 @@ class PolicyRunner:
         """No attempt drew: one unscored draw down the ranking, past the candidates that failed."""
         tried = {a.candidate for a in failed}
         order = [c for c in ctx.ranking if c not in tried] or list(ctx.ranking)
-        drawn = await self.drawer.draw(prompt, order, seed, True, lambda c: account(c, costs[c], False))
-        drawn.tried = [{"candidate": a.candidate, "reason": a.draw_error or "no image"} for a in failed] + drawn.tried
+        before = [{"candidate": a.candidate, "reason": a.draw_error or "no image"} for a in failed]
+        try:
+            drawn = await self.drawer.draw(prompt, order, seed, True, lambda c: account(c, costs[c], False))
+        except AllFailed as err:
+            raise AllFailed(before + err.tried) from None
+        drawn.tried = before + drawn.tried
         return Outcome(None, drawn, seed, costs[drawn.candidate], failed)
 
     def _after(self, ctx: RequestContext, prompt: str, prompt_id: str, outcome: Outcome) -> None:

@@ -164,6 +164,7 @@ def served(files, serve_url):
     main_args = AppArgs(
         model_dir=files["model"], pool=str(files["main_pool"]), auth_token_env=KEYS_ENV, budget=4.0,
         budget_controller={"window": 20, "sync_interval_s": 0.1, "per_key_budgets": {"other": 7.0}},
+        exploration={"epsilon": 0.0},  # decisions are compared with /v1/route's (exploration: test_serve_policy.py)
     )
     serve.run(build_app(main_args), name="catimage", route_prefix="/")
     serve.run(
@@ -171,7 +172,8 @@ def served(files, serve_url):
         name="broken", route_prefix="/broken",
     )
     scripted_args = AppArgs(model_dir=files["model"], pool=str(files["scripted_pool"]), router_num_cpus=0.05,
-                            budget=4.0, budget_controller={"window": 20, "sync_interval_s": 0.1})
+                            budget=4.0, budget_controller={"window": 20, "sync_interval_s": 0.1},
+                            exploration={"epsilon": 0.0})
     serve.run(build_app(scripted_args), name="scripted", route_prefix="/scripted")
     headers = {"Authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=serve_url, timeout=120, headers=headers) as client:
