@@ -79,8 +79,8 @@ Small text-to-image diffusion models that draw the scene world of `catimage.worl
 {", ".join(SHAPES)} in {", ".join(COLOURS)} on a {"/".join(BACKGROUNDS)} background, 1-4 objects with counts,
 sizes, positions on a 3x3 grid and relations ({", ".join(RELATIONS)}). They exist so that routing can
 be measured for real on a CPU with nothing downloaded, by a verifier that knows what each prompt asks
-for. Whether cheap candidates suffice for some prompts is measured, not assumed: see the README's
-scene-world section for the per-complexity table and what routing earns.
+for. Whether cheap candidates suffice for some prompts is measured, not assumed: see docs/world.md
+for the per-complexity table and what routing earns.
 
 **Not** photographic generators: 32 x 32 images of shapes. Prompts outside the world's vocabulary give
 meaningless pictures.
@@ -123,7 +123,7 @@ ray start --head --num-cpus 2
 
 {("## What else was tried" + chr(10) + chr(10) + history + chr(10) + chr(10)) if history else ""}## Evaluation
 See `catimage/data/world_table.parquet` (held-out prompts x every candidate x 4 seeds, scored by
-`scene_score`) and `benchmarks/world_routing.py`, whose per-complexity table is in the README.
+`scene_score`) and `benchmarks/world_routing.py`, whose per-complexity table is in docs/world.md.
 """
     path = world_dir / CARD
     path.write_text(text)
