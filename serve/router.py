@@ -390,16 +390,16 @@ class Router:
         from catimage.policy.routing import utility_ranking
 
         start = time.perf_counter()
-        with self._client_values("deciding"):
+        with self._client_values("choosing a candidate"):
             policy = state.policy_for(req.policy)
             self._check_policy_fields(policy, req)
             lam_used, ctrl_key, in_force = state.resolve(policy, budget, lam, key, controlled=pinned is None)
-        with self._internal("deciding"):
+        with self._internal("choosing a candidate"):
             pred, values = await self._decide_batch((state, req.prompt, policy == "cascade"))
             penalty = self._penalty(state) if pinned is None else None
         model = state.model
         costs = np.asarray(model.router.costs)
-        with self._client_values("deciding"):
+        with self._client_values("choosing a candidate"):
             config = self._explore(state, pinned, in_force)
             if policy == "cascade":
                 limits = RequestLimits(req.max_attempts, req.min_quality, pinned)
@@ -480,10 +480,10 @@ class Router:
         key = self._authorize(request)
         state = self.state
         start = time.perf_counter()
-        with self._client_values("deciding"):
+        with self._client_values("routing"):
             policy = state.policy_for(req.policy)
             lam, _, _ = state.resolve(policy, req.budget, req.lambda_, key, controlled=True)
-        with self._internal("deciding"):
+        with self._internal("routing"):
             pred, values = await self._predict_chunks(state, req.prompts, policy == "cascade")
             out = self._route_decisions(state, req.prompts, pred, values, lam)
         self.metrics.latency.observe((time.perf_counter() - start) * 1000, tags={"endpoint": "route"})

@@ -66,6 +66,8 @@ def test_serve_run_config_draws_and_stops_on_sigint_with_requests_in_flight(tmp_
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
+    log_uri = tmp_path / "served_log"
+    config["applications"][0]["args"]["log"]["uri"] = str(log_uri)  # on by default; here not in the repository
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -109,6 +111,12 @@ def test_serve_run_config_draws_and_stops_on_sigint_with_requests_in_flight(tmp_
         assert code == 0, log_path.read_text()[-3000:]  # a clean shutdown, not a crash
         assert "Got KeyboardInterrupt, shutting down" in log_path.read_text()
         print(f"serve run exited {time.monotonic() - sent:.1f} s after SIGINT")
+        # The served log's replica wrote what it held when Serve shut it down: at least the first request.
+        from catimage.tables.served_log import read_served_log
+
+        logged = read_served_log(str(log_uri))
+        assert "two red squares above a blue circle" in logged.column("prompt").to_pylist()
+        assert set(logged.column("policy").to_pylist()) == {"route"}
     finally:
         if proc.poll() is None:  # the kill fallback: the whole session `serve run` started
             os.killpg(proc.pid, signal.SIGKILL)
