@@ -125,6 +125,24 @@ def test_shipped_serve_configs_validate():
         assert all(c.generator is not None for c in pool.candidates)
 
 
+def test_hot_swap_patch_changes_only_the_routers_user_config():
+    """deploy/kuberay/hot-swap-patch.yaml is rayservice.yaml's Serve config with only the Router's
+    user_config changed: what makes the update a lightweight reconfigure, not a redeploy."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.serving_model import user_config_model
+
+    service = yaml.safe_load(yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())["spec"]["serveConfigV2"])
+    patch = yaml.safe_load(yaml.safe_load((REPO / "deploy" / "kuberay" / "hot-swap-patch.yaml").read_text())["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(patch)
+    (old,), (new,) = service["applications"], patch["applications"]
+    (old_router,), (new_router,) = old.pop("deployments"), new.pop("deployments")
+    assert old == new and service["http_options"] == patch["http_options"]
+    before, after = old_router.pop("user_config"), new_router.pop("user_config")
+    assert old_router == new_router == {"name": "Router"}
+    assert user_config_model(before) == ("/models/router", "v1") and user_config_model(after) == ("/models/router_v2", "v2")
+
+
 def test_kuberay_manifests_keep_the_job_api_inside_and_require_a_token():
     """The dashboard's job API runs arbitrary commands: no manifest may publish it; the Serve API needs a key."""
     service = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())
