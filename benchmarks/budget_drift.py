@@ -23,6 +23,20 @@ configs/genai_bench_pool.yaml), for each trial:
 Goals: the controller holds each window's mean cost within +-5 % of B from the second phase-2
 window on, where fixed lambda overshoots; its rating within 1 % of the offline optimum at the same
 cost. Prints; asserts nothing.
+
+`--policy cascade` (or `both`, the default; the route run needs the shared GenAI-Bench ratings and
+is skipped without them) runs the same experiment with CASCADES on the shipped scene world
+(catimage/data/world_table.parquet: 1,000 prompts x 7 candidates x 4 seeds, GFLOPs costs), as the
+Serve app controls them (serve/model_state.py, serve/budget_coordinator.py): its own controller
+(`cascade:*`), lambda from the cascade bundle's `lambda_for_budget`, and one observation per request
+worth its REALISED plan cost: every generation drawn plus 0.043 GFLOPs of scene_decider scoring per
+image, the escalations as they happened in the table (catimage.evaluation.cascade.simulate_plans on
+the prompt's own seed rows). Per trial: a cascade (knn router + draw estimator over MiniLM, plans of
+<= 4 attempts) is fitted on half of the prompts (a tenth of that half calibrates lambda); the other
+half is the live traffic, easy or hard by its mean scene_score over the candidates (below the
+median = hard); the stream shifts from 20 % to 80 % hard halfway. Printed per window: realised
+mean cost and judge (scene_score) of fixed lambda and of the controller; then whether every window
+from the second on (phase 1 included) is within +-5 % of B.
 """
 
 from __future__ import annotations
@@ -38,14 +52,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from catimage.estimators import make_estimator  # noqa: E402
+from catimage.estimators import make_estimator
 from catimage.features.cache import CachedEmbedder
 from catimage.features.registry import make_embedder
-from catimage.policy.budget import BudgetController, ControllerConfig, lambda_scale  # noqa: E402
-from catimage.policy.routing import calibrate_lambda, deferral_curve, interpolate_curve, route  # noqa: E402
-from catimage.tables.table import MetricScaler, load_pool_matrix  # noqa: E402
+from catimage.policy.budget import BudgetController, ControllerConfig, lambda_scale
+from catimage.policy.routing import calibrate_lambda, deferral_curve, interpolate_curve, route
+from catimage.tables.table import MetricScaler, load_pool_matrix
 
 
 def _stream(rng: np.random.Generator, easy: np.ndarray, hard: np.ndarray, n: int, hard_share: float) -> np.ndarray:
@@ -137,6 +151,137 @@ def run_trial(args: argparse.Namespace, X: np.ndarray, Y: np.ndarray, labels: np
     }
 
 
+# --- cascades on the scene world -------------------------------------------------------------------
+
+
+def _cascade_setup(args: argparse.Namespace):
+    """The world table's per-draw scores (decision scene_decider, judge scene_score), matrix, costs."""
+    import pyarrow.parquet as pq
+
+    from catimage.tables.draws import cascade_inputs
+    from catimage.tables.pool import load_pool
+    from catimage.tables.table import aggregate
+
+    table = pq.read_table(ROOT / "catimage" / "data" / "world_table.parquet")
+    pool = load_pool(ROOT / "catimage" / "data" / "world_pool.yaml")
+    names = list(pool.names)
+    inputs = cascade_inputs(table, pool, names, "scene_score")
+    matrix = aggregate(table, "scene_score", names)
+    embedder = make_embedder(args.embedder)
+    if args.embedder == "tfidf":
+        embedder.fit(matrix.prompts)
+    else:
+        embedder = CachedEmbedder(embedder)
+    return matrix, inputs, pool.cost_vector(names), embedder
+
+
+def _live_options(model, draws, costs: np.ndarray, score_cost: float, live: np.ndarray):
+    """Per live prompt, its Pareto plans' predicted value and expected cost (what serving chooses among)
+    and their realised judge and cost on the prompt's own seed rows."""
+    from catimage.evaluation.cascade import simulate_plans
+    from catimage.policy.routing import pareto_options
+
+    prompts = [draws.prompts[i] for i in live]
+    value, cost = model.plan_values(model.predict_stats(prompts))
+    pv, pc, idx = pareto_options(value, cost)
+    rq, rc = np.empty_like(pv), np.empty_like(pc)
+    for row, i in enumerate(live):
+        real = simulate_plans([model.plans[k] for k in idx[row]], draws.subset([i]), costs, score_cost)
+        rq[row], rc[row] = real.quality[0], real.cost[0]
+    return pv, pc, rq, rc
+
+
+def _controlled_plans(pv, pc, rc, ctrl: BudgetController, sync_every: int) -> np.ndarray:
+    """Serve the stream one request at a time; each request's realised plan cost feeds the controller."""
+    chosen = np.empty(pv.shape[0], dtype=np.int64)
+    lam, pending = ctrl.lam, []
+    for i in range(pv.shape[0]):
+        chosen[i] = route(pv[i : i + 1], pc[i : i + 1], lam)[0]
+        pending.append(float(rc[i, chosen[i]]))
+        if len(pending) >= sync_every:
+            lam = ctrl.observe(pending)
+            pending.clear()
+    return chosen
+
+
+def cascade_trial(args: argparse.Namespace, setup, seed: int, verbose: bool) -> dict[str, float]:
+    from catimage.model.cascade_model import CascadeOptions, fit_cascade
+    from catimage.tables.table import split_prompts
+
+    matrix, inputs, costs, embedder = setup
+    draws, score_cost = inputs.draws, inputs.score_cost
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(matrix.n_prompts)
+    fit_idx, live = perm[: matrix.n_prompts // 2], perm[matrix.n_prompts // 2 :]
+    split = split_prompts(fit_idx.size, 0.0, 0.1, seed=seed)
+    model = fit_cascade(matrix, draws, costs, "gflops", fit_idx[split.train], fit_idx[split.calibration],
+                        score_cost=score_cost, options=CascadeOptions(max_attempts=4), estimator="knn",
+                        embedder=embedder)
+    pv, pc, rq, rc = _live_options(model, draws, costs, score_cost, live)
+    hardness = matrix.mean[live].mean(axis=1)
+    cut = np.median(hardness)
+    easy, hard = np.nonzero(hardness >= cut)[0], np.nonzero(hardness < cut)[0]
+    half = args.requests // 2
+    stream = np.concatenate([_stream(rng, easy, hard, half, 0.2), _stream(rng, easy, hard, args.requests - half, 0.8)])
+    budget = args.cascade_budget
+    lam_offline = model.lambda_for_budget(budget)
+    rows = np.arange(stream.size)
+    fixed = route(pv[stream], pc[stream], lam_offline)
+    cfg = ControllerConfig(budget=budget, window=args.window, ki=args.ki, kp=args.kp, max_step=args.max_step)
+    scale = lambda_scale(model.router.calibration_pred, model.router.costs)
+    ctrl = BudgetController(cfg, lam_offline=lam_offline, scale=scale)
+    controlled = _controlled_plans(pv[stream], pc[stream], rc[stream], ctrl, args.sync_every)
+    cost_f, cost_c = rc[stream][rows, fixed], rc[stream][rows, controlled]
+    q_f, q_c = rq[stream][rows, fixed], rq[stream][rows, controlled]
+    W = args.window
+    starts = range(0, stream.size - W + 1, W)
+    errs = [cost_c[s : s + W].mean() / budget - 1 for s in starts]
+    fixed_errs = [cost_f[s : s + W].mean() / budget - 1 for s in starts]
+    if verbose:
+        print(f"\ncascade trial seed {seed}: lambda offline {lam_offline:.4g} (the bundle's calibration), scale "
+              f"{scale:.4g}, {len(model.plans)} plans, scorer {score_cost:g} GFLOPs per image")
+        print(f"{'window':>6} {'mix':>5} | {'fixed: cost':>11} {'err':>7} {'judge':>6} | {'ctrl: cost':>10} {'err':>7} "
+              f"{'judge':>6} {'lambda end':>10}")
+        replay = BudgetController(cfg, lam_offline=lam_offline, scale=scale)
+        for w, s0 in enumerate(starts):
+            sl = slice(s0, s0 + W)
+            mix = "easy" if s0 + W <= half else "HARD"
+            lam_end = replay.observe(cost_c[sl])
+            print(f"{w:6d} {mix:>5} | {cost_f[sl].mean():11.3f} {fixed_errs[w]:+7.1%} {q_f[sl].mean():6.3f} |"
+                  f" {cost_c[sl].mean():10.3f} {errs[w]:+7.1%} {q_c[sl].mean():6.3f} {lam_end:10.4g}")
+    return {
+        "ctrl_max_abs_err": max(abs(e) for e in errs[1:]),
+        "ctrl_within": sum(abs(e) <= 0.05 for e in errs[1:]),
+        "windows": len(errs) - 1,
+        "fixed_max_abs_err": max(abs(e) for e in fixed_errs[1:]),
+        "fixed_p2_err": float(cost_f[half:].mean() / budget - 1),
+        "ctrl_p2_err": float(cost_c[half:].mean() / budget - 1),
+        "ctrl_judge": float(q_c.mean()),
+        "fixed_judge": float(q_f.mean()),
+    }
+
+
+def run_cascade(args: argparse.Namespace) -> None:
+    setup = _cascade_setup(args)
+    print(f"\nCASCADES on the scene world: budget B = {args.cascade_budget:g} GFLOPs per request; window {args.window}; "
+          f"{args.requests} requests, mix shifts at {args.requests // 2}; controller ki={args.ki} kp={args.kp} "
+          f"max_step={args.max_step}, lambda refreshed every {args.sync_every} requests")
+    results = [cascade_trial(args, setup, seed, verbose=seed == 0) for seed in range(args.trials)]
+    print(f"\ncascades, {args.trials} trials (split + stream re-drawn), every window from the second on, median [min, max]:")
+    for key, label in (("fixed_max_abs_err", "fixed lambda: worst window |error|"),
+                       ("ctrl_max_abs_err", "controller:   worst window |error|"),
+                       ("fixed_p2_err", "fixed lambda: phase-2 mean cost error"),
+                       ("ctrl_p2_err", "controller:   phase-2 mean cost error")):
+        vals = [r[key] for r in results]
+        print(f"  {label:40s} {statistics.median(vals):+.1%} [{min(vals):+.1%}, {max(vals):+.1%}]")
+    within = sum(r["ctrl_within"] for r in results)
+    total = sum(r["windows"] for r in results)
+    print(f"  controller windows within +-5 % of B: {within} of {total}"
+          + ("" if within == total else "  (goal: all; NOT met)"))
+    print(f"  judge (scene_score) mean over the stream: controller {statistics.median([r['ctrl_judge'] for r in results]):.3f},"
+          f" fixed lambda {statistics.median([r['fixed_judge'] for r in results]):.3f} (median of trials)")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "genai-bench-527" / "genai_image.json")
@@ -151,10 +296,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kp", type=float, default=ControllerConfig.kp)
     ap.add_argument("--max-step", type=float, default=ControllerConfig.max_step)
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--policy", choices=("route", "cascade", "both"), default="both")
+    ap.add_argument("--cascade-budget", type=float, default=3.0, help="GFLOPs per request (the world pool's unit)")
     args = ap.parse_args(argv)
+    if args.policy in ("cascade", "both"):
+        run_cascade(args)
+    if args.policy == "cascade":
+        return
     if not args.data.is_file():
-        raise SystemExit(f"{args.data} not found: this benchmark needs the shared GenAI-Bench ratings (--data)")
-    pool, matrix, costs = load_pool_matrix(args.data, args.pool)
+        raise SystemExit(f"{args.data} not found: the route run needs the shared GenAI-Bench ratings (--data)")
+    _pool, matrix, costs = load_pool_matrix(args.data, args.pool)
     embedder = make_embedder(args.embedder)
     if args.embedder == "tfidf":
         embedder.fit(matrix.prompts)
