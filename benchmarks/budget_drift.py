@@ -191,6 +191,20 @@ def _live_options(model, draws, costs: np.ndarray, score_cost: float, live: np.n
     return pv, pc, rq, rc
 
 
+def _decision_ms(model, prompts: list[str]) -> str:
+    """What one serving decision costs on this machine: one prompt's draw statistics and every plan's
+    value and cost (embeddings cached, as the router's LRU has them for a repeated prompt)."""
+    import time
+
+    model.plan_values(model.predict_stats(prompts))  # warm: embeddings cached, code paths loaded
+    times = []
+    for p in prompts:
+        start = time.perf_counter()
+        model.plan_values(model.predict_stats([p]))
+        times.append((time.perf_counter() - start) * 1000)
+    return f"one prompt's plan values: median {statistics.median(times):.1f} ms, max {max(times):.1f} ms ({len(prompts)} prompts)"
+
+
 def _controlled_plans(pv, pc, rc, ctrl: BudgetController, sync_every: int) -> np.ndarray:
     """Serve the stream one request at a time; each request's realised plan cost feeds the controller."""
     chosen = np.empty(pv.shape[0], dtype=np.int64)
@@ -239,7 +253,8 @@ def cascade_trial(args: argparse.Namespace, setup, seed: int, verbose: bool) -> 
     fixed_errs = [cost_f[s : s + W].mean() / budget - 1 for s in starts]
     if verbose:
         print(f"\ncascade trial seed {seed}: lambda offline {lam_offline:.4g} (the bundle's calibration), scale "
-              f"{scale:.4g}, {len(model.plans)} plans, scorer {score_cost:g} GFLOPs per image")
+              f"{scale:.4g}, {len(model.plans)} plans, scorer {score_cost:g} GFLOPs per image; "
+              f"{_decision_ms(model, [draws.prompts[i] for i in live[:50]])}")
         print(f"{'window':>6} {'mix':>5} | {'fixed: cost':>11} {'err':>7} {'judge':>6} | {'ctrl: cost':>10} {'err':>7} "
               f"{'judge':>6} {'lambda end':>10}")
         replay = BudgetController(cfg, lam_offline=lam_offline, scale=scale)
