@@ -58,7 +58,8 @@ def _args(**kw):
 @pytest.fixture(scope="module")
 def apps(models, serve_url):
     """`cascade` (/c): the cascade bundle, 2 scorer replicas, budget controller; `logged` (/l): router B,
-    epsilon 0.5, a served log on 2 replicas that never flush before shutdown."""
+    epsilon 0.5, routed images scored too (score_routed), a served log on 2 replicas that never flush
+    before shutdown."""
     from ray import serve
     from serve_planted import planted_app
 
@@ -67,7 +68,8 @@ def apps(models, serve_url):
                     budget_controller={"window": 20, "sync_interval_s": 0.1})
     serve.run(planted_app(cascade), name="cascade", route_prefix="/c")
     log_uri = str(models["root"] / "log")
-    logged = _args(model_dir=models["b"], pool=models["pool"], exploration={"epsilon": 0.5, "seed": 0},
+    logged = _args(model_dir=models["b"], pool=models["pool"], exploration={"epsilon": 0.5, "seed": 0}, score_routed=True,
+                   scorer={"autoscaling": {"min_replicas": 1, "max_replicas": 1}, "request_timeout_s": 60},
                    log={"uri": log_uri, "flush_rows": 100_000, "flush_interval_s": 3600, "num_replicas": 2,
                         "num_cpus": 0})
     serve.run(planted_app(logged), name="logged", route_prefix="/l")
@@ -237,7 +239,8 @@ def _holding_replica(app: str, uri: str) -> str | None:
 @pytest.mark.timeout(600)
 def test_a_logger_replica_killed_under_load_fails_no_request_and_the_lost_rows_are_counted(apps):
     """Also: every row carries the propensity the answer gave (epsilon 0.5 over two candidates:
-    greedy render 0.5 + 0.25 = 0.75, the explored blank 0.25)."""
+    greedy render 0.5 + 0.25 = 0.75, the explored blank 0.25) and the routed image's online score
+    (score_routed: scene_score 1 for render's picture, 0 for blank's; each paid 0.1 for scoring)."""
     import ray
 
     from catimage.tables.served_log import read_served_log
@@ -267,6 +270,8 @@ def test_a_logger_replica_killed_under_load_fails_no_request_and_the_lost_rows_a
     for b in bodies:
         assert b["propensity"] == pytest.approx(0.25 if b["explored"] else 0.75)
         assert b["candidate"] == ("blank" if b["explored"] else "render")
+        assert b["decision_score"] == (0.0 if b["explored"] else 1.0)
+        assert b["cost"] == pytest.approx((1.0 if b["explored"] else 2.0) + 0.1)
     assert 0 < sum(b["explored"] for b in bodies) < n
     produced = sum(1 for b in bodies for a in b["attempts"] if a["draw_error"] is None)
     deadline = time.monotonic() + 60
@@ -294,6 +299,7 @@ def test_a_logger_replica_killed_under_load_fails_no_request_and_the_lost_rows_a
         b = by_request[r["request_id"]]
         assert r["propensity"] == pytest.approx(b["propensity"]) and r["candidate"] == b["candidate"]
         assert r["policy"] == "route" and r["model_version"] == b["model_version"]
+        assert r["scene_score"] == b["decision_score"] and r["decision_cost"] == pytest.approx(0.1)
 
 
 @pytest.mark.slow
