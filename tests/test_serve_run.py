@@ -88,6 +88,12 @@ def test_serve_run_config_draws_and_stops_on_sigint_with_requests_in_flight(tmp_
                        timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["candidate"] in names and len(base64.b64decode(r.json()["image"])) > 100
+        # The shipped bundle is a cascade: its decider (scene_decider, its own Scorer deployment) scored each attempt.
+        assert r.json()["policy"] == "cascade" and r.json()["decision_metric"] == "scene_decider"
+        assert all(a["scored"] for a in r.json()["attempts"]), r.json()["attempts"]
+        routed = httpx.post(f"http://127.0.0.1:{port}/v1/generate", timeout=120,
+                            json={"prompt": "two red squares above a blue circle", "policy": "route", "return": "none"})
+        assert routed.status_code == 200 and routed.json()["attempts"][0]["scored"] is False, routed.text
         in_flight = threading.Barrier(17)
 
         def ask(i: int) -> None:
@@ -116,7 +122,7 @@ def test_serve_run_config_draws_and_stops_on_sigint_with_requests_in_flight(tmp_
 
         logged = read_served_log(str(log_uri))
         assert "two red squares above a blue circle" in logged.column("prompt").to_pylist()
-        assert set(logged.column("policy").to_pylist()) == {"route"}
+        assert {"cascade", "route"} <= set(logged.column("policy").to_pylist())
     finally:
         if proc.poll() is None:  # the kill fallback: the whole session `serve run` started
             os.killpg(proc.pid, signal.SIGKILL)
