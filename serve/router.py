@@ -254,6 +254,11 @@ class Router:
         same_dir = named is not None and os.path.abspath(named[0]) == os.path.abspath(current.model_dir)
         if named is None or (same_dir and named[1] in (None, current.version)):
             return
+        if same_dir:  # the model already served, under the name the config gives it: relabel, do not reload
+            from dataclasses import replace
+
+            self.state.model = replace(current, version=named[1])
+            return
         model_dir, version = named
         model = await asyncio.to_thread(load_serving_model, model_dir, self.args.embedder_overrides,
                                         self.args.embedding_cache_size, version)
