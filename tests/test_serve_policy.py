@@ -120,6 +120,41 @@ def test_a_generator_whose_images_fail_the_scorer_makes_the_request_escalate(app
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_prometheus_counts_attempts_by_outcome_and_draws_per_request(apps):
+    """After one cascaded request (blank rejected at 0, render accepted at 1): the attempts counter by
+    candidate and outcome (acceptance rate = accepted / (accepted + rejected)), images per request,
+    and the scoring cost reach Ray's Prometheus endpoint. Counts only ever grow (other tests add)."""
+    import ray
+
+    _post(apps["client"], "/c/v1/generate", {"prompt": PROMPTS[3], "policy": "cascade", "lambda": 0.0, "return": "none"})
+    port = ray.nodes()[0]["MetricsExportPort"]
+
+    def sample(name: str, **tags: str) -> float:
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") and 'application="cascade"' in line and all(
+                    f'{k}="{v}"' in line for k, v in tags.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def done() -> bool:
+        return (sample("ray_catimage_attempts_total", candidate="render", outcome="accepted") >= 1
+                and sample("ray_catimage_attempts_total", candidate="blank", outcome="rejected") >= 1
+                and sample("ray_catimage_attempts_per_request_count", policy="cascade") >= 1
+                and sample("ray_catimage_scoring_cost_total", metric="scene_score") >= 0.2 - 1e-9)
+
+    deadline = time.monotonic() + 60
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if done() or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert done(), [ln for ln in text.splitlines() if "catimage_attempts" in ln or "scoring_cost" in ln][:20]
+    assert sample("ray_catimage_attempts_total", candidate="blank", outcome="accepted") == 0  # grey never passes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_request_limits_and_policies_the_model_lacks(apps):
     client = apps["client"]
     # max_attempts 1: only one-attempt plans; best value at lambda 0 is render (0.9 > blank's 0.695).
