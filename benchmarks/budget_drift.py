@@ -42,6 +42,7 @@ from the second on (phase 1 included) is within +-5 % of B.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -320,6 +321,112 @@ def run_cascade(args: argparse.Namespace) -> None:
           f" fixed lambda {statistics.median([r['fixed_judge'] for r in results]):.3f} (median of trials)")
 
 
+# --- the same through the real Serve app ------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_args(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The shipped serve/config.yaml app (the world cascade), with the budget controller on."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    (app,) = config["applications"]
+    out = {k: (str(ROOT / v) if k in ("model_dir", "pool") else v) for k, v in app["args"].items()}
+    out.update(budget=args.cascade_budget, log=None,
+               budget_controller={"window": args.serve_window, "sync_interval_s": 0.25})
+    return out, (app.get("runtime_env") or {}).get("env_vars") or {}
+
+
+async def _serve_stream(url: str, prompts: list[str], concurrency: int) -> list[dict]:
+    import asyncio
+
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    out: list[dict] = [{} for _ in prompts]
+
+    async def one(i: int, client: httpx.AsyncClient) -> None:
+        async with sem:
+            r = await client.post("/v1/generate", json={"prompt": prompts[i], "seed": i, "return": "none"})
+            body = r.json() if r.status_code == 200 else {}
+            out[i] = {"status": r.status_code, "cost": body.get("cost"), "explored": body.get("explored"),
+                      "lambda": body.get("lambda"), "policy": body.get("policy"),
+                      "drawn": sum(a["draw_error"] is None for a in body.get("attempts", [])),
+                      "attempts": [(a["candidate"], a["decision_score"], a["cost"]) for a in body.get("attempts", [])],
+                      "plan": body.get("plan")}
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await asyncio.gather(*(one(i, client) for i in range(len(prompts))))
+    return out
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """The shipped app for real (local Ray, 2 CPUs): cascaded requests at the app's budget, the prompt
+    mix shifting from 20 % to 80 % hard halfway, `--serve-concurrency` in flight; per window (in
+    request order): realised mean cost, images drawn per request, explored share."""
+    import asyncio
+    import time
+
+    import httpx
+    import pyarrow.parquet as pq
+    import ray
+    from ray import serve
+
+    from catimage.tables.table import aggregate
+    from serve.app import build_app
+
+    table = pq.read_table(ROOT / "catimage" / "data" / "world_table.parquet")
+    matrix = aggregate(table, "scene_score")
+    rng = np.random.default_rng(0)
+    hardness = matrix.mean.mean(axis=1)
+    cut = np.median(hardness)
+    easy, hard = np.nonzero(hardness >= cut)[0], np.nonzero(hardness < cut)[0]
+    n, half, W = args.serve_requests, args.serve_requests // 2, args.serve_window
+    stream = np.concatenate([_stream(rng, easy, hard, half, 0.2), _stream(rng, easy, hard, n - half, 0.8)])
+    prompts = [matrix.prompts[i] for i in stream]
+    app_args, env_vars = _serve_args(args)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
+    try:
+        serve.run(build_app(app_args), name="catimage", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        start, load0 = time.perf_counter(), os.getloadavg()[0]
+        out = asyncio.run(_serve_stream(url, prompts, args.serve_concurrency))
+        took, load1 = time.perf_counter() - start, os.getloadavg()[0]
+        state = httpx.get(f"{url}/v1/pool", timeout=60).json()["budget_controller"]["cascade:*"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    ok = [o for o in out if o.get("status") == 200]
+    print(f"\nSERVE (the shipped world cascade app, local Ray on 2 CPUs): {len(ok)} of {n} answered in {took:.0f} s "
+          f"({len(ok) / took:.2f} requests/s), {args.serve_concurrency} in flight, load average {load0:.1f} -> {load1:.1f}; "
+          f"budget {args.cascade_budget:g} GFLOPs, controller window {W}, policy {sorted({o['policy'] for o in ok})}")
+    print(f"{'window':>6} {'mix':>5} | {'mean cost':>9} {'err':>7} {'images/req':>10} {'explored':>8} {'lambda (last)':>13}")
+    errs = []
+    for w, s0 in enumerate(range(0, n - W + 1, W)):
+        part = [o for o in out[s0 : s0 + W] if o.get("status") == 200]
+        cost = float(np.mean([o["cost"] for o in part]))
+        errs.append(cost / args.cascade_budget - 1)
+        mix = "easy" if s0 + W <= half else "HARD"
+        print(f"{w:6d} {mix:>5} | {cost:9.3f} {errs[-1]:+7.1%} {np.mean([o['drawn'] for o in part]):10.2f} "
+              f"{np.mean([bool(o['explored']) for o in part]):8.1%} {part[-1]['lambda']:13.4g}")
+    if args.serve_dump:
+        Path(args.serve_dump).write_text(json.dumps(out))
+    within = sum(abs(e) <= 0.05 for e in errs[1:])
+    print(f"  windows from the second on within +-5 % of B: {within} of {len(errs) - 1}"
+          + ("" if within == len(errs) - 1 else "  (goal: all; NOT met)"))
+    print(f"  the controller (cascade:*): {state['observed']} observed, mean realised cost {state['mean_cost_all']:.3f}, "
+          f"lambda {state['lambda']:.4g} (offline {state['lambda_offline']:.4g})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "genai-bench-527" / "genai_image.json")
@@ -334,9 +441,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kp", type=float, default=ControllerConfig.kp)
     ap.add_argument("--max-step", type=float, default=ControllerConfig.max_step)
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--policy", choices=("route", "cascade", "both"), default="both")
+    ap.add_argument("--policy", choices=("route", "cascade", "both", "serve"), default="both",
+                    help="serve: the cascade through the real Serve app (shipped config), not in the default runs")
+    ap.add_argument("--serve-requests", type=int, default=1200)
+    ap.add_argument("--serve-window", type=int, default=100)
+    ap.add_argument("--serve-concurrency", type=int, default=16)
+    ap.add_argument("--serve-dump", type=Path, default=None, help="write every answer's summary here (JSON)")
     ap.add_argument("--cascade-budget", type=float, default=3.0, help="GFLOPs per request (the world pool's unit)")
     args = ap.parse_args(argv)
+    if args.policy == "serve":
+        run_serve(args)
+        return
     if args.policy in ("cascade", "both"):
         run_cascade(args)
     if args.policy == "cascade":
