@@ -91,12 +91,28 @@ def serve_url(ray_local):
     """Serve's HTTP proxy on a free loopback port of `ray_local`: its base URL."""
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve(serve)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+def start_serve(serve, attempts: int = 3) -> int:
+    """serve.start on a free loopback port; on a machine loaded enough that the HTTP proxy actor misses
+    Serve's 60 s start-up limit (Serve then kills it: ActorDiedError), shut down and start again."""
+    import ray
+
+    for attempt in range(attempts):
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return port
+        except (ray.exceptions.ActorDiedError, ray.exceptions.GetTimeoutError):
+            serve.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture
