@@ -149,7 +149,7 @@ class DrawEstimator(BaseEstimator):
         for k in ks:
             nb = {name: v[:, k - 1] for name, v in csum.items()}
             for a in alphas:
-                scores[f"k={k},a={a:g}"] = float(np.sum(self._loo_score(nb, sums, glob, a, grid_t) / base))
+                scores[f"k={k},a={a:g}"] = _relative_score(self._loo_score(nb, sums, glob, a, grid_t), base)
         best = min(scores, key=scores.get)
         self.k_ = int(best.split(",")[0][2:])
         self.prior_weight_ = float(best.split("a=")[1])
@@ -230,3 +230,10 @@ def load_draw_estimator(directory: str | Path) -> DrawEstimator:
     est.k_, est.prior_weight_ = int(doc["k"]), float(doc["prior_weight"])
     est.selection_ = {**doc.get("selection", {}), "scores": doc.get("scores", {})}
     return est
+
+
+def _relative_score(score: np.ndarray, base: np.ndarray) -> float:
+    """Sum of each part of a leave-one-out score relative to the global law's. A part the global law
+    gets exactly right (base 0: e.g. a judge constant across every draw) says nothing about k and is
+    left out, rather than turning every candidate score into NaN."""
+    return float(np.sum(np.divide(score, base, out=np.zeros_like(score, dtype=np.float64), where=base > 0)))
