@@ -450,7 +450,8 @@ async def _world_load(url: str, prompts: list[str]) -> dict:
         async def one(i: int) -> tuple[float | None, str]:
             start = time.perf_counter()
             try:
-                r = await client.post("/v1/generate", json={"prompt": prompts[i], "seed": i})
+                # routed: one image per request, as the build draws (the shipped config cascades by default)
+                r = await client.post("/v1/generate", json={"prompt": prompts[i], "seed": i, "policy": "route"})
             except httpx.HTTPError as err:
                 return None, f"{type(err).__name__}: {err}"
             if r.status_code != 200 or not r.json().get("image"):
