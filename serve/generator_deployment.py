@@ -50,7 +50,10 @@ class Generator:
         self._generator = make_generator(parse_generator_spec(spec), device=device)
         self._exclusive = getattr(self._generator, "pipe", None) is not None
         self._lock = asyncio.Lock()
-        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "interrupted": 0, "busy": 0}
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "interrupted": 0, "busy": 0, "unet_steps": 0}
+        unet = getattr(getattr(self._generator, "pipe", None), "unet", None)
+        if unet is not None:  # a denoising step is one UNet call: what an interruption saves is countable
+            unet.register_forward_hook(self._count_step)
         self._batched = max_batch_size > 1
         if self._batched:
             self._draw_batch.set_max_batch_size(max_batch_size)
@@ -68,6 +71,9 @@ class Generator:
         if len(images) != len(prompts):
             raise RuntimeError(f"generator {self.candidate} returned {len(images)} images for {len(prompts)} prompts")
         return images
+
+    def _count_step(self, *_: Any) -> None:
+        self._stats["unet_steps"] += 1
 
     def _interrupt(self) -> None:
         pipe = getattr(self._generator, "pipe", None)

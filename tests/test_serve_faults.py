@@ -119,17 +119,16 @@ def test_generator_timeout_frees_the_replica(app):
     assert body["fallback"]["reason"] == "timed out after 1 s (request_timeout_s)"
     stats = _wait_stats(handle, lambda s: s["busy"] == 0, 60)
     assert stats["busy"] == 0 and stats["interrupted"] >= 1, stats
-    # The same through the handle, timed from the cancellation: the drawing is under way, then cancelled.
-    before = stats["interrupted"]
+    assert stats["unet_steps"] < 400, stats  # the timed-out drawing stopped before its last step
+    # The same through the handle: the drawing is under way, then cancelled; counted in UNet steps, not
+    # seconds (a loaded machine slows both alike): the replica stops well before the drawing's 400.
+    before = stats
     response = handle.remote(SIGN, 7, False)
     assert _wait_stats(handle, lambda s: s["busy"] == 1, 60)["busy"] == 1
-    cancelled_at = time.monotonic()
     response.cancel()
     stats = _wait_stats(handle, lambda s: s["busy"] == 0, 60)
-    freed_after = time.monotonic() - cancelled_at
-    assert stats["busy"] == 0 and stats["interrupted"] == before + 1, stats
-    # A whole 400-step drawing takes far longer (a step is ~20 ms unloaded, so >= 8 s).
-    assert freed_after < 5, freed_after
+    assert stats["busy"] == 0 and stats["interrupted"] == before["interrupted"] + 1, stats
+    assert stats["unet_steps"] - before["unet_steps"] < 400, (before, stats)
 
 
 def test_overload_answers_503_with_retry_after(app):
