@@ -347,9 +347,9 @@ def burst_phase(url: str, workdir: Path, args: argparse.Namespace) -> None:
     asyncio.run(_burst(url, "/burst-off", prompts, 8, 10_000))  # warm both apps
     asyncio.run(_burst(url, "/burst-on", prompts, 8, 10_000))
     for rnd in range(args.burst_rounds):
-        for name in runs:  # interleaved, so background load hits both alike
+        for name, results in runs.items():  # interleaved, so background load hits both alike
             res = asyncio.run(_burst(url, f"/{name}", prompts, args.burst, 1000 * (rnd + 1)))
-            runs[name].append(res)
+            results.append(res)
             print(f"  round {rnd + 1} {name:9s} p50 {_pct(res['lat'], 50):7.0f} ms  p99 {_pct(res['lat'], 99):7.0f} ms  "
                   f"quality {statistics.mean(res['quality']):.4f}  failed {res['failed']}  drawn by {res['chosen']}  "
                   f"(load avg {os.getloadavg()[0]:.1f})", flush=True)

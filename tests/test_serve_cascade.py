@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from train_serve_fixtures import replica_actors
 
 from catimage.policy.plans import Plan, executed_attempts
 from serve.plan_executor import NoImageDrawn, PlanExecutor, attempt_seeds, served_rows
@@ -259,19 +260,12 @@ def test_a_hung_or_failing_scorer_returns_the_image_unscored(served):
     assert all("scene-world prompts only" in a["score_error"] for a in out["attempts"])
 
 
-def _scorer_replicas() -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{KILL_APP}#Scorer-scene_score#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_scorer_replica_killed_under_load_fails_no_request(served):
     import ray
 
-    replicas = _scorer_replicas()
+    replicas = replica_actors(KILL_APP, "Scorer-scene_score")
     assert len(replicas) == 2
     handle = served
     before = sum(handle.failures.remote().result().values())
@@ -293,4 +287,4 @@ def test_scorer_replica_killed_under_load_fails_no_request(served):
         for a in r["attempts"]:
             if a["scored"]:
                 assert a["decision_score"] == (0.0 if a["candidate"] == "blank" else 1.0)
-    assert replicas[0] not in _scorer_replicas()
+    assert replicas[0] not in replica_actors(KILL_APP, "Scorer-scene_score")

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from train_serve_fixtures import tiny_pool_dict, write_planted_table, write_pool
+from train_serve_fixtures import replica_actors, tiny_pool_dict, write_planted_table, write_pool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 APP = "faults"
@@ -55,13 +55,6 @@ def app(tmp_path_factory, tiny_cache, serve_url):
         yield client
 
 
-def _replica_actors(deployment: str) -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
-
-
 def _running(deployment: str) -> int:
     from ray import serve
 
@@ -72,7 +65,7 @@ def _running(deployment: str) -> int:
 def test_killed_replica_under_load_fails_no_request_and_is_replaced(app):
     import ray
 
-    before = _replica_actors("Generator-tiny-sd-2")
+    before = replica_actors(APP, "Generator-tiny-sd-2")
     assert len(before) == 2
 
     def ask(i: int) -> httpx.Response:
@@ -89,11 +82,11 @@ def test_killed_replica_under_load_fails_no_request_and_is_replaced(app):
     assert served_by.count("tiny-sd-2") >= 20  # retried on the surviving replica, rarely a fallback
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        now = _replica_actors("Generator-tiny-sd-2")
+        now = replica_actors(APP, "Generator-tiny-sd-2")
         if _running("Generator-tiny-sd-2") == 2 and before[0] not in now and len(now) == 2:
             break
         time.sleep(1)
-    now = _replica_actors("Generator-tiny-sd-2")
+    now = replica_actors(APP, "Generator-tiny-sd-2")
     assert before[0] not in now and len(now) == 2 and _running("Generator-tiny-sd-2") == 2, now
 
 

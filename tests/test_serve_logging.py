@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from train_serve_fixtures import holding_log_replica, replica_actors
 
 from catimage.errors import TableError
 from catimage.tables.served_log import ServedRow, read_served_log
@@ -77,25 +78,6 @@ def _deploy(serve, name: str, args: LogServeArgs, replicas: int):
                      name=name, route_prefix=None)
 
 
-def _replicas(app: str) -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#ServedLog#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
-
-
-def _holding_replica(app: str, uri: str) -> str:
-    """The actor name of a live replica whose tally says it holds unwritten rows."""
-    folder = Path(uri) / "_tally" / f"{app}#ServedLog"
-    for name in _replicas(app):
-        tally = folder / f"{name.rsplit('#', 1)[1]}.json"
-        if tally.is_file():
-            counts = json.loads(tally.read_text())
-            if counts["accepted"] - counts["written"] > 0:
-                return name
-    raise AssertionError("no logger replica holds rows yet")
-
-
 async def _load_with_a_kill(handle, app: str, uri: str, n_requests: int) -> tuple[int, dict]:
     """Submit n_requests requests' rows (1-3 each) through a LogClient, killing a logger replica that
     holds rows once half of those sent so far are acknowledged. Returns (rows submitted, client counts)."""
@@ -114,7 +96,8 @@ async def _load_with_a_kill(handle, app: str, uri: str, n_requests: int) -> tupl
         if not killed and i >= n_requests // 4:
             while client.counts["acked"] < submitted // 2:
                 await asyncio.sleep(0.01)
-            victim = _holding_replica(app, uri)
+            victim = holding_log_replica(app, uri)
+            assert victim is not None, "no logger replica holds rows yet"
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             killed = True
     await client.drain()
@@ -129,7 +112,7 @@ def test_killed_logger_replica_loses_only_its_unflushed_rows_and_says_how_many(r
     # Nothing is flushed before shutdown: every row a replica holds when it is killed is lost.
     args = LogServeArgs(uri=uri, flush_rows=10_000, flush_interval_s=3600)
     handle = _deploy(ray_serve, app, args, replicas=2)
-    assert len(_replicas(app)) == 2
+    assert len(replica_actors(app, "ServedLog")) == 2
     submitted, client = asyncio.run(_load_with_a_kill(handle, app, uri, 300))
     assert client["dropped"] == 0 and client["refused"] == 0 and client["in_flight"] == 0
     # A live replica tells the loss (from the dead replica's tally), before anything is shut down.

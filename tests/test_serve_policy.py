@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from train_serve_fixtures import holding_log_replica, replica_actors
 
 PROMPTS = ["one red circle", "two blue squares", "a green triangle above a yellow circle",
            "a purple square to the left of a red triangle"]
@@ -213,20 +212,13 @@ def test_the_cascade_controller_counts_each_requests_whole_realised_cost(apps):
     assert after["budget"] == 3.0 and after["model_version"]
 
 
-def _scorer_replicas(app: str) -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#Scorer-scene_score#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_scorer_replica_killed_under_load_fails_no_request(apps):
     import ray
 
     client = apps["client"]
-    replicas = _scorer_replicas("cascade")
+    replicas = replica_actors("cascade", "Scorer-scene_score")
     assert len(replicas) == 2
     before = sum(client.get("/c/v1/pool").json()["scorer"]["failures"].values())
 
@@ -249,25 +241,7 @@ def test_a_scorer_replica_killed_under_load_fails_no_request(apps):
         for a in b["attempts"]:
             if a["scored"]:
                 assert a["decision_score"] == (0.0 if a["candidate"] == "blank" else 1.0)
-    assert replicas[0] not in _scorer_replicas("cascade")
-
-
-def _log_replicas(app: str) -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#ServedLog#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
-
-
-def _holding_replica(app: str, uri: str) -> str | None:
-    folder = Path(uri) / "_tally" / f"{app}#ServedLog"
-    for name in _log_replicas(app):
-        tally = folder / f"{name.rsplit('#', 1)[1]}.json"
-        if tally.is_file():
-            counts = json.loads(tally.read_text())
-            if counts["accepted"] - counts["written"] > 0:
-                return name
-    return None
+    assert replicas[0] not in replica_actors("cascade", "Scorer-scene_score")
 
 
 @pytest.mark.slow
@@ -293,7 +267,7 @@ def test_a_logger_replica_killed_under_load_fails_no_request_and_the_lost_rows_a
         deadline = time.monotonic() + 120
         while not killed.is_set() and time.monotonic() < deadline:
             acked = client.get("/l/v1/pool").json()["served_log"]["acked"]
-            victim = _holding_replica("logged", uri) if acked >= n // 4 else None
+            victim = holding_log_replica("logged", uri) if acked >= n // 4 else None
             if victim is not None:
                 ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
                 killed.set()
@@ -367,7 +341,7 @@ def test_hot_swap_under_load_drops_nothing_and_decides_with_the_new_model(models
 
     with httpx.Client(base_url=serve_url, timeout=120) as client:
         assert client.get("/s/v1/pool").json()["model_version"] == "A"
-        router_before = _router_replicas("swap")
+        router_before = replica_actors("swap", "Router")
         threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
         for t in threads:
             t.start()
@@ -388,17 +362,10 @@ def test_hot_swap_under_load_drops_nothing_and_decides_with_the_new_model(models
     assert [s for s, _, _ in results] == [200] * len(results)
     assert all(c == expected[v] for _, v, c in results), [r for r in results if r[2] != expected.get(r[1])][:3]
     assert pool["model_version"] == "B" and pool["swap"]["outcome"] == "done" and pool["swap"]["from"] == "A"
-    assert _router_replicas("swap") == router_before  # the same replica, reconfigured in place
+    assert replica_actors("swap", "Router") == router_before  # the same replica, reconfigured in place
     assert refused["model_version"] == "B" and refused["swap"]["outcome"] == "refused"
     assert "not a catimage model directory" in refused["swap"]["problems"][0]
     serve.delete("swap")
-
-
-def _router_replicas(app: str) -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{app}#Router#"
-    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
 def _wait(condition, timeout_s: float = 240) -> None:

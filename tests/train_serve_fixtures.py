@@ -162,3 +162,23 @@ class ScriptedImageServer:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def replica_actors(app: str, deployment: str) -> list[str]:
+    """Names of the live Serve replica actors of `deployment` in `app` (for a test to kill one)."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+
+
+def holding_log_replica(app: str, uri: str) -> str | None:
+    """A live logger replica whose tally says it holds rows not yet written, else None."""
+    folder = Path(uri) / "_tally" / f"{app}#ServedLog"
+    for name in replica_actors(app, "ServedLog"):
+        tally = folder / f"{name.rsplit('#', 1)[1]}.json"
+        if tally.is_file():
+            counts = json.loads(tally.read_text())
+            if counts["accepted"] - counts["written"] > 0:
+                return name
+    return None
