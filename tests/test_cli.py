@@ -133,7 +133,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(table_and_pool, args, message):
     fmt = {"model": model, "root": root, "pool": pool, "table": table, "badpool": badpool}
     result = runner.invoke(app, [a.format(**fmt) for a in args])
     assert result.exit_code == 2, result.output
-    assert message in result.output
+    assert message in " ".join(result.output.split())  # rich wraps long paths at the console width
     assert "Traceback" not in result.output
 
 
