@@ -35,6 +35,7 @@ from train_serve_fixtures import (
     SERVE_TEST_TOKEN,
     ScriptedImageServer,
     free_port,
+    scrape_metrics_until,
     tiny_pool_dict,
     write_planted_table,
     write_pool,
@@ -401,27 +402,22 @@ def test_prometheus_metrics(served):
     drew = pinned.json()["candidate"]
     port = ray.nodes()[0]["MetricsExportPort"]
 
-    def sample(name: str, candidate: str) -> float:
+    def sample(text: str, name: str, candidate: str) -> float:
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + "{") and f'candidate="{candidate}"' in line and 'application="catimage"' in line:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def done() -> bool:
-        return (sample("ray_catimage_requests_total", "tiny-sdxl-4") >= 1 + (drew == "tiny-sdxl-4")
-                and sample("ray_catimage_fallbacks_total", "tiny-sd-2") >= 1)
+    def done(text: str) -> bool:
+        return (sample(text, "ray_catimage_requests_total", "tiny-sdxl-4") >= 1 + (drew == "tiny-sdxl-4")
+                and sample(text, "ray_catimage_fallbacks_total", "tiny-sd-2") >= 1)
 
-    deadline = time.monotonic() + 30
-    while True:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if done() or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert done(), [ln for ln in text.splitlines() if "catimage_" in ln][:20]
-    assert sample("ray_catimage_cost_total", "tiny-sdxl-4") >= 6.0
-    assert sample("ray_catimage_requests_total", drew) >= 1
-    assert sample("ray_catimage_predicted_quality_scaled_count", "tiny-sdxl-4") >= 1
+    text = scrape_metrics_until(port, done, 30)
+    assert done(text), [ln for ln in text.splitlines() if "catimage_" in ln][:20]
+    assert sample(text, "ray_catimage_cost_total", "tiny-sdxl-4") >= 6.0
+    assert sample(text, "ray_catimage_requests_total", drew) >= 1
+    assert sample(text, "ray_catimage_predicted_quality_scaled_count", "tiny-sdxl-4") >= 1
     assert "ray_catimage_router_latency_ms_bucket" in text
     # The budget controller's gauges (the coordinator exports them at start-up).
     assert 'ray_catimage_budget{' in text and 'key="*"' in text

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from train_serve_fixtures import replica_actors
+from train_serve_fixtures import kill_replica_mid_run, replica_actors
 
 from catimage.policy.plans import Plan, executed_attempts
 from serve.plan_executor import NoImageDrawn, PlanExecutor, attempt_seeds, served_rows
@@ -263,7 +261,6 @@ def test_a_hung_or_failing_scorer_returns_the_image_unscored(served):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_scorer_replica_killed_under_load_fails_no_request(served):
-    import ray
 
     replicas = replica_actors(KILL_APP, "Scorer-scene_score")
     assert len(replicas) == 2
@@ -273,12 +270,7 @@ def test_scorer_replica_killed_under_load_fails_no_request(served):
     def ask(i: int) -> dict:
         return handle.run.remote({"attempts": ["blank", "render"], "threshold": 0.5}, PROMPTS[i % 4], 1, i).result()
 
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(ask, i) for i in range(40)]
-        while sum(f.done() for f in futures) < 4:  # mid-run: some answered, most still to come
-            time.sleep(0.02)
-        ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-        results = [f.result() for f in futures]  # raises if any request failed
+    results = kill_replica_mid_run(ask, 40, 6, replicas[0])  # raises if any request failed
     assert len(results) == 40 and all(r["image"] is not None for r in results)
     unscored = sum(a["score_error"] is not None for r in results for a in r["attempts"])
     assert sum(handle.failures.remote().result().values()) - before == unscored

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from train_serve_fixtures import replica_actors, tiny_pool_dict, write_planted_table, write_pool
+from train_serve_fixtures import kill_replica_mid_run, replica_actors, tiny_pool_dict, write_planted_table, write_pool
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 APP = "faults"
@@ -63,7 +63,6 @@ def _running(deployment: str) -> int:
 
 
 def test_killed_replica_under_load_fails_no_request_and_is_replaced(app):
-    import ray
 
     before = replica_actors(APP, "Generator-tiny-sd-2")
     assert len(before) == 2
@@ -71,12 +70,7 @@ def test_killed_replica_under_load_fails_no_request_and_is_replaced(app):
     def ask(i: int) -> httpx.Response:
         return app.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sd-2", "seed": i, "return": "none"})
 
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(ask, i) for i in range(30)]
-        while sum(f.done() for f in futures) < 4:  # mid-run: some answered, most still to come
-            time.sleep(0.05)
-        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
-        answers = [f.result() for f in futures]
+    answers = kill_replica_mid_run(ask, 30, 3, before[0])
     assert [a.status_code for a in answers] == [200] * 30, [a.text for a in answers if a.status_code != 200]
     served_by = [a.json()["candidate"] for a in answers]
     assert served_by.count("tiny-sd-2") >= 20  # retried on the surviving replica, rarely a fallback

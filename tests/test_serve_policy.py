@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from train_serve_fixtures import holding_log_replica, replica_actors
+from train_serve_fixtures import holding_log_replica, kill_replica_mid_run, replica_actors, scrape_metrics_until
 
 PROMPTS = ["one red circle", "two blue squares", "a green triangle above a yellow circle",
            "a purple square to the left of a red triangle"]
@@ -128,7 +128,7 @@ def test_prometheus_counts_attempts_by_outcome_and_draws_per_request(apps):
     _post(apps["client"], "/c/v1/generate", {"prompt": PROMPTS[3], "policy": "cascade", "lambda": 0.0, "return": "none"})
     port = ray.nodes()[0]["MetricsExportPort"]
 
-    def sample(name: str, **tags: str) -> float:
+    def sample(text: str, name: str, **tags: str) -> float:
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + "{") and 'application="cascade"' in line and all(
@@ -136,20 +136,15 @@ def test_prometheus_counts_attempts_by_outcome_and_draws_per_request(apps):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def done() -> bool:
-        return (sample("ray_catimage_attempts_total", candidate="render", outcome="accepted") >= 1
-                and sample("ray_catimage_attempts_total", candidate="blank", outcome="rejected") >= 1
-                and sample("ray_catimage_attempts_per_request_count", policy="cascade") >= 1
-                and sample("ray_catimage_scoring_cost_total", metric="scene_score") >= 0.2 - 1e-9)
+    def done(text: str) -> bool:
+        return (sample(text, "ray_catimage_attempts_total", candidate="render", outcome="accepted") >= 1
+                and sample(text, "ray_catimage_attempts_total", candidate="blank", outcome="rejected") >= 1
+                and sample(text, "ray_catimage_attempts_per_request_count", policy="cascade") >= 1
+                and sample(text, "ray_catimage_scoring_cost_total", metric="scene_score") >= 0.2 - 1e-9)
 
-    deadline = time.monotonic() + 60
-    while True:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if done() or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert done(), [ln for ln in text.splitlines() if "catimage_attempts" in ln or "scoring_cost" in ln][:20]
-    assert sample("ray_catimage_attempts_total", candidate="blank", outcome="accepted") == 0  # grey never passes
+    text = scrape_metrics_until(port, done, 60)
+    assert done(text), [ln for ln in text.splitlines() if "catimage_attempts" in ln or "scoring_cost" in ln][:20]
+    assert sample(text, "ray_catimage_attempts_total", candidate="blank", outcome="accepted") == 0  # grey never passes
 
 
 @pytest.mark.slow
@@ -215,7 +210,6 @@ def test_the_cascade_controller_counts_each_requests_whole_realised_cost(apps):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_scorer_replica_killed_under_load_fails_no_request(apps):
-    import ray
 
     client = apps["client"]
     replicas = replica_actors("cascade", "Scorer-scene_score")
@@ -226,12 +220,7 @@ def test_a_scorer_replica_killed_under_load_fails_no_request(apps):
         return client.post("/c/v1/generate", json={"prompt": PROMPTS[i % 4], "policy": "cascade", "lambda": 0.0,
                                                    "seed": 1000 + 10 * i, "return": "none"})
 
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(ask, i) for i in range(40)]
-        while sum(f.done() for f in futures) < 4:  # mid-run: some answered, most still to come
-            time.sleep(0.02)
-        ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-        answers = [f.result() for f in futures]
+    answers = kill_replica_mid_run(ask, 40, 6, replicas[0])
     assert [r.status_code for r in answers] == [200] * 40, [r.text for r in answers if r.status_code != 200][:2]
     bodies = [r.json() for r in answers]
     unscored = sum(a["score_error"] is not None for b in bodies for a in b["attempts"])

@@ -182,3 +182,35 @@ def holding_log_replica(app: str, uri: str) -> str | None:
             if counts["accepted"] - counts["written"] > 0:
                 return name
     return None
+
+
+def kill_replica_mid_run(ask, n: int, threads: int, replica: str, started: int = 4) -> list:
+    """`ask(i)` for i in range(n) from `threads` client threads; once `started` answers are in (mid-run:
+    most still to come), SIGKILL the Serve replica actor `replica`. Returns every answer, in order
+    (an exception raised by `ask` propagates)."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    with ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(ask, i) for i in range(n)]
+        while sum(f.done() for f in futures) < started:
+            time.sleep(0.02)
+        ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+        return [f.result() for f in futures]
+
+
+def scrape_metrics_until(port: int, done, timeout_s: float) -> str:
+    """The Prometheus text of Ray's metrics port, polled until `done(text)` holds or `timeout_s` passes
+    (the exporter publishes every few seconds); the caller asserts `done(text)` itself."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
