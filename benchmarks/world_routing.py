@@ -173,19 +173,15 @@ WORLD_CASCADE = DATA / "world_cascade"
 
 
 def fit_shipped_cascade(router_dir: Path, args: argparse.Namespace):
-    """A cascade fitted on the shipped table around the SHIPPED router (its embedder and predictions
-    unchanged): the draw estimator learns from every shipped prompt but a 10 % calibration split."""
-    from catimage.model.cascade_model import CascadeOptions, fit_cascade
-    from catimage.model.router_model import RouterModel
-    from catimage.tables.table import load_pool_matrix, split_prompts
+    """A cascade fitted on the shipped table around the SHIPPED router (fit_cascade_around), deciding
+    as the flags say (world_cascade_inputs)."""
+    from catimage.model.cascade_model import CascadeOptions, fit_cascade_around
+    from catimage.tables.table import load_pool_matrix
 
     _, matrix, costs = load_pool_matrix(TABLE, POOL, metric=METRIC)
     inputs = world_cascade_inputs(TABLE, matrix.candidates, args)
-    split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=0)
-    router = RouterModel.load(router_dir)
-    return fit_cascade(matrix, inputs.draws, costs, router.cost_unit, split.train, split.calibration,
-                       score_cost=inputs.score_cost, router=router,
-                       options=CascadeOptions(max_attempts=args.max_attempts)), inputs
+    model = fit_cascade_around(router_dir, matrix, costs, inputs, options=CascadeOptions(max_attempts=args.max_attempts))
+    return model, inputs
 
 
 def shipped_cascade(router_dir: Path, args: argparse.Namespace):

@@ -210,20 +210,14 @@ def _run_stages(config: DemoConfig, pool: Any, console: Console) -> DemoResult:
 def fit_cascade_bundle(fit_table: Path, pool_path: Path, router_dir: Path, out: Path, metric: str | None,
                        decision_metric: str | None) -> Path:
     """The cascade bundle the Serve app runs: the router just fitted, plus the per-draw model and plans
-    fitted on the same table (every prompt but a 10 % calibration split), deciding on the pool's decision
-    metric at its cost, as `catimage fit --policy cascade` does. Serving it offers both policies."""
-    from catimage.model.cascade_model import fit_cascade
-    from catimage.model.router_model import RouterModel
+    fitted on the same table (fit_cascade_around). Serving it offers both policies."""
+    from catimage.model.cascade_model import fit_cascade_around
     from catimage.tables.draws import cascade_inputs
-    from catimage.tables.table import load_pool_matrix, read_quality_table, split_prompts
+    from catimage.tables.table import load_pool_matrix, read_quality_table
 
     pool, matrix, costs = load_pool_matrix(fit_table, pool_path, metric=metric)
-    got = cascade_inputs(read_quality_table(fit_table), pool, matrix.candidates, matrix.metric, decision_metric)
-    split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=0)
-    router = RouterModel.load(router_dir)
-    model = fit_cascade(matrix, got.draws, costs, router.cost_unit, split.train, split.calibration,
-                        score_cost=got.score_cost, router=router)
-    model.save(out)
+    inputs = cascade_inputs(read_quality_table(fit_table), pool, matrix.candidates, matrix.metric, decision_metric)
+    fit_cascade_around(router_dir, matrix, costs, inputs).save(out)
     return out
 
 

@@ -41,7 +41,7 @@ from catimage.model.router_model import RouterModel, fit_router
 from catimage.policy.cascade import DrawStats, choose_plans, enumerate_plans, plan_values
 from catimage.policy.plans import Plan
 from catimage.policy.routing import calibrate_lambda, pareto_options
-from catimage.tables.draws import Draws
+from catimage.tables.draws import CascadeInputs, Draws
 from catimage.tables.table import QualityMatrix, split_prompts
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,19 @@ def fit_cascade(
         notes.append(f"The decision metric is the judge ({draws.judge_metric}): every cascade figure is an upper bound.")
     return CascadeModel(router, estimator, draws.decision_metric, draws.judge_metric, score_cost, options, plan_t, grid,
                         calibration_stats, notes)
+
+
+def fit_cascade_around(
+    router_dir: str | Path, matrix: QualityMatrix, costs: np.ndarray, inputs: CascadeInputs, *,
+    options: CascadeOptions | None = None, calibration_frac: float = 0.1, seed: int = 0,
+) -> CascadeModel:
+    """A cascade around a router already fitted (its embedder and predictions unchanged): the per-draw
+    model learns from every prompt of `matrix` but a calibration split, deciding on `inputs` (from
+    `catimage.tables.draws.cascade_inputs`). What the demo serves and the shipped world bundle is."""
+    split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=calibration_frac, seed=seed)
+    router = RouterModel.load(router_dir)
+    return fit_cascade(matrix, inputs.draws, costs, router.cost_unit, split.train, split.calibration,
+                       score_cost=inputs.score_cost, options=options, router=router)
 
 
 def _check_aligned(matrix: QualityMatrix, draws: Draws) -> None:
