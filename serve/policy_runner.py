@@ -132,6 +132,8 @@ class PolicyRunner:
         self.metrics = metrics
         self.decision_metric = decision_metric
         self.always_score = always_score
+        self.running = 0
+        """Plans being carried out now; at 0 the log client sends what it buffered (nothing waits for a batch)."""
 
     async def _draw_one(self, candidate: str, prompt: str, seed: int) -> bytes:
         """One attempt: only its candidate (a dead replica is retried); AttemptFailed says why."""
@@ -145,6 +147,16 @@ class PolicyRunner:
                   score_cost: float, seeds: Sequence[int], parallel: int, account: AccountFn) -> Outcome:
         """Execute `ctx.choice.plan`; when no attempt drew, draw once down `ctx.ranking` (AllFailed
         when that fails too). Every cost goes to `account` the moment it is paid."""
+        self.running += 1
+        try:
+            return await self._run(ctx, prompt, prompt_id, costs, score_cost, seeds, parallel, account)
+        finally:
+            self.running -= 1
+            if self.running == 0 and self.logger is not None:
+                self.logger.flush()
+
+    async def _run(self, ctx: RequestContext, prompt: str, prompt_id: str, costs: dict[str, float],
+                   score_cost: float, seeds: Sequence[int], parallel: int, account: AccountFn) -> Outcome:
         executor = PlanExecutor(self._draw_one, self.scorer, costs, score_cost, self.always_score,
                                 on_paid=lambda a, amount, scoring: account(a.candidate, amount, scoring))
         try:

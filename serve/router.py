@@ -225,15 +225,19 @@ class Router:
         log.info("router warm-up of %s took %.2f s", state.model.version, took)
         return took
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
         """Serve calls this when it stops the replica: stop the background loop and the model thread
-        so that nothing keeps the process (and `serve run`'s Ctrl-C) waiting."""
+        so that nothing keeps the process (and `serve run`'s Ctrl-C) waiting, then send the served-log
+        rows still buffered (bounded by the graceful shutdown time; what cannot go is counted failed)."""
         background = getattr(self, "_background", None)
         if background is not None:
             background.cancel()
         executor = getattr(self, "_executor", None)
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            await logger.close(timeout_s=max(0.5, min(2.0, self.args.graceful_shutdown_timeout_s)))
 
     # --- hot swap ---------------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -159,3 +159,43 @@ def test_rows_are_written_on_shutdown_and_prompts_hashed_when_asked(ray_serve, t
     assert all(table.column("prompt_hashed").to_pylist())
     assert "red circles" not in " ".join(map(str, table.to_pylist()))
     assert sorted(table.column("seed").to_pylist()) == sorted(1000 * i + j for i in range(5) for j in range(2))
+
+
+def test_a_router_buffer_smaller_than_its_batch_is_refused():
+    with pytest.raises(ValueError, match="client_max_buffered_rows"):
+        LogServeArgs(uri="x", client_batch_rows=64, client_max_buffered_rows=32)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_router_side_buffer_sends_batches_and_drops_the_oldest_past_its_bound(ray_serve, tmp_path):
+    """Planted rows through LogClient: 10 requests of 2 rows in batches of 8 rows go out as 3 calls
+    (after requests 4 and 8, the last 4 rows at drain); a buffer bounded at 5 rows that never sends
+    (batch 100, no timer) keeps the last 2 requests of 4 and counts the 4 oldest rows dropped."""
+    from serve.log_deployment import LogClient
+
+    app = "batched"
+    uri = str(tmp_path / "log")
+    handle = _deploy(ray_serve, app, LogServeArgs(uri=uri), replicas=1)
+
+    async def send() -> tuple[dict, dict, dict, dict]:
+        batched = LogClient(handle, batch_rows=8, flush_interval_s=3600)
+        for i in range(10):
+            batched.submit(_rows(i, 2))
+        queued = batched.state()  # no send task has run yet: nothing awaited since the first submit
+        await batched.drain()
+        bounded = LogClient(handle, batch_rows=100, flush_interval_s=3600, max_buffered_rows=5)
+        for i in range(10, 14):
+            bounded.submit(_rows(i, 2))
+        held = bounded.state()
+        await bounded.drain()
+        return queued, batched.state(), held, bounded.state()
+
+    queued, batched, held, bounded = asyncio.run(send())
+    assert (queued["sent"], queued["in_flight_rows"], queued["buffered"], queued["in_flight"]) == (20, 16, 4, 2)
+    assert (batched["acked"], batched["calls"], batched["buffered"], batched["in_flight"]) == (20, 3, 0, 0)
+    assert (held["sent"], held["dropped"], held["buffered"]) == (8, 4, 4)
+    assert (bounded["acked"], bounded["dropped"], bounded["calls"], bounded["failed"]) == (4, 4, 1, 0)
+    ray_serve.delete(app)  # graceful: the replica writes what it holds
+    seeds = sorted(read_served_log(uri).column("seed").to_pylist())
+    assert seeds == sorted(1000 * i + j for i in [*range(10), 12, 13] for j in range(2))
