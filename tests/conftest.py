@@ -115,6 +115,11 @@ def start_serve(serve, attempts: int = 3) -> int:
     raise AssertionError("unreachable")
 
 
+FAST_NODE_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+"""The GCS marks a killed node dead after ~3 s instead of Ray's default ~15 s (a check every 3 s, 5 misses);
+a slow but live raylet still has the default 10 s per check to answer, so load does not kill it."""
+
+
 @pytest.fixture
 def two_node_cluster():
     """ray.cluster_utils.Cluster: a 1-CPU head with the dashboard (job API) on free ports and a
@@ -129,7 +134,7 @@ def two_node_cluster():
         initialize_head=True,
         # Free ports for the dashboard and its agent (the agent's default, 52365, may be another Ray's).
         head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
-                        "dashboard_agent_listen_port": free_port()},
+                        "dashboard_agent_listen_port": free_port(), "_system_config": FAST_NODE_DEATH},
     )
     try:
         worker = cluster.add_node(num_cpus=2)

@@ -2,11 +2,16 @@
 every (prompt, candidate, seed) row is in the quality table exactly once.
 
 A two-node Ray cluster on this machine (ray.cluster_utils.Cluster: two raylets on loopback): the
-head with 1 CPU and the job API (dashboard on a free port), a worker with 2 CPUs. The tiny pool's
-actor pools need 1.25 CPUs, so part of the build runs on the worker. The build is submitted the way
-users do (`ray job submit --working-dir`); once it has written its first part file the worker node
-is removed (its raylet and every process on it SIGKILLed) and a fresh one joins, as an autoscaler
-would replace it. The pool is the tiny one at 30 steps, so the build outlasts its first part files.
+head with 1 CPU and the job API (dashboard on a free port), a worker with 2 CPUs. The build is submitted
+the way users do (`ray job submit --working-dir`); once it has written its first part file the worker
+node is removed (its raylet and every process on it SIGKILLed) and a fresh one joins, as an autoscaler
+would replace it.
+
+The pool is the tiny one cut to two candidates (two generator pools joined by a union, as any
+multi-candidate build) and the weight-free sharpness metric: three actor processes per pass instead
+of five (each costs ~8 CPU-seconds of imports on 2 cores). Each actor asks 0.4 CPU, so the three
+(1.2 CPUs) cannot all fit on the 1-CPU head: at least one build actor surely runs on the worker. 30
+steps and blocks of 4 rows keep the build running well past its first part files.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from train_serve_fixtures import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 PROMPTS = [f"a {c} {t}" for c in ("red", "blue", "green") for t in ("cat", "boat", "house", "tree")][:10]
+CANDIDATES = ("tiny-sd-2", "tiny-sdxl-4")
+ACTOR_CPUS = 0.4  # 3 actors x 0.4 = 1.2 CPUs > the head's 1 CPU; the 0.1-CPU write task still fits on either node
 
 
 def _ray_bin() -> str:
@@ -38,11 +45,15 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache, t
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     # The tiny pool, slowed down (30 steps, blocks of 4 rows) so that the build is surely still
-    # running when its first part files appear, however fast the machine.
+    # running when its first part files appear, however fast the machine; two candidates and
+    # sharpness only, every actor at 0.4 CPU (the module docstring says why).
     pool = yaml.safe_load((REPO / "catimage" / "data" / "tiny_pool.yaml").read_text())
+    pool["candidates"] = [c for c in pool["candidates"] if c["name"] in CANDIDATES]
+    pool["metrics"] = [m for m in pool["metrics"] if m["name"] == "sharpness"]
     for cand in pool["candidates"]:
         cand["generator"]["steps"] = 30
-        cand["build"]["batch_size"] = 4
+        cand["build"].update(batch_size=4, num_cpus=ACTOR_CPUS)
+    pool["metrics"][0]["num_cpus"] = ACTOR_CPUS
     pool_path = tmp_path / "pool.yaml"
     pool_path.write_text(yaml.safe_dump(pool, sort_keys=False))
     out = tmp_path / "build"
@@ -90,5 +101,6 @@ def test_worker_node_killed_mid_build_submitted_as_a_job(tmp_path, tiny_cache, t
     table = pq.read_table(out / "quality.parquet")
     keys = list(zip(table.column("prompt_id").to_pylist(), table.column("candidate").to_pylist(),
                     table.column("seed").to_pylist()))
-    assert len(keys) == len(set(keys)) == len(PROMPTS) * 3 * 2
+    assert len(keys) == len(set(keys)) == len(PROMPTS) * len(CANDIDATES) * 2
+    assert set(table.column("candidate").to_pylist()) == set(CANDIDATES)
     assert set(table.column("prompt").to_pylist()) == set(PROMPTS)
