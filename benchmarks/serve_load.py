@@ -413,6 +413,40 @@ class CpuSampler(threading.Thread):
         self.join(timeout=5)
 
 
+CPU_ROLES = (  # (what a process's command line holds, the stage it is counted in)
+    ("ServeReplica:catimage:Router", "router"), ("ProxyActor", "HTTP proxy"), ("ServeReplica:catimage:Generator-", "generators"),
+    ("ServeReplica:catimage:ServedLog", "served-log replica"), ("ServeReplica:catimage:Scorer-", "scorer"),
+    ("ServeController", "Serve controller"), ("BudgetCoordinator", "budget coordinator"),
+)
+
+
+def cpu_by_process() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds so far of this process and every process it started, each with its stage (CPU_ROLES;
+    anything else: Ray's own processes and this load generator)."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            with proc.oneshot():
+                line, t = " ".join(proc.cmdline()), proc.cpu_times()
+                key = (proc.pid, proc.create_time())
+        except psutil.Error:
+            continue
+        role = next((r for k, r in CPU_ROLES if k in line), "Ray's own processes, the load generator")
+        out[key] = (role, t.user + t.system)
+    return out
+
+
+def cpu_by_role(before: dict, after: dict, images: int) -> list[tuple[str, float]]:
+    """Milliseconds of CPU per image answered, per stage, between two `cpu_by_process` snapshots."""
+    spent: dict[str, float] = {}
+    for key, (role, cpu) in after.items():
+        spent[role] = spent.get(role, 0.0) + cpu - before.get(key, (role, 0.0))[1]
+    return sorted(((r, 1000 * c / max(images, 1)) for r, c in spent.items()), key=lambda x: -x[1])
+
+
 def world_build_rate(workdir: Path, n_prompts: int, seeds: int) -> tuple[float, float]:
     """(steady images/s, images per CPU-second) of the Ray Data build of the world pool, over the
     window benchmarks/build_throughput.py reads: from the first to the last part file."""
@@ -476,6 +510,22 @@ def _unbatched_pool(workdir: Path) -> Path:
     return path
 
 
+def _generator_batches(probes: int = 8) -> dict[str, tuple[int, int]]:
+    """(requests, generate() calls) per candidate, summed over the replicas that `probes` stats() calls
+    through the handle reached (a replica's counts are cumulative; one seen twice is counted once)."""
+    from serve.app import deployment_name
+
+    out = {}
+    for app_status in serve.status().applications.values():
+        for dep in app_status.deployments:
+            if not dep.startswith(deployment_name("")):
+                continue
+            handle = serve.get_deployment_handle(dep, app_name="catimage")
+            seen = {(st["requests"], st["batches"]) for st in (handle.stats.remote().result() for _ in range(probes))}
+            out[dep[len(deployment_name("")):]] = (sum(r for r, _ in seen), sum(b for _, b in seen))
+    return out
+
+
 def world_serve_rate(n: int, pool: Path | None = None) -> tuple[float, float]:
     """(images/s, images per CPU-second) of `n` concurrent /v1/generate on the shipped config
     (optionally another pool file), answered ones only."""
@@ -506,9 +556,10 @@ def world_serve_rate(n: int, pool: Path | None = None) -> tuple[float, float]:
         sampler.start()
         poller = ReplicaPoller("catimage", "Generator-small-8-g3")
         poller.start()
-        t0 = time.time()
+        t0, before = time.time(), cpu_by_process()
         result = asyncio.run(_world_load(url, _world_prompts(n)[::-1]))
-        cpu = sampler.between(t0, time.time())
+        cpu, after = sampler.between(t0, time.time()), cpu_by_process()
+        batches = _generator_batches()
         sampler.stop()
         poller.stop()
     finally:
@@ -529,6 +580,11 @@ def world_serve_rate(n: int, pool: Path | None = None) -> tuple[float, float]:
           f"{sum(costs.values()) / len(costs):.2f}): {rate * mean_cost:.1f} GFLOPs/s")
     print(f"  drawn by {dict(sorted(drawn.items()))}; {len(lats) / max(cpu, 1e-9):.2f} images per CPU-second "
           f"({cpu:.0f} CPU-s); Generator-small-8-g3 running replicas, peak {max(r for _, r, _ in poller.samples)}")
+    print("  images per generate() call (replicas seen through the handle, warm-up included): "
+          + ", ".join(f"{c} {r / b:.1f} ({r} in {b})" for c, (r, b) in sorted(batches.items()) if b))
+    roles = cpu_by_role(before, after, len(lats))
+    print(f"  CPU per image answered, by stage (ms; load avg {os.getloadavg()[0]:.1f}): "
+          + ", ".join(f"{r} {ms:.1f}" for r, ms in roles) + f"; all {sum(ms for _, ms in roles):.1f}")
     for err in result["errors"][:5]:
         print(f"    failed: {err}")
     return rate, len(lats) / max(cpu, 1e-9)
