@@ -88,6 +88,23 @@ def test_estimator_recovers_a_planted_pass_rate_and_judge():
     assert est.selection_["k"] in (5, 10, 20, 40, 80)
 
 
+def test_sparse_draws_take_neighbours_among_the_candidates_holders():
+    """Served traffic holds a candidate's draw on few prompts. Candidate 0 is drawn once on 12 of 100
+    training prompts (6 of each kind), candidate 1 on all. With k = 5 and a = 1 pseudo-draw, a kind-A
+    prompt's 5 nearest HOLDERS of candidate 0 are kind A (all pass) and the global law is 6 of 12:
+    p = (5 + 1 x 0.5) / (5 + 1) = 11/12, and 1/12 for kind B; the 5 nearest prompts overall hold no
+    draw of candidate 0 at all and would leave 0.5."""
+    X, dec, jud, kind = _planted()
+    dec, jud = dec.copy(), jud.copy()
+    dec[12:, 0], jud[12:, 0] = np.nan, np.nan
+    dec[:12, 0, 1:], jud[:12, 0, 1:] = np.nan, np.nan
+    est = DrawEstimator(k=5, prior_weight=1.0).fit(X[:100], dec[:100], jud[:100])
+    st = est.predict(X[100:], [0.5])
+    a = kind[100:] == 0
+    assert st.p_pass[a, 0, 0] == pytest.approx(np.full(a.sum(), 11 / 12))
+    assert st.p_pass[~a, 0, 0] == pytest.approx(np.full((~a).sum(), 1 / 12))
+
+
 def test_estimator_contract_save_load_and_errors(tmp_path):
     X, dec, jud, _ = _planted(60)
     est = DrawEstimator(k=10, prior_weight=2.0)

@@ -2,14 +2,18 @@
 
 A cascade needs, per prompt and candidate, the law of a SINGLE draw's (decision, judge) scores: the
 chance that an image passes a threshold and what it is worth when it does or does not
-(catimage.policy.cascade). The estimator pools, for a new prompt, the seed rows of its k nearest
-training prompts (cosine distance on pooled prompt embeddings, sklearn NearestNeighbors), per
-candidate, and shrinks them toward that candidate's draws over all training prompts by `prior_weight`
-pseudo-draws::
+(catimage.policy.cascade). The estimator pools, for a new prompt and each candidate, the seed rows of
+the k nearest training prompts that HOLD draws of that candidate (cosine distance on pooled prompt
+embeddings, sklearn NearestNeighbors), and shrinks them toward that candidate's draws over all
+training prompts by `prior_weight` pseudo-draws::
 
     P(D >= t) = (#neighbour draws with D >= t + a * P_all(D >= t)) / (#neighbour draws + a)
 
-and the same for the judge's partial sums. Non-parametric, so exact at ANY threshold (the training
+and the same for the judge's partial sums. Neighbours are sought among a candidate's holders because
+served traffic (catimage.tables.served_log) is sparse: a logged prompt holds one candidate's draw,
+and the k nearest prompts overall would hold none of a rarely served candidate, leaving only its
+global law. On a full table every prompt holds every candidate and the two readings coincide.
+Non-parametric, so exact at ANY threshold (the training
 draws are kept; thresholds are given at predict time) and robust to the skewed, bounded, often
 discrete scores that verifiers and raters give. k and a are chosen inside the training prompts by
 exact leave-one-out (each prompt left out of its own neighbours) on the sum of two scores, each
@@ -104,7 +108,45 @@ class DrawEstimator(BaseEstimator):
         self.judge_ = judge
         self.n_features_in_ = int(X.shape[1])
         self.n_candidates_ = int(decision.shape[1])
-        self._nn = NearestNeighbors(metric="cosine", algorithm="brute").fit(self.train_X_)
+        self._holders, self._nns = self._index_holders(np.isfinite(decision).any(axis=2))
+
+    def _index_holders(self, has: np.ndarray) -> tuple[list[np.ndarray], list[NearestNeighbors]]:
+        """Per candidate, the training prompts holding at least one of its draws, and a neighbour index
+        over them (one index shared by the candidates every prompt holds: a full table's case)."""
+        shared = None
+        holders, nns = [], []
+        for m in range(has.shape[1]):
+            rows = np.flatnonzero(has[:, m])
+            if rows.size == has.shape[0]:
+                if shared is None:
+                    shared = NearestNeighbors(metric="cosine", algorithm="brute").fit(self.train_X_)
+                nns.append(shared)
+            else:
+                nns.append(NearestNeighbors(metric="cosine", algorithm="brute").fit(self.train_X_[rows]))
+            holders.append(rows)
+        return holders, nns
+
+    def _neighbours(self, X: np.ndarray, k: int, m: int, exclude_self: bool = False) -> np.ndarray:
+        """(n_query, k') training-prompt indices of the k nearest holders of candidate m's draws (k' =
+        min(k, holders)); `exclude_self` for the training prompts themselves (leave-one-out)."""
+        rows = self._holders[m]
+        want = min(k + int(exclude_self), rows.size)
+        _, idx = self._nns[m].kneighbors(X, n_neighbors=want)
+        idx = rows[idx]
+        if not exclude_self:
+            return idx
+        own = np.arange(X.shape[0])[:, None]
+        keep = np.argsort(idx == own, axis=1, kind="stable")[:, : min(k, rows.size - 1 if rows.size > 1 else 1)]
+        return np.take_along_axis(idx, keep, axis=1)
+
+    def _neighbour_sums(self, sums: dict[str, np.ndarray], X: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """Sums over each query prompt's k nearest holders, candidate by candidate: (n_query, M[, T])."""
+        out = {name: np.empty((X.shape[0], *v.shape[1:])) for name, v in sums.items()}
+        for m in range(self.n_candidates_):
+            idx = self._neighbours(X, k, m)
+            for name, v in sums.items():
+                out[name][:, m] = v[idx, m].sum(axis=1)
+        return out
 
     def _sums(self, thresholds: np.ndarray) -> dict[str, np.ndarray]:
         """Per training prompt and candidate: draws, passes and judge sums at `thresholds`."""
@@ -142,12 +184,11 @@ class DrawEstimator(BaseEstimator):
         if self.k != "auto" and self.prior_weight != "auto" or n < 3:
             self.k_, self.prior_weight_ = ks[0], alphas[0]
             return {"k": self.k_, "prior_weight": self.prior_weight_, "scores": {}}
-        idx = self._loo_neighbours(X, max(ks))
         base = self._loo_score({k: np.zeros_like(v) for k, v in sums.items()}, sums, glob, 1.0, grid_t)
         scores: dict[str, float] = {}
-        csum = {k: np.cumsum(v[idx], axis=1) for k, v in sums.items()}  # (n, kmax, M[, T])
+        csum = self._loo_cumulative(X, sums, max(ks))
         for k in ks:
-            nb = {name: v[:, k - 1] for name, v in csum.items()}
+            nb = {name: np.take(v, min(k, v.shape[1]) - 1, axis=1) for name, v in csum.items()}
             for a in alphas:
                 scores[f"k={k},a={a:g}"] = _relative_score(self._loo_score(nb, sums, glob, a, grid_t), base)
         best = min(scores, key=scores.get)
@@ -156,12 +197,17 @@ class DrawEstimator(BaseEstimator):
         return {"k": self.k_, "prior_weight": self.prior_weight_, "scores": scores,
                 "criterion": "leave-one-out Brier of pass events + judge MSE, each relative to the global law"}
 
-    def _loo_neighbours(self, X: np.ndarray, k: int) -> np.ndarray:
-        n = X.shape[0]
-        _, idx = self._nn.kneighbors(X, n_neighbors=min(k + 1, n))
-        not_self = idx != np.arange(n)[:, None]
-        keep = np.argsort(~not_self, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(idx, keep, axis=1)
+    def _loo_cumulative(self, X: np.ndarray, sums: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        """Running sums over each training prompt's nearest holders (itself left out), per candidate:
+        (n, k', M[, T]); a candidate with fewer holders repeats its last running sum."""
+        out = {name: np.empty((X.shape[0], k, *v.shape[1:])) for name, v in sums.items()}
+        for m in range(self.n_candidates_):
+            idx = self._neighbours(X, k, m, exclude_self=True)
+            for name, v in sums.items():
+                run = np.cumsum(v[idx, m], axis=1)
+                out[name][:, : run.shape[1], m] = run
+                out[name][:, run.shape[1]:, m] = run[:, -1:]
+        return out
 
     def _loo_score(self, nb, own, glob, a, thresholds) -> np.ndarray:
         """(2,) mean Brier of pass events and mean squared judge error of each prompt's own draws."""
@@ -185,8 +231,7 @@ class DrawEstimator(BaseEstimator):
         thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
         sums = self._sums(thresholds)
         glob = {k: v.sum(axis=0) for k, v in sums.items()}
-        _, idx = self._nn.kneighbors(X, n_neighbors=min(self.k_, self.train_X_.shape[0]))
-        nb = {k: v[idx].sum(axis=1) for k, v in sums.items()}
+        nb = self._neighbour_sums(sums, X, self.k_)
         stats = self._stats(nb, glob, self.prior_weight_, thresholds)
         names = tuple(candidates) if candidates is not None else stats.candidates
         if len(names) != self.n_candidates_:
