@@ -52,6 +52,72 @@ def test_controller_holds_the_budget_after_a_shift_where_fixed_lambda_overshoots
     assert state["window_mean_cost"] == pytest.approx(costs[-200:].mean())
 
 
+def test_commit_then_observe_ends_where_observing_alone_does():
+    """By hand (ki 0.5, kp 0, scale 1, budget 2, lambda 1): committing an expected cost 4 steps the
+    integral by 0.5 x (4 - 2) / 2 = 0.5 at once; its realised 3 then steps by 0.5 x (3 - 4) / 2 =
+    -0.25: 1.25, what observing 3 alone gives (1 + 0.5 x (3 - 2) / 2)."""
+    cfg = ControllerConfig(budget=2.0, window=10, ki=0.5, kp=0.0, max_step=10.0)
+    ff = BudgetController(cfg, lam_offline=1.0, scale=1.0)
+    assert ff.commit([4.0]) == pytest.approx(1.5) and ff.state()["in_flight"] == 1
+    assert ff.observe([3.0], expected=[4.0]) == pytest.approx(1.25)
+    assert BudgetController(cfg, lam_offline=1.0, scale=1.0).observe([3.0]) == pytest.approx(1.25)
+    assert ff.state()["in_flight"] == 0 and ff.state()["window_mean_cost"] == 3.0
+
+
+def test_commitments_count_in_the_proportional_term_and_are_withdrawn():
+    """By hand (ki 0, kp 1, scale 1, budget 2, lambda 1): realised 1 and 1 leave the window mean 1:
+    lambda 1 + (1/2 - 1) = 0.5; committing 5 makes it (1 + 1 + 5) / 3 = 7/3: 1 + (7/6 - 1) = 7/6. A
+    request whose cost cannot be measured withdraws its commitment: back to 0.5."""
+    cfg = ControllerConfig(budget=2.0, window=10, ki=0.0, kp=1.0, max_step=10.0)
+    ctrl = BudgetController(cfg, lam_offline=1.0, scale=1.0)
+    assert ctrl.observe([1.0, 1.0]) == pytest.approx(0.5)
+    assert ctrl.commit([5.0]) == pytest.approx(7 / 6)
+    ctrl.observe([float("nan")], expected=[5.0])
+    assert ctrl.lam == pytest.approx(0.5) and ctrl.in_flight == 0 and ctrl.observed == 2
+    with pytest.raises(BudgetError, match="never committed"):
+        ctrl.observe([1.0], expected=[1.0])
+    with pytest.raises(BudgetError, match="one per request"):
+        ctrl.observe([1.0, 2.0], expected=[1.0])
+    with pytest.raises(BudgetError, match="expected cost"):
+        ctrl.commit([float("inf")])
+
+
+def _run_lagged(ctrl: BudgetController, pred: np.ndarray, lag: int, rng, feed_forward: bool) -> np.ndarray:
+    """Each request's realised cost (its candidate's cost x U(0.5, 1.5)) reaches the controller `lag`
+    requests after its decision; with feed-forward its expected cost is committed at decision time."""
+    chosen, paid, spent = np.empty(pred.shape[0], dtype=np.int64), [], np.empty(pred.shape[0])
+    for i in range(pred.shape[0]):
+        chosen[i] = route(pred[i : i + 1], COSTS, ctrl.lam)[0]
+        expected = float(COSTS[chosen[i]])
+        spent[i] = expected * rng.uniform(0.5, 1.5)
+        if feed_forward:
+            ctrl.commit([expected])
+        paid.append((spent[i], expected))
+        if len(paid) > lag:
+            c, e = paid.pop(0)
+            ctrl.observe([c], expected=[e] if feed_forward else None)
+    return spent
+
+
+def test_feed_forward_holds_the_budget_when_costs_arrive_late():
+    """The shifted stream of the first test, with costs reported 100 requests late: committed
+    expected costs bring the controller to the same hand-computed fixed point (lambda 0.25), the
+    late stream's mean cost within 3 % of the budget and every late window of 200 within 10 % (fed
+    only the late realised costs, the same controller swings: windows up to 42 % off)."""
+    rng = np.random.default_rng(1)
+    budget = 1.6
+    calib = _planted(4000, rng, hard_share=0.2)
+    lam_offline = calibrate_lambda(calib, COSTS, budget)
+    stream = np.concatenate([_planted(2000, rng, 0.2), _planted(3000, rng, 0.6)])
+    cfg = ControllerConfig(budget=budget, window=200)
+    ctrl = BudgetController(cfg, lam_offline=lam_offline, scale=lambda_scale(calib, COSTS))
+    spent = _run_lagged(ctrl, stream, lag=100, rng=rng, feed_forward=True)
+    assert abs(spent[2400:].mean() / budget - 1) < 0.03
+    assert max(abs(spent[s : s + 200].mean() / budget - 1) for s in range(2400, 5000, 200)) < 0.10
+    assert ctrl.lam == pytest.approx(0.25, abs=0.04)
+    assert ctrl.in_flight == 100
+
+
 def test_step_is_bounded_and_lambda_stays_in_range():
     cfg = ControllerConfig(budget=1.0, window=10, ki=5.0, kp=5.0, max_step=0.01, lam_cap_scales=3.0)
     ctrl = BudgetController(cfg, lam_offline=0.5, scale=2.0)

@@ -18,6 +18,15 @@ the randomised router between them, which the deferral curve says is optimal at 
 proportional term on the sliding window's mean reacts to a sudden shift faster than the integral
 alone. The window (the last `window` realised costs) is also what the controller reports.
 
+Feed-forward for requests in flight (`commit`). Realised costs arrive late: a cascade pays for
+every attempt it draws, and with many requests in flight the controller hears of a dear plan long
+after it chose more at the same lambda. A caller that knows each decision's EXPECTED cost (the
+plan's `cost` at decision time) commits it at once: the integral steps on the expected error
+then, the proportional term reads the window of realised costs together with the in-flight
+expected ones, and when the realised cost arrives (`observe(costs, expected=...)`) the integral
+steps on the difference only. Once every request is paid the integral holds exactly what
+observing the realised costs alone gives; it just got there without the lag.
+
 Pure Python + numpy (no Ray): the Serve app keeps one controller per key in a small coordinator
 deployment shared by every router replica (serve/budget_coordinator.py); benchmarks/budget_drift.py
 drives it in a simulation against the offline optimum.
@@ -97,6 +106,9 @@ class BudgetController:
     _window_sum: float = field(init=False, default=0.0)
     observed: int = field(init=False, default=0)
     total_cost: float = field(init=False, default=0.0)
+    in_flight: int = field(init=False, default=0)
+    """Requests committed at their expected cost and not observed yet."""
+    _in_flight_sum: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale > 0):
@@ -111,26 +123,61 @@ class BudgetController:
     def lam_cap(self) -> float:
         return max(self.config.lam_cap_scales * self.scale, float(self.lam_offline))
 
-    def observe(self, costs: Iterable[float]) -> float:
-        """Feed realised costs (in arrival order); returns the lambda to route the next request with."""
-        cfg, s, budget = self.config, self.scale, self.config.budget
-        for c in costs:
-            c = float(c)
+    def commit(self, expected: Iterable[float]) -> float:
+        """Count requests just decided at their expected cost, before they are paid (feed-forward);
+        each must later be observed with the same expected cost. Returns the lambda for the next."""
+        for e in expected:
+            e = float(e)
+            if not math.isfinite(e) or e < 0:
+                raise BudgetError(f"an expected cost must be a finite number >= 0, got {e}")
+            self.in_flight += 1
+            self._in_flight_sum += e
+            self._step(e - self.config.budget)
+        return self.lam
+
+    def observe(self, costs: Iterable[float], expected: Iterable[float] | None = None) -> float:
+        """Feed realised costs (in arrival order); returns the lambda to route the next request with.
+
+        `expected`: the costs these requests were committed at (`commit`), aligned with `costs`; the
+        integral then steps on realised - expected only. A cost the caller could not measure (NaN,
+        negative) says nothing about the budget: it is skipped, and its commitment withdrawn.
+        """
+        costs = [float(c) for c in costs]
+        committed = [None] * len(costs) if expected is None else [float(e) for e in expected]
+        if len(committed) != len(costs):
+            raise BudgetError(f"{len(costs)} realised costs but {len(committed)} expected ones: pass one per request")
+        for c, e in zip(costs, committed, strict=True):
+            if e is not None:
+                self._withdraw(e)
             if not math.isfinite(c) or c < 0:
-                continue  # a cost the caller could not measure says nothing about the budget
+                if e is not None:
+                    self._step(self.config.budget - e)  # undo the commitment's step
+                continue
             if len(self._window) == self._window.maxlen:
                 self._window_sum -= self._window[0]
             self._window.append(c)
             self._window_sum += c
             self.observed += 1
             self.total_cost += c
-            err = (c - budget) / budget
-            self._lam_i = min(max(self._lam_i + cfg.ki * s * err, 0.0), self.lam_cap)
-            window_err = self.window_mean / budget - 1.0
-            wanted = min(max(self._lam_i + cfg.kp * s * window_err, 0.0), self.lam_cap)
-            step = cfg.max_step * s
-            self.lam = min(max(wanted, self.lam - step), self.lam + step)
+            self._step(c - (self.config.budget if e is None else e))
         return self.lam
+
+    def _withdraw(self, e: float) -> None:
+        if self.in_flight <= 0:
+            raise BudgetError("an expected cost was passed for a request that was never committed")
+        self.in_flight -= 1
+        self._in_flight_sum = self._in_flight_sum - e if self.in_flight else 0.0
+
+    def _step(self, surplus: float) -> None:
+        """One request's update: the integral on `surplus` (cost above what was already counted for
+        it), the proportional term on the window plus the in-flight commitments, a bounded step."""
+        cfg, s, budget = self.config, self.scale, self.config.budget
+        self._lam_i = min(max(self._lam_i + cfg.ki * s * surplus / budget, 0.0), self.lam_cap)
+        n = len(self._window) + self.in_flight
+        mean = (self._window_sum + self._in_flight_sum) / n if n else budget
+        wanted = min(max(self._lam_i + cfg.kp * s * (mean / budget - 1.0), 0.0), self.lam_cap)
+        step = cfg.max_step * s
+        self.lam = min(max(wanted, self.lam - step), self.lam + step)
 
     @property
     def window_mean(self) -> float:
@@ -149,5 +196,6 @@ class BudgetController:
             "window_mean_cost": None if math.isnan(mean) else mean,
             "window_error": None if math.isnan(mean) else mean / self.config.budget - 1.0,
             "observed": self.observed,
+            "in_flight": self.in_flight,
             "mean_cost_all": self.total_cost / self.observed if self.observed else None,
         }
