@@ -1,5 +1,10 @@
 """The quality-table build: pure helpers (prompt reading, work keys, merge of runs, per-row retries)
 and the Ray Data job end to end on the tiny pool (acceptance size, a SIGKILL mid-run, a failing prompt).
+
+The in-process builds share one local Ray for the module (conftest's `ray_local`, 2 CPUs): `run_build`
+uses a running Ray and never shuts it down, and each build is its own Ray Data job that releases its
+actors when it ends, so no test depends on another's state. Only the build that is SIGKILLed runs in
+a subprocess with its own Ray (that is what it kills).
 """
 
 from __future__ import annotations
@@ -388,9 +393,9 @@ def test_build_memory_per_actor_counts_in_the_demand(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_a_build_the_local_cluster_cannot_hold_fails_at_once(tmp_path: Path) -> None:
-    """A real local Ray of 1 CPU and no GPU, a pool asking one GPU: an error saying what is missing
-    and what to do, before any actor starts (the same pool used to wait forever)."""
+def test_a_build_the_local_cluster_cannot_hold_fails_at_once(tmp_path: Path, ray_local) -> None:
+    """A real local Ray without a GPU (the module's), a pool asking one GPU: an error saying what is
+    missing and what to do, before any actor starts (the same pool used to wait forever)."""
     from catimage.tables.pool import load_pool
 
     pool = load_pool(small_pool(tmp_path / "pool.yaml", ["tiny-sd-2"]))
@@ -398,7 +403,7 @@ def test_a_build_the_local_cluster_cannot_hold_fails_at_once(tmp_path: Path) -> 
     pool.model_copy(update={"candidates": [pool.get("tiny-sd-2").model_copy(update={"build": gpu})]}).save(tmp_path / "gpu.yaml")
     prompts = _write_prompts(tmp_path / "prompts.txt", make_prompts(2))
     cfg = BuildConfig(pool=tmp_path / "gpu.yaml", prompts=prompts, output=tmp_path / "out", num_cpus=1)
-    with ray_session(cfg):  # one local Ray for both checks; run_build uses the running one
+    with ray_session(cfg):  # the running Ray (ray_local) for both checks
         with pytest.raises(CatimageError) as err:
             run_build(cfg, progress=False)
         # Told that nodes will join, the same check lets the build start (and wait for them).
@@ -445,7 +450,7 @@ class FailOnMarker:
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_acceptance_tiny_pool_32_prompts_3_candidates_2_seeds(tmp_path: Path) -> None:
+def test_acceptance_tiny_pool_32_prompts_3_candidates_2_seeds(tmp_path: Path, ray_local) -> None:
     prompts = _write_prompts(tmp_path / "prompts.txt", make_prompts(32))
     cfg = BuildConfig(pool=TINY_POOL, prompts=prompts, output=tmp_path / "out", seeds=2, num_cpus=2)
     result = run_build(cfg, progress=False)
@@ -458,23 +463,23 @@ def test_acceptance_tiny_pool_32_prompts_3_candidates_2_seeds(tmp_path: Path) ->
         assert np.isfinite(vals).all() and vals.std() > 0  # real, varying scores
     assert result.errors == 0 and result.written == 192
     # Same seed index -> same generation seed for every candidate, so step variants differ only in steps.
-    again = run_build(cfg, progress=False)  # resumable: nothing left, Ray not even started
+    again = run_build(cfg, progress=False)  # resumable: nothing left to attempt
     assert again.attempted == 0 and again.table_rows == 192
     print(f"acceptance build: {result.seconds:.1f} s for 192 images")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_sigkill_mid_run_then_rerun_gives_every_key_once(tmp_path: Path) -> None:
+def test_sigkill_mid_run_then_rerun_gives_every_key_once(tmp_path: Path, ray_local) -> None:
     prompts = _write_prompts(tmp_path / "prompts.txt", make_prompts(16))
     # one candidate and sharpness: 2 actors to start per run; 16 blocks of 2 rows, so output trickles
     pool = small_pool(tmp_path / "pool.yaml", ["tiny-sd-8"], batch_size=2)
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, str(ROOT / "jobs" / "build_dataset.py"), "--pool", str(pool), "--prompts", str(prompts),
-        "--output", str(out), "--seeds", "2", "--num-cpus", "2", "--no-progress",
-    ]  # fmt: skip
+    args = ["--pool", str(pool), "--prompts", str(prompts), "--output", str(out), "--seeds", "2", "--num-cpus", "2",
+            "--no-progress"]
+    cmd = [sys.executable, str(ROOT / "jobs" / "build_dataset.py"), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, the one the SIGKILL takes down
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     try:
@@ -492,8 +497,9 @@ def test_sigkill_mid_run_then_rerun_gives_every_key_once(tmp_path: Path) -> None
     partial = done_keys(out, ["sharpness"])
     assert 0 < len(partial) < 32, f"the kill came too late to test resuming ({len(partial)} of 32 rows done)"
 
-    rerun = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # The rerun: the same command line through the job's entry point, on the module's running Ray
+    # (a fresh interpreter and a second Ray start would only cost time; resuming is run_build's).
+    assert build_main(args) == 0
     table = read_quality_table(out / TABLE_FILE)
     keys = keys_of(table)
     full = set(keys_of(expand_work(read_prompts(prompts), ["tiny-sd-8"], 2)))
@@ -506,7 +512,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_key_once(tmp_path: Path) -> None
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_failing_prompt_lands_in_errors_table(tmp_path: Path) -> None:
+def test_failing_prompt_lands_in_errors_table(tmp_path: Path, ray_local) -> None:
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
