@@ -58,7 +58,7 @@ def _wait_ready(proc: subprocess.Popen, port: int, limit_s: float) -> httpx.Resp
                 return health
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(0.25)  # readiness is seen within a quarter second of it (was a whole second)
     return health
 
 
