@@ -49,27 +49,105 @@ async def _resolve(response: Any) -> Any:
     return await response
 
 
+class CallBatcher:
+    """Concurrent draws of one candidate share one generator call (`Generator.draw_many`).
+
+    Serve assigns every call to a replica on its own (a couple of routing tasks per deployment, each
+    asking replicas for their queue length): under a burst, requests waited there a median 25 s while
+    the generator replicas drew 3-6 images per batch (benchmarks/serve_load.py --world). Draws that
+    arrive within `window_s` of each other, up to `max_items` (the generator's `max_batch_size`),
+    go out as one call, so the replica sees them together and batches them as one. A call is
+    cancelled only when every draw in it was (a draw that gives up alone stops waiting, not drawing).
+    """
+
+    def __init__(self, handle: Any, max_items: int, window_s: float) -> None:
+        self.handle = handle
+        self.max_items = int(max_items)
+        self.window_s = float(window_s)
+        self._pending: list[tuple[tuple[str, int, bool], asyncio.Future]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.calls = 0
+
+    async def call(self, prompt: str, seed: int, want_image: bool) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append(((prompt, seed, want_image), future))
+        if len(self._pending) >= self.max_items:
+            self._send()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window_s, self._send)
+        return await future
+
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = [(item, f) for item, f in self._pending if not f.done()]
+        self._pending = []
+        if not batch:
+            return
+        self.calls += 1
+        response = self.handle.draw_many.remote([item for item, _ in batch])
+        futures = [f for _, f in batch]
+        task = asyncio.get_running_loop().create_task(_resolve(response))
+        task.add_done_callback(lambda t: _settle(t, futures))
+        for f in futures:
+            f.add_done_callback(lambda _f: _cancel_if_abandoned(response, task, futures))
+
+
+def _settle(task: asyncio.Task, futures: list[asyncio.Future]) -> None:
+    """Hand each draw its image (or the call's exception); a cancelled call cancels what still waits."""
+    if task.cancelled():
+        for f in futures:
+            f.cancel()
+        return
+    error = task.exception()
+    for k, f in enumerate(futures):
+        if f.done():
+            continue
+        if error is not None:
+            f.set_exception(error)
+        else:
+            f.set_result(task.result()[k])
+
+
+def _cancel_if_abandoned(response: Any, task: asyncio.Task, futures: list[asyncio.Future]) -> None:
+    if not task.done() and all(f.cancelled() for f in futures):
+        response.cancel()
+        task.cancel()
+
+
 class Drawer:
     """Generator handles with their timeouts, in-flight counts and measured service times."""
 
     def __init__(self, generators: Mapping[str, Any], timeouts: Mapping[str, float], replica_death_retries: int,
-                 service_s_prior: float, metrics: Any) -> None:
+                 service_s_prior: float, metrics: Any, batch_sizes: Mapping[str, int] | None = None,
+                 batch_window_s: float = 0.005) -> None:
         self.generators = dict(generators)
         self.timeouts = dict(timeouts)
         self.retries = replica_death_retries
         self.in_flight = {name: 0 for name in self.timeouts}
         self.service_s = {name: float(service_s_prior) for name in self.timeouts}
         self.metrics = metrics
+        self.batchers = {  # candidates whose replicas batch (max_batch_size > 1): concurrent draws share calls
+            name: CallBatcher(handle, int((batch_sizes or {}).get(name, 1)), batch_window_s)
+            for name, handle in self.generators.items() if int((batch_sizes or {}).get(name, 1)) > 1
+        }
 
     async def _call(self, candidate: str, prompt: str, seed: int, want_image: bool) -> bytes | None:
-        response = self.generators[candidate].remote(prompt, seed, want_image)
+        """One draw: alone, its own generator call (cancelled on timeout: the replica stops drawing);
+        while other draws of the candidate are in flight, through its CallBatcher."""
         alone = self.in_flight[candidate] == 0  # no queue ahead (as far as this router knows)
+        batcher = None if alone else self.batchers.get(candidate)
+        response = None if batcher is not None else self.generators[candidate].remote(prompt, seed, want_image)
+        waiting = batcher.call(prompt, seed, want_image) if batcher is not None else _resolve(response)
         self._count(candidate, +1)
         start = time.perf_counter()
         try:
-            png = await asyncio.wait_for(_resolve(response), timeout=self.timeouts[candidate])
+            png = await asyncio.wait_for(waiting, timeout=self.timeouts[candidate])
         except TimeoutError:
-            response.cancel()
+            if response is not None:
+                response.cancel()
             raise
         finally:
             self._count(candidate, -1)

@@ -112,6 +112,11 @@ class Generator:
         """Requests and generate() calls this replica served, and where it draws (`.stats.remote()`)."""
         return {**self._stats, "device": str(getattr(self._generator, "device", "remote"))}
 
+    async def draw_many(self, items: list[tuple[str, int, bool]]) -> list[bytes | None]:
+        """Several draws a router sent as one call (serve/drawing.py CallBatcher): each is drawn as if
+        it came alone, so they join this replica's batches together; in order."""
+        return list(await asyncio.gather(*(self(prompt, seed, want) for prompt, seed, want in items)))
+
     async def __call__(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
         self._stats["requests"] += 1
         if self._batched:

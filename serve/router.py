@@ -167,7 +167,8 @@ class Router:
         self.cost_unit = pool.cost_unit
         self.metrics = RouterMetrics()
         self.drawer = Drawer(generators, {n: c.serve.request_timeout_s for n, c in cands.items()},
-                             self.args.replica_death_retries, self.args.load_aware.service_s_prior, self.metrics)
+                             self.args.replica_death_retries, self.args.load_aware.service_s_prior, self.metrics,
+                             batch_sizes=self.slots_per_replica)
         self.coordinator = coordinator
         self.ledger = CostLedger()
         self.decision_metric = decision_metric

@@ -18,6 +18,7 @@ animal prompts are predicted good and cheap on tiny-sd-2, text prompts need tiny
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
@@ -25,6 +26,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -347,6 +349,30 @@ def test_batched_generator_draws_concurrent_requests(served):
 
     stats = serve.get_deployment_handle("Generator-tiny-sdxl-4", app_name="catimage").stats.remote().result()
     assert stats["largest_batch"] > 1 and stats["batches"] < stats["requests"], stats
+
+
+def test_concurrent_draws_share_one_generator_call_and_each_gets_its_own_image(served):
+    """Four draws through a CallBatcher whose window never elapses (the fourth fills the call: no
+    timing) go out as one draw_many call, and each gets the picture its seed draws alone."""
+    from ray import serve
+
+    from serve.drawing import CallBatcher
+
+    handle = serve.get_deployment_handle("Generator-tiny-sdxl-4", app_name="catimage")
+    seeds = [11, 12, 13, 14]
+    alone = [handle.remote(SIGN, seed, True).result() for seed in seeds]
+
+    async def together() -> tuple[list, int]:
+        batcher = CallBatcher(handle, max_items=4, window_s=3600)
+        out = await asyncio.gather(*(batcher.call(SIGN, seed, True) for seed in seeds))
+        return out, batcher.calls
+
+    shared, calls = asyncio.run(together())
+    assert calls == 1
+    pixels = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) for png in alone + shared]
+    for k in range(4):  # the same picture (a batch's float rounding may move a channel by one level)
+        assert np.abs(pixels[k] - pixels[4 + k]).max() <= 1
+        assert all(np.abs(pixels[k] - pixels[4 + j]).max() > 1 for j in range(4) if j != k)
 
 
 def _pool_rows(served, prefix: str = "") -> dict:
