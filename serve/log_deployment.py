@@ -7,12 +7,14 @@ Serving must not wait for, nor fail because of, logging: the router's `LogClient
 request's rows and sends them in batches in the background: one `append_many` call per
 `client_batch_rows` rows, at the latest `client_flush_interval_s` after the first buffered row, as
 soon as the router has no request in flight, and when the router shuts down (one call per request
-cost the router and the logger a Serve call each: ~7 % of the router's CPU under load). The buffer
+cost the router and the logger a Serve call each; under a burst the router's actor calls, to the
+generators and the logger alike, were ~14 % of its py-spy samples). The buffer
 is bounded (`client_max_buffered_rows`: past it the oldest requests' rows are dropped and counted,
 as the logger's own buffer does; rows also wait there while `max_in_flight` calls are
 outstanding). It retries once when a logger replica died, and counts every row it could not hand
-over. A router replica killed outright loses what its buffer held (at most `client_batch_rows`
-rows, or `client_flush_interval_s` of traffic), uncounted: a router keeps no tally.
+over. A router replica killed outright loses what its buffer held, uncounted (a router keeps no
+tally): normally under `client_batch_rows` rows or `client_flush_interval_s` of traffic, at most
+`client_max_buffered_rows` while the logger is not keeping up.
 
 A logger replica buffers rows (bounded memory: `max_buffered_rows`) and writes them in batches:
 when `flush_rows` are waiting, every `flush_interval_s`, and when Serve shuts the replica down
