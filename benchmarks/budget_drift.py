@@ -206,25 +206,35 @@ def _decision_ms(model, prompts: list[str]) -> str:
     return f"one prompt's plan values: median {statistics.median(times):.1f} ms, max {max(times):.1f} ms ({len(prompts)} prompts)"
 
 
-def _controlled_plans(pv, pc, rc, ctrl: BudgetController, sync_every: int, lag: float = 0.0) -> np.ndarray:
+def _controlled_plans(pv, pc, rc, ctrl: BudgetController, sync_every: int, lag: float = 0.0,
+                      feed_forward: bool = False) -> np.ndarray:
     """Serve the stream one request at a time; each request's realised plan cost feeds the controller.
 
     `lag` > 0: a request's cost reaches the controller `lag * cost / B` requests after it was decided
-    (dear plans draw longer and report later, as in serving with requests in flight); 0: at once."""
+    (dear plans draw longer and report later, as in serving with requests in flight); 0: at once.
+    `feed_forward`: each decision's expected plan cost is committed at the next sync
+    (`BudgetController.commit`), its realised cost observed against it when it arrives."""
     import heapq
 
     budget = ctrl.config.budget
     chosen = np.empty(pv.shape[0], dtype=np.int64)
-    lam, pending, due = ctrl.lam, [], []
+    lam, pending, due, decided = ctrl.lam, [], [], []
     for i in range(pv.shape[0]):
         chosen[i] = route(pv[i : i + 1], pc[i : i + 1], lam)[0]
-        cost = float(rc[i, chosen[i]])
-        heapq.heappush(due, (i + lag * cost / budget, i, cost))
+        cost, expected = float(rc[i, chosen[i]]), float(pc[i, chosen[i]])
+        decided.append(expected)
+        heapq.heappush(due, (i + lag * cost / budget, i, cost, expected))
         while due and due[0][0] <= i:
-            pending.append(heapq.heappop(due)[2])
-        if len(pending) >= sync_every:
-            lam = ctrl.observe(pending)
+            pending.append(heapq.heappop(due)[2:])
+        if len(decided) >= sync_every:
+            if feed_forward:
+                ctrl.commit(decided)
+            if pending:
+                costs, exp = zip(*pending, strict=True)
+                ctrl.observe(costs, expected=exp if feed_forward else None)
+            lam = ctrl.lam
             pending.clear()
+            decided.clear()
     return chosen
 
 
@@ -271,7 +281,8 @@ def cascade_trial(args: argparse.Namespace, setup, seed: int, verbose: bool) -> 
     cfg = ControllerConfig(budget=budget, window=args.window, ki=args.ki, kp=args.kp, max_step=args.max_step)
     scale = lambda_scale(model.router.calibration_pred, model.router.costs)
     ctrl = BudgetController(cfg, lam_offline=lam_offline, scale=scale)
-    controlled = _controlled_plans(pv[stream], pc[stream], rc[stream], ctrl, args.sync_every, args.lag)
+    controlled = _controlled_plans(pv[stream], pc[stream], rc[stream], ctrl, args.sync_every, args.lag,
+                                   args.feed_forward)
     cost_f, cost_c = rc[stream][rows, fixed], rc[stream][rows, controlled]
     q_f, q_c = rq[stream][rows, fixed], rq[stream][rows, controlled]
     W = args.window
@@ -311,7 +322,8 @@ def run_cascade(args: argparse.Namespace) -> None:
     print(f"\nCASCADES on the scene world: budget B = {args.cascade_budget:g} GFLOPs per request; window {args.window}; "
           f"{args.requests} requests, mix shifts at {args.requests // 2}; controller ki={args.ki} kp={args.kp} "
           f"max_step={args.max_step}, lambda refreshed every {args.sync_every} requests; feedback lag {args.lag:g} "
-          "requests x cost / B")
+          "requests x cost / B; " + ("expected plan costs committed at decision (feed-forward)" if args.feed_forward
+                                     else "realised costs only"))
     results = [cascade_trial(args, setup, seed, verbose=seed == 0) for seed in range(args.trials)]
     print(f"\ncascades, {args.trials} trials (split + stream re-drawn), every window from the second on, median [min, max]:")
     for key, label in (("fixed_max_abs_err", "fixed lambda: worst window |error|"),
@@ -460,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cascade-budget", type=float, default=3.0, help="GFLOPs per request (the world pool's unit)")
     ap.add_argument("--lag", type=float, default=0.0,
                     help="cascades: a cost reaches the controller lag x cost / B requests after its decision")
+    ap.add_argument("--feed-forward", action="store_true",
+                    help="cascades: commit each decision's expected plan cost at once, correct when it is paid")
     args = ap.parse_args(argv)
     if args.policy == "serve":
         run_serve(args)
