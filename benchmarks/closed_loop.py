@@ -6,9 +6,12 @@
 1. The full-table policy: a cascade (router + plans, catimage.model.cascade_model.fit_cascade) fitted
    on the whole shipped world table (1,000 prompts x 7 candidates x 4 seeds): judge scene_score,
    decision metric the online decider.
-2. The closed-loop policy starts from a cascade fitted on 100 of those table prompts, on the
-   decision metric alone (it never sees the judge: the decider's scores are its labels and its
-   stop rule).
+2. The closed-loop policy starts from a cascade fitted on 100 of those table prompts (a built
+   table: the decider stops, the table's judge is its label). From then on it learns from logged
+   decision scores only (the judge never runs on the stream), put on the judge's scale by one
+   offset per candidate learned on those 100 prompts (catimage.tables.judge_scale: the decider
+   over-scores the cheap `mini-8` by 0.026; refitted on raw decider labels the closed loop drifted
+   toward it).
 3. A stream of fresh world prompts (`heldout_prompts(seed=STREAM_SEED)`, scenes disjoint from the
    table's, the demo's and the dev set's) is served in-process by both policies: images drawn by
    the world generators (catimage.generators), scored by scene_score (the judge, for the figures
@@ -472,10 +475,17 @@ def _prompt_sets(args) -> tuple[list[str], list[str]]:
 
 
 def _retrain(base: pa.Table, log_dir: Path, candidates, costs, args, embedder) -> CascadeModel:
-    """Refit on the start prompts plus every logged draw (the decider is all it learns from)."""
-    logged = read_quality_table(log_dir).select(["prompt_id", "prompt", "candidate", "seed", DECIDER])
-    rows = pa.concat_tables([base.select(logged.column_names).cast(logged.schema), logged])
-    return fit_policy(rows, candidates, costs, DECIDER, args, embedder)
+    """Refit on the start prompts plus every logged draw: logged rows hold the decider's score alone,
+    put on the judge's scale by the start prompts' per-candidate offsets (the one path jobs/retrain.py
+    takes with --judge)."""
+    from catimage.tables.judge_scale import fit_judge_scale, on_judge_scale
+
+    cols = ["prompt_id", "prompt", "candidate", "seed", DECIDER]
+    logged = read_quality_table(log_dir).select(cols)
+    logged = logged.append_column(JUDGE, pa.nulls(logged.num_rows, pa.float64()))
+    rows = pa.concat_tables([base.select([*cols, JUDGE]).cast(logged.schema), logged])
+    return fit_policy(on_judge_scale(rows, fit_judge_scale(base, DECIDER, JUDGE)), candidates, costs, JUDGE, args,
+                      embedder)
 
 
 @dataclass
@@ -515,7 +525,7 @@ def _setup(args: argparse.Namespace) -> Setup:
     ids = sorted(set(table.column("prompt_id").to_pylist()))
     start_ids = [str(p) for p in np.random.default_rng(args.seed).choice(ids, args.start_prompts, replace=False)]
     base = table.filter(pc.is_in(table.column("prompt_id"), value_set=pa.array(start_ids)))
-    start = fit_policy(base, candidates, costs, DECIDER, args, embedder)
+    start = fit_policy(base, candidates, costs, JUDGE, args, embedder)
     print(f"fitted the full-table policy (1,000 prompts) and the start policy ({args.start_prompts} prompts) "
           f"in {time.perf_counter() - started:.0f} s; {len(full.plans)} plans")
     stream, evaluation = _prompt_sets(args)

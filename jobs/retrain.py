@@ -1,7 +1,8 @@
 """Ray job: retrain the router on served traffic and promote it only when it wins with confidence.
 
     python jobs/retrain.py --log LOG_URI --pool POOL.yaml --serving MODEL_DIR --out MODELS_DIR
-        [--base-table TABLE] [--metric scene_decider] [--budget B | --lambda L] [--holdout-frac 0.2]
+        [--base-table TABLE [--judge scene_score]] [--metric scene_decider] [--budget B | --lambda L]
+        [--holdout-frac 0.2]
     ray job submit --working-dir . -- python jobs/retrain.py --log s3://bucket/served ...
 
 1. Read the served log (catimage.tables.served_log: hour=... Parquet partitions, any URI Ray Data
@@ -18,8 +19,12 @@
    one also becomes MODELS_DIR/serving.json ({"model_version", "path"}, replaced atomically), the
    pointer a Serve `reconfigure` reads.
 
-A cascade is refitted on the decision metric alone (its "judge" is the decision metric: the log holds
-nothing else), so its values are the decision metric's; off-policy evaluation of cascades is only as
+With `--judge J` (and a base table scored by both J and the decision metric), the labels are put on
+the judge's scale first (catimage.tables.judge_scale: the base table's rows keep J, logged rows take
+their decision score plus their candidate's mean (J - decision) on the base table), and the held-out
+rewards of step 4 likewise: a decider that over-scores one candidate no longer pulls the refit toward
+it. Without it, a cascade is refitted on the decision metric alone (its "judge" is the decision metric:
+the log holds nothing else), so its values are the decision metric's; off-policy evaluation of cascades is only as
 good as the exploration over plans (docs/learning.md, Support).
 """
 
@@ -63,6 +68,7 @@ class RetrainConfig:
     policy: str = "route"
     base_table: Path | None = None
     metric: str | None = None
+    judge: str | None = None
     estimator: str = "auto"
     embedder: str = "minilm"
     holdout_frac: float = 0.2
@@ -132,23 +138,41 @@ def read_log_with_ray(uri: str) -> pa.Table:
 # --- the retrain itself (no Ray below) ------------------------------------------------------------
 
 
-def training_table(train_rows: pa.Table, metric: str, base_table: Path | None) -> pa.Table:
-    """Logged rows (scored ones) plus the base table's rows, on the quality-table columns only."""
+def training_table(train_rows: pa.Table, metric: str, base_table: Path | None, judge: str | None = None) -> pa.Table:
+    """Logged rows (scored ones) plus the base table's rows, on the quality-table columns only; with
+    `judge`, the judge column too (null on logged rows: `on_judge_scale` fills it)."""
     from catimage.tables.served_log import training_rows
     from catimage.tables.table import read_quality_table
 
     keep = ["prompt_id", "prompt", "candidate", "seed", metric]
     parts = []
     if train_rows.num_rows:
-        parts.append(training_rows(train_rows, "served log (training part)").select(keep))
+        logged = training_rows(train_rows, "served log (training part)").select(keep)
+        if judge is not None:
+            logged = logged.append_column(judge, pa.nulls(logged.num_rows, pa.float64()))
+        parts.append(logged)
     if base_table is not None:
         base = read_quality_table(base_table)
-        if metric not in base.column_names:
-            raise CatimageError(f"the base table {base_table} has no {metric!r} column (the decision metric the log holds)")
-        parts.append(base.select(keep).cast(parts[0].schema if parts else base.select(keep).schema))
+        for name, role in ((metric, "the decision metric the log holds"), (judge, "the judge (--judge)")):
+            if name is not None and name not in base.column_names:
+                raise CatimageError(f"the base table {base_table} has no {name!r} column ({role})")
+        cols = keep + ([judge] if judge is not None else [])
+        parts.append(base.select(cols).cast(parts[0].schema if parts else base.select(cols).schema))
     if not parts:
         raise CatimageError("nothing to train on: every logged prompt is held out and no base table was given")
     return pa.concat_tables(parts)
+
+
+def judge_scale_of(config: RetrainConfig, metric: str) -> Any:
+    """The base table's per-candidate offsets from `metric` to the judge (None without --judge)."""
+    from catimage.tables.judge_scale import fit_judge_scale
+    from catimage.tables.table import read_quality_table
+
+    if config.judge is None:
+        return None
+    if config.base_table is None:
+        raise CatimageError("--judge needs --base-table: a table scored by both the judge and the decision metric")
+    return fit_judge_scale(read_quality_table(config.base_table), metric, config.judge)
 
 
 def _lambda(config: RetrainConfig, serving: Any, logged_lam: np.ndarray) -> tuple[float, str]:
@@ -174,31 +198,37 @@ def retrain_on_log(log_table: pa.Table, config: RetrainConfig) -> RetrainOutcome
     from catimage.model.cascade_model import CascadeModel
     from catimage.model.promotion import PromotionRule, decide_promotion, write_promotion
     from catimage.model.router_model import RouterModel
+    from catimage.tables.judge_scale import on_judge_scale
     from catimage.tables.pool import load_pool
     from catimage.tables.served_log import decision_metric
     from catimage.tables.table import aggregate
 
     metric = decision_metric(log_table, config.metric)
+    scale = judge_scale_of(config, metric)
+    label = metric if scale is None else config.judge
     train_rows, held = holdout_by_time(log_table, config.holdout_frac)
-    table = training_table(train_rows, metric, config.base_table)
+    table = training_table(train_rows, metric, config.base_table, config.judge)
+    if scale is not None:
+        table = on_judge_scale(table, scale)
+        held = on_judge_scale(held, scale)
     pool = load_pool(config.pool)
     present = set(table.column("candidate").to_pylist())
-    matrix = aggregate(table, metric=metric, candidates=[n for n in pool.names if n in present])
+    matrix = aggregate(table, metric=label, candidates=[n for n in pool.names if n in present])
     costs = pool.select(matrix.candidates).cost_vector(matrix.candidates)
     log.info("fitting a %s policy (%s) on %d rows (%d prompts x %d candidates)", config.policy, config.estimator,
              table.num_rows, matrix.n_prompts, len(matrix.candidates))
     if config.policy == "cascade":
         serving = CascadeModel.load(config.serving)
-        candidate = _fit_cascade(table, matrix, costs, pool.cost_unit, serving, config)
+        candidate = _fit_cascade(table, matrix, metric, costs, pool.cost_unit, serving, config)
         target = cascade_target
     elif config.policy == "route":
         serving = RouterModel.load(config.serving)
         candidate = RouterModel.fit(matrix, costs, pool.cost_unit, config.embedder, None, config.estimator, None,
-                                    seed=config.seed, notes=[f"retrained on served traffic ({metric}) by jobs/retrain.py"])
+                                    seed=config.seed, notes=[f"retrained on served traffic ({label}) by jobs/retrain.py"])
         target = router_target
     else:
         raise CatimageError(f"--policy must be route or cascade, got {config.policy!r}")
-    logged = logged_requests(held, metric)
+    logged = logged_requests(held, label)
     lam, lam_source = _lambda(config, serving, logged.lam)
     evidence = compare_policies(logged, target(candidate, logged, lam, "candidate"),
                                 target(serving, logged, lam, "serving"), lam, n_boot=config.n_boot,
@@ -209,6 +239,7 @@ def retrain_on_log(log_table: pa.Table, config: RetrainConfig) -> RetrainOutcome
     model_dir = Path(config.out) / version
     candidate.save(model_dir)
     extra = {"model_version": version, "serving_model": str(config.serving), "decision_metric": metric,
+             "label": label, "judge_scale": None if scale is None else scale.to_dict(),
              "lambda_source": lam_source, "training_rows": table.num_rows, "training_prompts": matrix.n_prompts,
              "log": str(config.log), "base_table": None if config.base_table is None else str(config.base_table)}
     write_promotion(decision, model_dir, **extra)
@@ -217,15 +248,16 @@ def retrain_on_log(log_table: pa.Table, config: RetrainConfig) -> RetrainOutcome
                           logged.n, None if pointer is None else str(pointer))
 
 
-def _fit_cascade(table: pa.Table, matrix: Any, costs: np.ndarray, cost_unit: str, serving: Any,
+def _fit_cascade(table: pa.Table, matrix: Any, metric: str, costs: np.ndarray, cost_unit: str, serving: Any,
                  config: RetrainConfig) -> Any:
-    """A cascade refitted on the decision metric alone (the log holds no judge), with the serving
-    cascade's plan set (same thresholds, so plans keep their names in the log) and scorer cost."""
+    """A cascade stopping on the decision metric and valuing draws by the matrix's metric (the judge's
+    scale with --judge, else the decision metric itself), with the serving cascade's plan set (same
+    thresholds, so plans keep their names in the log) and scorer cost."""
     from catimage.model.cascade_model import CascadeOptions, fit_cascade
     from catimage.tables.draws import draws_from_table
     from catimage.tables.table import split_prompts
 
-    draws = draws_from_table(table, matrix.candidates, matrix.metric, matrix.metric)
+    draws = draws_from_table(table, matrix.candidates, metric, matrix.metric)
     split = split_prompts(matrix.n_prompts, test_frac=0.0, calibration_frac=0.1, seed=config.seed)
     options = CascadeOptions(**{**serving.options.to_dict(), "plan_thresholds": tuple(serving.plan_thresholds.tolist())})
     return fit_cascade(matrix, draws, costs, cost_unit, split.train, split.calibration, score_cost=serving.score_cost,
@@ -258,6 +290,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="what --serving is and what to refit: a router, or a cascade (router + plans)")
     p.add_argument("--base-table", type=Path, default=None, help="a quality table to train on beside the log")
     p.add_argument("--metric", default=None, help="the decision metric (default: the log's only score)")
+    p.add_argument("--judge", default=None, help="learn on this metric's scale: the base table's judge column; "
+                   "logged decision scores are shifted by their candidate's mean (judge - decision) there")
     p.add_argument("--estimator", default="auto")
     p.add_argument("--embedder", default="minilm")
     p.add_argument("--holdout-frac", type=float, default=0.2, help="newest share of requests held out for evaluation")

@@ -50,7 +50,7 @@ def _model(table: pa.Table, tmp_path, name: str) -> str:
     return str(model.save(tmp_path / name))
 
 
-def _serve(model_dir: str, log_dir, n: int, seed: int) -> None:
+def _serve(model_dir: str, log_dir, n: int, seed: int, truth=TRUTH) -> None:
     """Serve n fresh prompts with epsilon-greedy exploration around the model; log every request."""
     model, rng = RouterModel.load(model_dir), np.random.default_rng(seed)
     prompts = _prompts(n, seed)
@@ -61,7 +61,7 @@ def _serve(model_dir: str, log_dir, n: int, seed: int) -> None:
         ServedRow(prompt_id=stable_prompt_id(text), prompt=text, candidate=CANDIDATES[k], seed=i,
                   pool_cost=float(COSTS[k]), request_id=f"req-{seed}-{i}", propensity=float(p), lam=LAM,
                   model_version="serving", time=t0 + timedelta(seconds=10 * i),
-                  scores={"decider": float(TRUTH[shape][k] + rng.normal(0, 0.1))})
+                  scores={"decider": float(truth[shape][k] + rng.normal(0, 0.1))})
         for i, ((text, shape), k, p) in enumerate(zip(prompts, ex.choice, ex.propensity, strict=True))
     ]
     with ServedLogWriter(LogConfig(uri=str(log_dir), metrics=("decider",), flush_rows=200)) as writer:
@@ -120,6 +120,37 @@ def test_no_confident_win_over_a_model_that_already_knows_is_refused(tmp_path):
     assert any(r.startswith("failed: utility gain") for r in outcome.decision["reasons"])
     assert not (tmp_path / "models" / "serving.json").exists()
     assert json.loads((tmp_path / "models" / "v3" / "promotion.json").read_text())["decision"] == "refuse"
+
+
+def test_judge_flag_learns_logged_decider_scores_on_the_judges_scale(tmp_path):
+    """The decider over-scores `small` by 0.4 (planted); the base table holds both scores. With --judge
+    the offsets are the planted ones (-0.4, 0) and the refitted router predicts `small` on squares 0.4
+    lower than the same refit on raw decider scores (the k-NN smooths over shapes alike in both, so the
+    difference, not the level, is what the planted bias fixes)."""
+    from catimage.tables.table import write_quality_table
+
+    bias = np.array([0.4, 0.0])
+    decider = {k: v + bias for k, v in TRUTH.items()}
+    rng = np.random.default_rng(21)
+    base = _table(_prompts(40, 22), decider, 2, rng)
+    shapes = ["circle" if " circle " in p else "square" for p in base.column("prompt").to_pylist()]
+    cols = [CANDIDATES.index(c) for c in base.column("candidate").to_pylist()]
+    judge = [float(TRUTH[sh][j] + rng.normal(0, 0.1)) for sh, j in zip(shapes, cols, strict=True)]
+    base_path = write_quality_table(base.append_column("judge", pa.array(judge)), tmp_path / "base.parquet")
+    serving = _model(base, tmp_path, "serving")
+    _serve(serving, tmp_path / "log", 200, seed=23, truth=decider)
+    log_table = read_served_log(str(tmp_path / "log"))
+    squares = [p for p, sh in _prompts(30, 24) if sh == "square"]
+    small_on_squares = {}
+    for judged in (True, False):
+        kw = {"judge": "judge", "version": "judged"} if judged else {"version": "raw"}
+        out = retrain_on_log(log_table, _config(tmp_path, tmp_path / "log", serving, base_table=base_path, **kw))
+        small_on_squares[judged] = float(RouterModel.load(out.model_dir).predict(squares)[:, 0].mean())
+        if judged:
+            assert out.decision["label"] == "judge"
+            offsets = out.decision["judge_scale"]["offsets"]
+            assert offsets["small"] == pytest.approx(-0.4, abs=0.05) and offsets["big"] == pytest.approx(0.0, abs=0.05)
+    assert small_on_squares[True] - small_on_squares[False] == pytest.approx(-0.4, abs=0.05)
 
 
 def test_held_out_prompts_never_reach_training(tmp_path):
