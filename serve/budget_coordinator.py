@@ -92,11 +92,15 @@ class BudgetCoordinator:
             if state["window_mean_cost"] is not None:
                 self.g_window.set(state["window_mean_cost"], tags={"key": key})
 
-    def sync(self, observed: dict[str, list[float]]) -> dict[str, float]:
-        for key, costs in observed.items():
+    def sync(self, observed: dict[str, list[Any]]) -> dict[str, float]:
+        """Entries of serve/ledger.py per key: realised costs, and with feed-forward commitments and
+        realised costs paid against them."""
+        from serve.ledger import apply_entries
+
+        for key, entries in observed.items():
             ctrl = self.controllers.get(key)
-            if ctrl is not None and costs:
-                ctrl.observe(costs)
+            if ctrl is not None and entries:
+                apply_entries(ctrl, entries, self.version)
         self._export()
         return {key: ctrl.lam for key, ctrl in self.controllers.items()}
 

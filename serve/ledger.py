@@ -1,41 +1,60 @@
-"""The realised costs a router replica owes the budget controller, and the sync that pays them.
+"""The costs a router replica owes the budget controller, and the sync that pays them.
 
-Every drawn image's cost is recorded here the moment it is drawn (whatever later becomes of the
-request), per controller key. `sync` hands what is pending to the coordinator; when the coordinator
-cannot be reached, the costs go back in front of anything recorded meanwhile, so nothing is lost
-and the order is kept.
+Every request's realised cost is recorded here when its plan ends (whatever became of it), per
+controller key. With feed-forward, a request's EXPECTED plan cost is committed the moment it is
+decided (`commit`), and its realised cost is later recorded against it, so the controller
+(catimage.policy.budget) counts dear plans still drawing instead of hearing of them when they end.
+Entries carry the model version they were decided under: a hot swap restarts the controllers, and
+a commitment made to a retired controller is not withdrawn from its successor (`apply_entries`).
+`sync` hands what is pending to the coordinator; when the coordinator cannot be reached, the
+entries go back in front of anything recorded meanwhile, so nothing is lost and the order is kept.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger("catimage.serve")
 
-SyncFn = Callable[[dict[str, list[float]]], Awaitable[dict[str, float]]]
+Entry = float | dict[str, Any]
+"""A realised cost alone (float); a commitment {"commit": expected, "version"}; or a realised cost
+paid against its commitment {"cost", "expected", "version"} (cost NaN: nothing was spent)."""
+SyncFn = Callable[[dict[str, list[Entry]]], Awaitable[dict[str, float]]]
 
 
 class CostLedger:
-    """Pending realised costs by controller key (not thread-safe: the router's event loop owns it)."""
+    """Pending cost entries by controller key (not thread-safe: the router's event loop owns it)."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, list[float]] = {}
+        self._pending: dict[str, list[Entry]] = {}
 
     def record(self, key: str, cost: float) -> None:
+        """A realised cost with no commitment before it."""
         self._pending.setdefault(key, []).append(float(cost))
 
-    def take(self) -> dict[str, list[float]]:
+    def commit(self, key: str, expected: float, version: str) -> None:
+        """A request just decided, at its plan's expected cost (feed-forward)."""
+        self._pending.setdefault(key, []).append({"commit": float(expected), "version": version})
+
+    def pay(self, key: str, cost: float, expected: float, version: str) -> None:
+        """A committed request's realised cost (0 or less: nothing spent, the commitment is withdrawn)."""
+        paid = float(cost) if cost > 0 else math.nan
+        self._pending.setdefault(key, []).append({"cost": paid, "expected": float(expected), "version": version})
+
+    def take(self) -> dict[str, list[Entry]]:
         """Everything pending, leaving the ledger empty."""
         pending, self._pending = self._pending, {}
         return pending
 
-    def put_back(self, taken: dict[str, list[float]]) -> None:
+    def put_back(self, taken: dict[str, list[Entry]]) -> None:
         """Return costs a failed sync took, ahead of those recorded since."""
         for key, costs in taken.items():
             self._pending[key] = list(costs) + self._pending.get(key, [])
 
-    def pending(self) -> dict[str, list[float]]:
+    def pending(self) -> dict[str, list[Entry]]:
         """A copy of what is owed (for tests and /v1/pool)."""
         return {k: list(v) for k, v in self._pending.items()}
 
@@ -49,3 +68,21 @@ async def sync(ledger: CostLedger, send: SyncFn) -> dict[str, float] | None:
         ledger.put_back(taken)
         log.warning("budget sync failed (%s); %d costs kept for the next sync", err, sum(map(len, taken.values())))
         return None
+
+
+def apply_entries(ctrl: Any, entries: list[Entry], version: str | None) -> None:
+    """Feed one key's entries, in order, to its controller (`BudgetController`) serving `version`.
+
+    A commitment made under another model version went to a controller a hot swap retired: it is not
+    applied, and the realised cost paid against it is observed alone. `in_flight` guards the one
+    race left (a request decided under the new model before the coordinator switched to it).
+    """
+    for entry in entries:
+        if not isinstance(entry, dict):
+            ctrl.observe([entry])
+        elif "commit" in entry:
+            if entry["version"] == version:
+                ctrl.commit([entry["commit"]])
+        else:
+            committed = entry["version"] == version and ctrl.in_flight > 0
+            ctrl.observe([entry["cost"]], expected=[entry["expected"]] if committed else None)

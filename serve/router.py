@@ -171,6 +171,7 @@ class Router:
                              batch_sizes=self.slots_per_replica)
         self.coordinator = coordinator
         self.ledger = CostLedger()
+        self._feed_forward = bool(self.args.budget_controller is not None and self.args.budget_controller.feed_forward)
         self.decision_metric = decision_metric
         self.score_cost = float(score_cost)
         self.policy_metrics = PolicyMetrics()
@@ -446,14 +447,20 @@ class Router:
         """Run the plan; its whole realised cost feeds the controller as one observation, even when the
         request is cancelled halfway (the `finally`)."""
         tab = _Tab()
-        ctx = RequestContext(decision.policy, decision.choice, decision.lam, state.model.version, decision.ranking)
+        version = state.model.version
+        ctx = RequestContext(decision.policy, decision.choice, decision.lam, version, decision.ranking)
+        expected = decision.choice.expected_cost if self._feed_forward else None
+        if decision.controlled_key is not None and expected is not None:
+            self.ledger.commit(decision.controlled_key, expected, version)
         try:
             return await self.runner.run(
                 ctx, prompt, stable_prompt_id(prompt), state.model.costs, self._score_cost(state), seeds, parallel,
                 lambda c, amount, scoring: self._account(state, decision, tab, c, amount, scoring),
             )
         finally:
-            if decision.controlled_key is not None and tab.total > 0:
+            if decision.controlled_key is not None and expected is not None:
+                self.ledger.pay(decision.controlled_key, tab.total, expected, version)
+            elif decision.controlled_key is not None and tab.total > 0:
                 self.ledger.record(decision.controlled_key, tab.total)
 
     def _score_cost(self, state: ModelState) -> float:

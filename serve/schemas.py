@@ -385,6 +385,9 @@ class BudgetControllerArgs(BaseModel):
     kp: float = Field(default=1.0, ge=0)
     max_step: float = Field(default=0.1, ge=0)
     sync_interval_s: float = Field(default=0.25, gt=0, description="How often each router replica syncs with the coordinator.")
+    feed_forward: bool = Field(default=True, description="Commit each request's expected plan cost when it is decided "
+                               "and correct by the realised cost when it ends (holds the budget with many requests "
+                               "in flight); false: realised costs only.")
     per_key_budgets: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("per_key_budgets")

@@ -134,6 +134,44 @@ def test_a_failed_sync_keeps_every_cost_in_order():
     assert sent == [{"*": [2.0, 6.0, 1.0], "alice": [8.0]}] and ledger.pending() == {}
 
 
+def _controller():
+    from catimage.policy.budget import BudgetController, ControllerConfig
+
+    # ki 0.5, no proportional term, scale 1, budget 2, lambda 1: each step is 0.5 x surplus / 2 by hand
+    return BudgetController(ControllerConfig(budget=2.0, window=10, ki=0.5, kp=0.0, max_step=10.0), lam_offline=1.0,
+                            scale=1.0)
+
+
+def test_feed_forward_entries_commit_at_decision_and_correct_when_paid():
+    from serve.ledger import CostLedger, apply_entries
+
+    ledger = CostLedger()
+    ledger.commit("*", 4.0, "v1")
+    ctrl = _controller()
+    apply_entries(ctrl, ledger.take()["*"], "v1")
+    assert ctrl.lam == 1.5 and ctrl.in_flight == 1  # 1 + 0.5 x (4 - 2) / 2, before anything is paid
+    ledger.pay("*", 3.0, 4.0, "v1")
+    apply_entries(ctrl, ledger.take()["*"], "v1")
+    assert ctrl.lam == 1.25 and ctrl.in_flight == 0 and ctrl.observed == 1  # + 0.5 x (3 - 4) / 2
+    ledger.commit("*", 4.0, "v1")
+    ledger.pay("*", 0.0, 4.0, "v1")  # nothing drawn: the commitment is withdrawn, nothing observed
+    apply_entries(ctrl, ledger.take()["*"], "v1")
+    assert ctrl.lam == 1.25 and ctrl.in_flight == 0 and ctrl.observed == 1
+
+
+def test_commitments_to_a_retired_model_are_not_withdrawn_from_the_new_one():
+    from serve.ledger import CostLedger, apply_entries
+
+    ledger = CostLedger()
+    ledger.commit("*", 4.0, "v0")  # decided under the model a hot swap retired
+    ledger.pay("*", 3.0, 4.0, "v0")
+    ledger.pay("*", 3.0, 4.0, "v1")  # decided under v1 before the coordinator switched: never committed
+    ctrl = _controller()
+    apply_entries(ctrl, ledger.take()["*"], "v1")
+    # both observed alone: 1 + 2 x 0.5 x (3 - 2) / 2
+    assert ctrl.lam == 1.5 and ctrl.in_flight == 0 and ctrl.observed == 2
+
+
 # --- lambda: pinned requests feed no controller --------------------------------------------------------
 
 
