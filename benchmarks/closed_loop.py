@@ -248,9 +248,15 @@ class Policy:
         return BudgetController(ControllerConfig(budget=self.args.budget, window=self.args.window), lam_offline=lam0,
                                 scale=lambda_scale(value, cost))
 
-    def swap(self, model: CascadeModel) -> None:
-        """A retrained model takes over; the controller keeps its lambda (what serving's hot swap does)."""
+    def swap(self, model: CascadeModel, recent: list[str], X_recent: np.ndarray) -> None:
+        """A retrained model takes over, and the controller restarts (the old model's lambda means
+        nothing to the new one's plan values, serve/budget_coordinator.py `use_model`) from the lambda
+        at which the NEW model's expected cost on the most recently served prompts is the budget."""
+        from catimage.policy.routing import calibrate_lambda, pareto_options
+
         self.model, self.version = model, self.version + 1
+        value, cost = pareto_options(*model.plan_values(model.predict_stats(recent, X_recent)))[:2]
+        self.controller = self._controller(calibrate_lambda(value, cost, self.args.budget))
 
     def serve(self, prompts: list[str], pids: list[str], X: np.ndarray, first: int) -> None:
         lam = self.controller.lam
@@ -551,7 +557,9 @@ def _serve_stream(s: Setup) -> tuple[Policy, Policy, list[dict], Path]:
         served = min(first + args.batch, len(s.stream))
         if served % args.retrain_every == 0 or served == len(s.stream):
             writer.flush()
-            loop.swap(_retrain(s.base, log_dir, s.candidates, s.costs, args, s.embedder))
+            recent = slice(max(0, served - args.retrain_every), served)
+            loop.swap(_retrain(s.base, log_dir, s.candidates, s.costs, args, s.embedder), s.stream[recent],
+                      s.X_stream[recent])
             areas.append({"served": served, "closed_loop": policy_area(loop.model, s.eval_set, s.X_eval, s.costs)[0]})
             print(f"after {served}: closed-loop area over hull {areas[-1]['closed_loop']:+.4f}")
     writer.close()
