@@ -230,6 +230,14 @@ class Served:
     explored: list[bool] = field(default_factory=list)
 
 
+def _calibrated_lambda(model: CascadeModel, prompts: list[str], X: np.ndarray, budget: float) -> float:
+    """The lambda at which `model`'s expected plan cost on `prompts` is the budget."""
+    from catimage.policy.routing import calibrate_lambda, pareto_options
+
+    value, cost = pareto_options(*model.plan_values(model.predict_stats(prompts, X)))[:2]
+    return calibrate_lambda(value, cost, budget)
+
+
 class Policy:
     """One policy serving the stream: plan per prompt at the controller's lambda, draw, stop, pay."""
 
@@ -249,14 +257,13 @@ class Policy:
                                 scale=lambda_scale(value, cost))
 
     def swap(self, model: CascadeModel, recent: list[str], X_recent: np.ndarray) -> None:
-        """A retrained model takes over, and the controller restarts (the old model's lambda means
-        nothing to the new one's plan values, serve/budget_coordinator.py `use_model`) from the lambda
-        at which the NEW model's expected cost on the most recently served prompts is the budget."""
-        from catimage.policy.routing import calibrate_lambda, pareto_options
-
+        """A retrained model takes over. The controller keeps what it has learned of the live traffic and
+        moves by the difference between the two models' calibrated lambdas on the most recently served
+        prompts (`BudgetController.shift`): the old model's lambda means nothing to the new one's plan
+        values, but the traffic's drift from calibration is the same for both."""
+        old = _calibrated_lambda(self.model, recent, X_recent, self.args.budget)
         self.model, self.version = model, self.version + 1
-        value, cost = pareto_options(*model.plan_values(model.predict_stats(recent, X_recent)))[:2]
-        self.controller = self._controller(calibrate_lambda(value, cost, self.args.budget))
+        self.controller.shift(_calibrated_lambda(model, recent, X_recent, self.args.budget) - old)
 
     def serve(self, prompts: list[str], pids: list[str], X: np.ndarray, first: int) -> None:
         lam = self.controller.lam

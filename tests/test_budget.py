@@ -118,6 +118,21 @@ def test_feed_forward_holds_the_budget_when_costs_arrive_late():
     assert ctrl.in_flight == 100
 
 
+def test_shift_moves_lambda_and_integral_and_keeps_the_window():
+    """By hand (ki 0.5, kp 0, scale 1, budget 2, lambda 1): observing 3 gives 1.25; shifting by -0.5
+    gives 0.75, and the integral moved with it: observing 2 (on budget) leaves 0.75. The window and
+    counts are kept; a shift below 0 stops at 0."""
+    cfg = ControllerConfig(budget=2.0, window=10, ki=0.5, kp=0.0, max_step=10.0)
+    ctrl = BudgetController(cfg, lam_offline=1.0, scale=1.0)
+    ctrl.observe([3.0])
+    assert ctrl.shift(-0.5) == pytest.approx(0.75) and ctrl.lam_offline == pytest.approx(0.5)
+    assert ctrl.observe([2.0]) == pytest.approx(0.75)
+    assert ctrl.observed == 2 and ctrl.state()["window_mean_cost"] == pytest.approx(2.5)
+    assert ctrl.shift(-5.0) == 0.0
+    with pytest.raises(BudgetError, match="finite"):
+        ctrl.shift(float("nan"))
+
+
 def test_step_is_bounded_and_lambda_stays_in_range():
     cfg = ControllerConfig(budget=1.0, window=10, ki=5.0, kp=5.0, max_step=0.01, lam_cap_scales=3.0)
     ctrl = BudgetController(cfg, lam_offline=0.5, scale=2.0)

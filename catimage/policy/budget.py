@@ -162,6 +162,19 @@ class BudgetController:
             self._step(c - (self.config.budget if e is None else e))
         return self.lam
 
+    def shift(self, delta: float) -> float:
+        """Move lambda (and the integral behind it) by `delta`, keeping the window and every count: for a
+        model swap, `delta` = the new model's calibrated lambda - the old one's on the same prompts, so
+        the correction this controller has learned for the live traffic carries over to the new model
+        instead of being relearnt from its offline lambda. Returns the new lambda."""
+        delta = float(delta)
+        if not math.isfinite(delta):
+            raise BudgetError(f"a lambda shift must be a finite number, got {delta}")
+        self.lam_offline = max(self.lam_offline + delta, 0.0)
+        self._lam_i = min(max(self._lam_i + delta, 0.0), self.lam_cap)
+        self.lam = min(max(self.lam + delta, 0.0), self.lam_cap)
+        return self.lam
+
     def _withdraw(self, e: float) -> None:
         if self.in_flight <= 0:
             raise BudgetError("an expected cost was passed for a request that was never committed")
