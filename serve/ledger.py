@@ -4,8 +4,8 @@ Every request's realised cost is recorded here when its plan ends (whatever beca
 controller key. With feed-forward, a request's EXPECTED plan cost is committed the moment it is
 decided (`commit`), and its realised cost is later recorded against it, so the controller
 (catimage.policy.budget) counts dear plans still drawing instead of hearing of them when they end.
-Entries carry the model version they were decided under: a hot swap restarts the controllers, and
-a commitment made to a retired controller is not withdrawn from its successor (`apply_entries`).
+Entries carry the model version they were decided under (for the record: a hot swap shifts the same
+controllers, so a commitment stays valid across it).
 `sync` hands what is pending to the coordinator; when the coordinator cannot be reached, the
 entries go back in front of anything recorded meanwhile, so nothing is lost and the order is kept.
 """
@@ -73,16 +73,16 @@ async def sync(ledger: CostLedger, send: SyncFn) -> dict[str, float] | None:
 def apply_entries(ctrl: Any, entries: list[Entry], version: str | None) -> None:
     """Feed one key's entries, in order, to its controller (`BudgetController`) serving `version`.
 
-    A commitment made under another model version went to a controller a hot swap retired: it is not
-    applied, and the realised cost paid against it is observed alone. `in_flight` guards the one
-    race left (a request decided under the new model before the coordinator switched to it).
+    A hot swap shifts the same controllers (serve/budget_coordinator.py), so commitments made before it
+    are withdrawn as usual. A realised cost whose commitment this controller never saw (the
+    coordinator replica restarted, or its key is new since) finds nothing in flight and is observed
+    alone. `version` is kept for the log.
     """
     for entry in entries:
         if not isinstance(entry, dict):
             ctrl.observe([entry])
         elif "commit" in entry:
-            if entry["version"] == version:
-                ctrl.commit([entry["commit"]])
+            ctrl.commit([entry["commit"]])
         else:
-            committed = entry["version"] == version and ctrl.in_flight > 0
+            committed = ctrl.in_flight > 0
             ctrl.observe([entry["cost"]], expected=[entry["expected"]] if committed else None)

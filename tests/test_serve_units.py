@@ -159,17 +159,14 @@ def test_feed_forward_entries_commit_at_decision_and_correct_when_paid():
     assert ctrl.lam == 1.25 and ctrl.in_flight == 0 and ctrl.observed == 1
 
 
-def test_commitments_to_a_retired_model_are_not_withdrawn_from_the_new_one():
+def test_a_cost_whose_commitment_the_controller_never_saw_is_observed_alone():
     from serve.ledger import CostLedger, apply_entries
 
     ledger = CostLedger()
-    ledger.commit("*", 4.0, "v0")  # decided under the model a hot swap retired
-    ledger.pay("*", 3.0, 4.0, "v0")
-    ledger.pay("*", 3.0, 4.0, "v1")  # decided under v1 before the coordinator switched: never committed
+    ledger.pay("*", 3.0, 4.0, "v1")  # committed to a coordinator replica that has since restarted
     ctrl = _controller()
     apply_entries(ctrl, ledger.take()["*"], "v1")
-    # both observed alone: 1 + 2 x 0.5 x (3 - 2) / 2
-    assert ctrl.lam == 1.5 and ctrl.in_flight == 0 and ctrl.observed == 2
+    assert ctrl.lam == 1.25 and ctrl.in_flight == 0 and ctrl.observed == 1  # 1 + 0.5 x (3 - 2) / 2
 
 
 # --- lambda: pinned requests feed no controller --------------------------------------------------------
