@@ -138,11 +138,11 @@ def read_log_with_ray(uri: str) -> pa.Table:
 # --- the retrain itself (no Ray below) ------------------------------------------------------------
 
 
-def training_table(train_rows: pa.Table, metric: str, base_table: Path | None, judge: str | None = None) -> pa.Table:
+def training_table(train_rows: pa.Table, metric: str, base: pa.Table | None, judge: str | None = None,
+                   base_name: str = "the base table") -> pa.Table:
     """Logged rows (scored ones) plus the base table's rows, on the quality-table columns only; with
     `judge`, the judge column too (null on logged rows: `on_judge_scale` fills it)."""
     from catimage.tables.served_log import training_rows
-    from catimage.tables.table import read_quality_table
 
     keep = ["prompt_id", "prompt", "candidate", "seed", metric]
     parts = []
@@ -151,11 +151,10 @@ def training_table(train_rows: pa.Table, metric: str, base_table: Path | None, j
         if judge is not None:
             logged = logged.append_column(judge, pa.nulls(logged.num_rows, pa.float64()))
         parts.append(logged)
-    if base_table is not None:
-        base = read_quality_table(base_table)
+    if base is not None:
         for name, role in ((metric, "the decision metric the log holds"), (judge, "the judge (--judge)")):
             if name is not None and name not in base.column_names:
-                raise CatimageError(f"the base table {base_table} has no {name!r} column ({role})")
+                raise CatimageError(f"{base_name} has no {name!r} column ({role})")
         cols = keep + ([judge] if judge is not None else [])
         parts.append(base.select(cols).cast(parts[0].schema if parts else base.select(cols).schema))
     if not parts:
@@ -163,16 +162,15 @@ def training_table(train_rows: pa.Table, metric: str, base_table: Path | None, j
     return pa.concat_tables(parts)
 
 
-def judge_scale_of(config: RetrainConfig, metric: str) -> Any:
+def judge_scale_of(config: RetrainConfig, base: pa.Table | None, metric: str) -> Any:
     """The base table's per-candidate offsets from `metric` to the judge (None without --judge)."""
     from catimage.tables.judge_scale import fit_judge_scale
-    from catimage.tables.table import read_quality_table
 
     if config.judge is None:
         return None
-    if config.base_table is None:
+    if base is None:
         raise CatimageError("--judge needs --base-table: a table scored by both the judge and the decision metric")
-    return fit_judge_scale(read_quality_table(config.base_table), metric, config.judge)
+    return fit_judge_scale(base, metric, config.judge)
 
 
 def _lambda(config: RetrainConfig, serving: Any, logged_lam: np.ndarray) -> tuple[float, str]:
@@ -201,13 +199,14 @@ def retrain_on_log(log_table: pa.Table, config: RetrainConfig) -> RetrainOutcome
     from catimage.tables.judge_scale import on_judge_scale
     from catimage.tables.pool import load_pool
     from catimage.tables.served_log import decision_metric
-    from catimage.tables.table import aggregate
+    from catimage.tables.table import aggregate, read_quality_table
 
     metric = decision_metric(log_table, config.metric)
-    scale = judge_scale_of(config, metric)
+    base = None if config.base_table is None else read_quality_table(config.base_table)
+    scale = judge_scale_of(config, base, metric)
     label = metric if scale is None else config.judge
     train_rows, held = holdout_by_time(log_table, config.holdout_frac)
-    table = training_table(train_rows, metric, config.base_table, config.judge)
+    table = training_table(train_rows, metric, base, config.judge, f"the base table {config.base_table}")
     if scale is not None:
         table = on_judge_scale(table, scale)
         held = on_judge_scale(held, scale)
