@@ -232,10 +232,7 @@ class Served:
 
 def _calibrated_lambda(model: CascadeModel, prompts: list[str], X: np.ndarray, budget: float) -> float:
     """The lambda at which `model`'s expected plan cost on `prompts` is the budget."""
-    from catimage.policy.routing import calibrate_lambda, pareto_options
-
-    value, cost = pareto_options(*model.plan_values(model.predict_stats(prompts, X)))[:2]
-    return calibrate_lambda(value, cost, budget)
+    return model.lambda_for_budget(budget, model.predict_stats(prompts, X))
 
 
 class Policy:

@@ -173,14 +173,17 @@ class CascadeModel:
         """(expected judge value, expected cost), each (n, P) over `self.plans`."""
         return plan_values(stats, self.plans, self.costs, self.score_cost)
 
-    def lambda_for_budget(self, budget: float) -> float:
-        """The smallest lambda whose EXPECTED average plan cost on the calibration prompts meets `budget`."""
+    def lambda_for_budget(self, budget: float, stats: DrawStats | None = None) -> float:
+        """The smallest lambda whose EXPECTED average plan cost on the calibration prompts meets `budget`;
+        with `stats` (`predict_stats` of other prompts, e.g. the most recently served), on those."""
         try:
             budget = float(budget)
         except (TypeError, ValueError):
             raise BudgetError(f"budget must be a number, got {budget!r}") from None
         if not np.isfinite(budget) or budget < 0:
             raise BudgetError(f"budget must be a non-negative number of {self.cost_unit}, got {budget}")
+        if stats is not None:
+            return calibrate_lambda(*pareto_options(*self.plan_values(stats))[:2], budget)
         if self._calibration_values is None:  # the calibration prompts' non-dominated plans, computed once
             self._calibration_values = pareto_options(*self.plan_values(self.calibration_stats))[:2]
         return calibrate_lambda(*self._calibration_values, budget)
