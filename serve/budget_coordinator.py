@@ -109,7 +109,7 @@ class BudgetCoordinator:
         for key, entries in observed.items():
             ctrl = self.controllers.get(key)
             if ctrl is not None and entries:
-                apply_entries(ctrl, entries, self.version)
+                apply_entries(ctrl, entries)
         self._export()
         return {key: ctrl.lam for key, ctrl in self.controllers.items()}
 

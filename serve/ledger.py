@@ -4,8 +4,8 @@ Every request's realised cost is recorded here when its plan ends (whatever beca
 controller key. With feed-forward, a request's EXPECTED plan cost is committed the moment it is
 decided (`commit`), and its realised cost is later recorded against it, so the controller
 (catimage.policy.budget) counts dear plans still drawing instead of hearing of them when they end.
-Entries carry the model version they were decided under (for the record: a hot swap shifts the same
-controllers, so a commitment stays valid across it).
+A hot swap shifts the same controllers (serve/budget_coordinator.py), so a commitment stays valid
+across it.
 `sync` hands what is pending to the coordinator; when the coordinator cannot be reached, the
 entries go back in front of anything recorded meanwhile, so nothing is lost and the order is kept.
 """
@@ -20,8 +20,8 @@ from typing import Any
 log = logging.getLogger("catimage.serve")
 
 Entry = float | dict[str, Any]
-"""A realised cost alone (float); a commitment {"commit": expected, "version"}; or a realised cost
-paid against its commitment {"cost", "expected", "version"} (cost NaN: nothing was spent)."""
+"""A realised cost alone (float); a commitment {"commit": expected}; or a realised cost
+paid against its commitment {"cost", "expected"} (cost NaN: nothing was spent)."""
 SyncFn = Callable[[dict[str, list[Entry]]], Awaitable[dict[str, float]]]
 
 
@@ -35,14 +35,14 @@ class CostLedger:
         """A realised cost with no commitment before it."""
         self._pending.setdefault(key, []).append(float(cost))
 
-    def commit(self, key: str, expected: float, version: str) -> None:
+    def commit(self, key: str, expected: float) -> None:
         """A request just decided, at its plan's expected cost (feed-forward)."""
-        self._pending.setdefault(key, []).append({"commit": float(expected), "version": version})
+        self._pending.setdefault(key, []).append({"commit": float(expected)})
 
-    def pay(self, key: str, cost: float, expected: float, version: str) -> None:
+    def pay(self, key: str, cost: float, expected: float) -> None:
         """A committed request's realised cost (0 or less: nothing spent, the commitment is withdrawn)."""
         paid = float(cost) if cost > 0 else math.nan
-        self._pending.setdefault(key, []).append({"cost": paid, "expected": float(expected), "version": version})
+        self._pending.setdefault(key, []).append({"cost": paid, "expected": float(expected)})
 
     def take(self) -> dict[str, list[Entry]]:
         """Everything pending, leaving the ledger empty."""
@@ -70,13 +70,13 @@ async def sync(ledger: CostLedger, send: SyncFn) -> dict[str, float] | None:
         return None
 
 
-def apply_entries(ctrl: Any, entries: list[Entry], version: str | None) -> None:
-    """Feed one key's entries, in order, to its controller (`BudgetController`) serving `version`.
+def apply_entries(ctrl: Any, entries: list[Entry]) -> None:
+    """Feed one key's entries, in order, to its controller (`BudgetController`).
 
     A hot swap shifts the same controllers (serve/budget_coordinator.py), so commitments made before it
     are withdrawn as usual. A realised cost whose commitment this controller never saw (the
     coordinator replica restarted, or its key is new since) finds nothing in flight and is observed
-    alone. `version` is kept for the log.
+    alone.
     """
     for entry in entries:
         if not isinstance(entry, dict):

@@ -447,11 +447,10 @@ class Router:
         """Run the plan; its whole realised cost feeds the controller as one observation, even when the
         request is cancelled halfway (the `finally`)."""
         tab = _Tab()
-        version = state.model.version
-        ctx = RequestContext(decision.policy, decision.choice, decision.lam, version, decision.ranking)
+        ctx = RequestContext(decision.policy, decision.choice, decision.lam, state.model.version, decision.ranking)
         expected = decision.choice.expected_cost if self._feed_forward else None
         if decision.controlled_key is not None and expected is not None:
-            self.ledger.commit(decision.controlled_key, expected, version)
+            self.ledger.commit(decision.controlled_key, expected)
         try:
             return await self.runner.run(
                 ctx, prompt, stable_prompt_id(prompt), state.model.costs, self._score_cost(state), seeds, parallel,
@@ -459,7 +458,7 @@ class Router:
             )
         finally:
             if decision.controlled_key is not None and expected is not None:
-                self.ledger.pay(decision.controlled_key, tab.total, expected, version)
+                self.ledger.pay(decision.controlled_key, tab.total, expected)
             elif decision.controlled_key is not None and tab.total > 0:
                 self.ledger.record(decision.controlled_key, tab.total)
 

@@ -146,16 +146,16 @@ def test_feed_forward_entries_commit_at_decision_and_correct_when_paid():
     from serve.ledger import CostLedger, apply_entries
 
     ledger = CostLedger()
-    ledger.commit("*", 4.0, "v1")
+    ledger.commit("*", 4.0)
     ctrl = _controller()
-    apply_entries(ctrl, ledger.take()["*"], "v1")
+    apply_entries(ctrl, ledger.take()["*"])
     assert ctrl.lam == 1.5 and ctrl.in_flight == 1  # 1 + 0.5 x (4 - 2) / 2, before anything is paid
-    ledger.pay("*", 3.0, 4.0, "v1")
-    apply_entries(ctrl, ledger.take()["*"], "v1")
+    ledger.pay("*", 3.0, 4.0)
+    apply_entries(ctrl, ledger.take()["*"])
     assert ctrl.lam == 1.25 and ctrl.in_flight == 0 and ctrl.observed == 1  # + 0.5 x (3 - 4) / 2
-    ledger.commit("*", 4.0, "v1")
-    ledger.pay("*", 0.0, 4.0, "v1")  # nothing drawn: the commitment is withdrawn, nothing observed
-    apply_entries(ctrl, ledger.take()["*"], "v1")
+    ledger.commit("*", 4.0)
+    ledger.pay("*", 0.0, 4.0)  # nothing drawn: the commitment is withdrawn, nothing observed
+    apply_entries(ctrl, ledger.take()["*"])
     assert ctrl.lam == 1.25 and ctrl.in_flight == 0 and ctrl.observed == 1
 
 
@@ -163,9 +163,9 @@ def test_a_cost_whose_commitment_the_controller_never_saw_is_observed_alone():
     from serve.ledger import CostLedger, apply_entries
 
     ledger = CostLedger()
-    ledger.pay("*", 3.0, 4.0, "v1")  # committed to a coordinator replica that has since restarted
+    ledger.pay("*", 3.0, 4.0)  # committed to a coordinator replica that has since restarted
     ctrl = _controller()
-    apply_entries(ctrl, ledger.take()["*"], "v1")
+    apply_entries(ctrl, ledger.take()["*"])
     assert ctrl.lam == 1.25 and ctrl.in_flight == 0 and ctrl.observed == 1  # 1 + 0.5 x (3 - 2) / 2
 
 
