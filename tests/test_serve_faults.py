@@ -7,7 +7,8 @@ tiny pool, with:
 * `tiny-sd-2`: two fixed replicas (the one killed under load);
 * `tiny-sd-8`: a deliberately slow drawing (a tiny SD at 400 steps, many seconds on this machine)
   with `request_timeout_s` 1, drawn one at a time per replica;
-* `tiny-sdxl-4`: the fast fallback;
+* `tiny-sdxl-4`: a real hosted endpoint on loopback whose answers the test scripts
+  (`ScriptedImageServer`): "ok" at once (the fast fallback), or "hold" until the test releases it;
 * the router: at most 4 ongoing requests and 8 queued, so a burst overflows it (a tighter queue
   also rejects ordinary traffic on a loaded machine: Serve counts requests waiting for a replica
   slot assignment as queued).
@@ -15,12 +16,19 @@ tiny pool, with:
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from train_serve_fixtures import kill_replica_mid_run, replica_actors, tiny_pool_dict, write_planted_table, write_pool
+from train_serve_fixtures import (
+    ScriptedImageServer,
+    kill_replica_mid_run,
+    replica_actors,
+    tiny_pool_dict,
+    write_planted_table,
+    write_pool,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 APP = "faults"
@@ -28,7 +36,14 @@ SIGN = 'a neon sign that reads "SALE"'
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_cache, serve_url):
+def scripted_server():
+    server = ScriptedImageServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_cache, serve_url, scripted_server):
     from ray import serve
 
     from jobs.train_estimator import run_train
@@ -43,7 +58,9 @@ def app(tmp_path_factory, tiny_cache, serve_url):
     sd8["generator"] = {"model": "tiny:sd", "steps": 400, "height": 64, "width": 64}
     # Two ongoing requests: a draw (one at a time, the replica's lock) and the stats() probes beside it.
     sd8["serve"] = {"num_cpus": 0.1, "max_ongoing_requests": 2, "request_timeout_s": 1.0}
-    sdxl4["serve"] = {"num_cpus": 0.1, "request_timeout_s": 60}
+    sdxl4["generator"] = scripted_server.generator_block()
+    # Longer than any wait in these tests: a held call ends when the test releases it, not on a timer.
+    sdxl4["serve"] = {"num_cpus": 0.1, "request_timeout_s": 300}
     pool_path = write_pool(root / "pool.yaml", pool)
     model = run_train(table, pool_path, root / "model", estimator="knn", embedder="tfidf").model_dir
     args = AppArgs(
@@ -118,25 +135,45 @@ def test_generator_timeout_frees_the_replica(app):
     assert stats["unet_steps"] - before["unet_steps"] < 400, (before, stats)
 
 
-def test_overload_answers_503_with_retry_after(app):
-    """4 ongoing + 8 queued at the router: of a burst of 24 slow requests (each holds the router at
-    least 1 s: tiny-sd-8's timeout, then a fallback) the overflow is rejected at once, not queued."""
+def test_overload_answers_503_with_retry_after(app, scripted_server):
+    """4 ongoing + 8 queued at the router: of a burst of 24 requests held at the scripted endpoint, the
+    overflow is rejected at once, not queued. "At once" is an event, not a time: while every call that
+    got in is held (nothing released, so no slot can free), the overflow has already been answered 503,
+    which a queued request never could be. Serve enforces both limits best effort (a request being
+    assigned as another arrives can slip in: ray-project/ray#42947), so up to 4 more may get in."""
+    burst, admitted_at_most = 24, 4 + 8 + 4
+    scripted_server.release.clear()
+    held_before = scripted_server.served.count("hold")
+    scripted_server.script[:] = ["hold"] * burst
+    answers: list[httpx.Response] = []
+    answered = threading.Condition()
 
-    def ask(i: int) -> tuple[httpx.Response, float]:
-        start = time.monotonic()
-        r = app.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sd-8", "seed": i, "return": "none"})
-        return r, time.monotonic() - start
+    def ask(i: int) -> None:
+        r = app.post("/v1/generate", json={"prompt": SIGN, "candidate": "tiny-sdxl-4", "seed": i, "return": "none"})
+        with answered:
+            answers.append(r)
+            answered.notify_all()
 
-    with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(ask, range(24)))
-    codes = [r.status_code for r, _ in answers]
-    assert set(codes) <= {200, 503}, [r.text for r, _ in answers]
-    rejected = [(r, s) for r, s in answers if r.status_code == 503]
-    accepted = [(r, s) for r, s in answers if r.status_code == 200]
-    assert rejected and accepted, codes
-    for r, _ in rejected:
+    threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(burst)]
+    for t in threads:
+        t.start()
+    try:
+        with answered:  # a deadline for a broken app, not a race: the overflow needs no release to be answered
+            answered.wait_for(lambda: len(answers) >= burst - admitted_at_most, timeout=120)
+            while_held = list(answers)
+        assert not scripted_server.release.is_set()
+    finally:
+        scripted_server.release.set()  # the held calls fail (HTTP 500) and fall back to a drawing candidate
+        for t in threads:
+            t.join(180)
+        scripted_server.script.clear()
+    assert len(while_held) >= burst - admitted_at_most, [r.status_code for r in while_held]
+    for r in while_held:
+        assert r.status_code == 503, r.text
         assert r.headers["retry-after"] == "3"
         assert "backpressure" in r.text
-    # Rejected at once: faster than any request that was let in (those took >= the 1 s timeout).
-    assert max(s for _, s in rejected) < min(s for _, s in accepted), (answers, codes)
-    assert min(s for _, s in accepted) >= 1.0
+    held = scripted_server.served.count("hold") - held_before
+    assert 1 <= held <= admitted_at_most, held  # the rejected never reached the generator
+    codes = [r.status_code for r in answers]
+    assert len(codes) == burst and set(codes) <= {200, 503}, [r.text for r in answers if r.status_code not in (200, 503)]
+    assert 200 in codes, codes  # those let in were answered once released (from a fallback)
