@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -198,11 +199,12 @@ def _run_stages(config: DemoConfig, pool: Any, console: Console) -> DemoResult:
             cascade_dir = fit_cascade_bundle(fit_table, config.pool_path, model_dir, config.out / "cascade",
                                              config.metric, config.decision_metric)
         serving_dir = cascade_dir if "cascade" in served_policies() else model_dir
+        deployed = _start_serve(serving_dir, config.pool_path, config.port)
         with _stage(console, f"3/5 evaluate route and cascade ({config.trials} re-drawn splits; the router on the fresh "
-                             "prompts)", timings):
+                             "prompts), the Serve app starting beside it", timings):
             ev = _evaluate(fit_table, build.table_path, config.pool_path, model_dir, config.out, config.metric,
                            config.estimator, config.embedder, config.max_epochs, config.trials, config.decision_metric)
-        decisions = _serve_and_ask(console, timings, serving_dir, config.pool_path, pool, config.port, _budgets(ev.report))
+        decisions = _serve_and_ask(console, timings, deployed, serving_dir, config.port, _budgets(ev.report))
     _print_final(console, build.table_path, model_dir, ev, decisions, sum(timings.values()))
     return DemoResult(config.out, build.table_path, model_dir, ev.paths, decisions, timings)
 
@@ -365,24 +367,36 @@ def _ask(client: Any, budgets: tuple[float, float], policies: tuple[str | None, 
     return decisions
 
 
-def _serve_and_ask(console, timings, model_dir, pool_path, pool, port, budgets) -> list[dict[str, Any]]:
-    import httpx
+def _start_serve(serving_dir: Path, pool_path: Path, port: int) -> Future:
+    """Deploy the Serve app in a background thread and return at once: each replica spends seconds
+    importing torch and diffusers and loading its model, which runs beside stage 3 (the driver's own
+    evaluation) instead of after it. The app's arguments are checked here, before anything starts."""
     from ray import serve
 
     from serve.app import build_app
     from serve.schemas import AppArgs
 
+    app = build_app(AppArgs(model_dir=str(serving_dir), pool=str(pool_path)))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    executor = ThreadPoolExecutor(1, thread_name_prefix="serve-run")
+    deployed = executor.submit(serve.run, app, name="catimage", route_prefix="/")
+    executor.shutdown(wait=False)  # the thread ends with serve.run (or with Ray, if the demo stops first)
+    return deployed
+
+
+def _serve_and_ask(console, timings, deployed: Future, serving_dir: Path, port: int, budgets) -> list[dict[str, Any]]:
+    import httpx
+    from ray import serve
+
     policies = served_policies()
-    with _stage(console, f"4/5 start the Serve app on 127.0.0.1:{port}", timings):
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(AppArgs(model_dir=str(model_dir), pool=str(pool_path))), name="catimage",
-                  route_prefix="/", blocking=False)
+    with _stage(console, f"4/5 the Serve app ready on 127.0.0.1:{port} (the rest of its start-up)", timings):
+        deployed.result()
         _wait_healthy(f"http://127.0.0.1:{port}/healthz")
     with (_stage(console, f"5/5 requests at two budgets ({', '.join(p or 'routed' for p in policies)})", timings),
           httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client):
         decisions = _ask(client, budgets, policies)
         pool_status = client.get("/v1/pool").json()
-    _print_decisions(console, decisions, metric_name(model_dir))
+    _print_decisions(console, decisions, metric_name(serving_dir))
     replicas = {c["name"]: c.get("replicas") for c in pool_status.get("candidates", [])}
     console.print(f"GET /v1/pool replicas: {replicas}")
     with _stage(console, "shut down Serve and Ray", timings):

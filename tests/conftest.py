@@ -3,6 +3,7 @@ run on: one fixture per kind (`ray_local`, `serve_url`, `two_node_cluster`), eac
 
 import os
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -43,7 +44,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory):
         torch.set_num_threads(threads)
 
 
-# --- Ray sessions: one fixture per kind, each on free ports, each stopped when its module ends --------
+# --- Ray sessions: one fixture per kind, each on free ports -----------------------------------------------
 
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # train_serve_fixtures, for every test module and Ray worker alike
@@ -51,6 +52,8 @@ if str(TESTS_DIR) not in sys.path:  # train_serve_fixtures, for every test modul
 
 from train_serve_fixtures import (
     SERVE_KEYS_ENV,
+    SERVE_LOG_SALT,
+    SERVE_LOG_SALT_ENV,
     SERVE_OTHER_TOKEN,
     SERVE_TEST_TOKEN,
     free_port,
@@ -65,37 +68,79 @@ RAY_TEST_ENV = {
     "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
     # API keys an app may read (auth_token_env); replicas inherit the environment Ray starts with.
     SERVE_KEYS_ENV: f"tester:{SERVE_TEST_TOKEN},other:{SERVE_OTHER_TOKEN}",
+    # The served log's hashing key (tests/test_serve_logging.py), whichever module started the Ray.
+    SERVE_LOG_SALT_ENV: SERVE_LOG_SALT,
 }
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A private local Ray (2 CPUs, no dashboard) for one test module; the environment above is set
-    while it starts (Ray's processes keep it) and restored afterwards."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+def _start_test_ray() -> None:
+    """A local Ray (2 CPUs, no dashboard) with the environment above set while it starts (Ray's
+    processes keep it), restored afterwards."""
     with pytest.MonkeyPatch.context() as mp:
         for key, value in RAY_TEST_ENV.items():
             mp.setenv(key, value)
         start_local_ray()
-    try:
-        yield
-    finally:
-        ray.shutdown()
+
+
+def _ray_is_clean(limit_s: float = 15.0) -> bool:
+    """Every CPU free again (Serve's controller and proxy hold none): the module left no actor behind
+    that the next one would find. Released resources come back asynchronously, hence the wait."""
+    import ray
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= ray.cluster_resources().get("CPU", 0.0) - 1e-6:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
-def serve_url(ray_local):
-    """Serve's HTTP proxy on a free loopback port of `ray_local`: its base URL."""
+def ray_local():
+    """The suite's local Ray: started by the first module that asks and kept for the next one, since
+    starting and stopping Ray (and Serve) costs ~8 s a module on 2 cores; stopped when the session
+    ends, or at once when a module leaves an actor behind (the next module then starts a fresh one).
+    A fixture that needs a Ray of its own (`two_node_cluster`) stops it too."""
+    import ray
+
+    if not ray.is_initialized():
+        _start_test_ray()
+    yield
+    if ray.is_initialized() and not _ray_is_clean():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_when_the_session_ends():
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+SERVE_PORT = pytest.StashKey[tuple[str, int]]()
+"""(the Ray node Serve was started on, its HTTP port): Serve is started once per Ray session."""
+
+
+@pytest.fixture(scope="module")
+def serve_url(ray_local, request):
+    """Serve's HTTP proxy on a free loopback port of `ray_local`: its base URL. Serve stays up for the
+    next module; the applications this module deployed are deleted when it ends."""
+    import ray
     from ray import serve
 
-    port = start_serve(serve)
+    node = ray.get_runtime_context().get_node_id()
+    started = request.config.stash.get(SERVE_PORT, None)
+    if started is None or started[0] != node:
+        started = (node, start_serve(serve))
+        request.config.stash[SERVE_PORT] = started
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{started[1]}"
     finally:
-        serve.shutdown()
+        for name in list(serve.status().applications):
+            serve.delete(name)
 
 
 def start_serve(serve, attempts: int = 3) -> int:

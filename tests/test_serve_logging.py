@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_serve_fixtures import holding_log_replica, replica_actors
+from train_serve_fixtures import SERVE_LOG_SALT, SERVE_LOG_SALT_ENV, holding_log_replica, replica_actors
 
 from catimage.errors import TableError
 from catimage.tables.served_log import ServedRow, read_served_log
@@ -57,9 +57,10 @@ def test_hashing_without_a_key_is_refused_with_what_to_do(monkeypatch):
 
 @pytest.fixture(scope="module")
 def log_salt():
-    """The privacy switch's key, in the environment the replicas inherit (set before Ray starts)."""
+    """The privacy switch's key in this process too (the replicas have it from the test Ray's
+    environment: tests/conftest.py)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CATIMAGE_LOG_SALT", "test-salt-not-secret")
+        mp.setenv(SERVE_LOG_SALT_ENV, SERVE_LOG_SALT)
         yield
 
 

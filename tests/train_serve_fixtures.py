@@ -63,6 +63,8 @@ SERVE_TEST_TOKEN = "test-token-" + "x" * 24
 SERVE_OTHER_TOKEN = "other-token-" + "y" * 24
 SERVE_KEYS_ENV = "CATIMAGE_TEST_API_KEYS"
 """The API keys every test Ray starts with (tests/conftest.py), for apps with auth_token_env."""
+SERVE_LOG_SALT_ENV, SERVE_LOG_SALT = "CATIMAGE_LOG_SALT", "test-salt-not-secret"
+"""The served log's hashing key every test Ray starts with (replicas read it from their environment)."""
 
 COSTS = {"tiny-sd-2": 2.0, "tiny-sd-8": 8.0, "tiny-sdxl-4": 6.0}
 
