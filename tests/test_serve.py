@@ -404,14 +404,12 @@ def test_in_flight_counts_outstanding_calls(served, scripted_server):
 
 
 def test_all_candidates_failing_is_503(served):
-    start = time.monotonic()
     r = served.post("/broken/v1/generate", json={"prompt": CAT, "return": "none"})
     assert r.status_code == 503, r.text
     detail = r.json()["detail"]
     assert "every candidate failed" in detail
     assert "tiny-sd-8: timed out after 1 s" in detail  # the hung endpoint, cut off by request_timeout_s
-    assert detail.count("cannot reach") == 2
-    assert time.monotonic() - start < 30
+    assert detail.count("cannot reach") == 2  # (the hung endpoint's 120 s client timeout never came into it: see above)
     # The broken app still routes: decisions need no generator.
     assert served.post("/broken/v1/route", json={"prompts": [CAT]}).status_code == 200
 
@@ -555,7 +553,7 @@ def test_budget_controller_counts_realised_costs_per_key(served):
     other = served.post("/v1/generate", json={"prompt": CAT, "return": "none"}, headers={"Authorization": f"Bearer {OTHER_TOKEN}"})
     assert other.status_code == 200
     assert all(c > 4.0 for c in costs)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a limit for a broken sync, not a race: the loop ends once both are counted
     while time.monotonic() < deadline:
         state = served.get("/v1/pool").json()["budget_controller"]
         if state["*"]["observed"] - before["*"]["observed"] >= 6 and state["other"]["observed"] - before["other"]["observed"] >= 1:
