@@ -11,7 +11,7 @@ every image that was paid for.
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,17 @@ async def _resolve(response: Any) -> Any:
     return await response
 
 
+CALLS_PER_REPLICA = 2
+"""Shared calls a router keeps out per generator replica: one drawing, one queued right behind it."""
+
+
+def calls_out_per_candidate(candidates: Iterable[Any]) -> dict[str, int]:
+    """Each candidate's limit on calls out at once (`CallBatcher.max_calls`), from the most replicas
+    its pool entry lets it scale to: enough to keep every replica busy, few enough that a burst
+    waits in the router as growing batches rather than in Serve's queue as small calls."""
+    return {c.name: CALLS_PER_REPLICA * int(c.serve.autoscaling.max_replicas) for c in candidates}
+
+
 class CallBatcher:
     """Concurrent draws of one candidate share one generator call (`Generator.draw_many`).
 
@@ -56,17 +67,22 @@ class CallBatcher:
     asking replicas for their queue length): under a burst, requests waited there a median 25 s while
     the generator replicas drew 3-6 images per batch (benchmarks/serve_load.py --world). Draws that
     arrive within `window_s` of each other, up to `max_items` (the generator's `max_batch_size`),
-    go out as one call, so the replica sees them together and batches them as one. A call is
-    cancelled only when every draw in it was (a draw that gives up alone stops waiting, not drawing).
+    go out as one call, so the replica sees them together and batches them as one. At most
+    `max_calls` calls are out at once: past that, draws wait here and leave together (up to
+    `max_items` a call) as soon as a call comes back, so a burst reaches the replicas as full batches
+    instead of a queue of small calls. A call is cancelled only when every draw in it was (a draw that
+    gives up alone stops waiting, not drawing).
     """
 
-    def __init__(self, handle: Any, max_items: int, window_s: float) -> None:
+    def __init__(self, handle: Any, max_items: int, window_s: float, max_calls: int | None = None) -> None:
         self.handle = handle
         self.max_items = int(max_items)
         self.window_s = float(window_s)
+        self.max_calls = None if max_calls is None else max(int(max_calls), 1)
         self._pending: list[tuple[tuple[str, int, bool], asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
         self.calls = 0
+        self.calls_out = 0
 
     async def call(self, prompt: str, seed: int, want_image: bool) -> bytes | None:
         loop = asyncio.get_running_loop()
@@ -82,17 +98,32 @@ class CallBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch = [(item, f) for item, f in self._pending if not f.done()]
-        self._pending = []
-        if not batch:
-            return
+        self._pending = [(item, f) for item, f in self._pending if not f.done()]
+        while self._pending and (self.max_calls is None or self.calls_out < self.max_calls):
+            batch, self._pending = self._pending[:self.max_items], self._pending[self.max_items:]
+            self._call(batch)
+
+    def _call(self, batch: list[tuple[tuple[str, int, bool], asyncio.Future]]) -> None:
         self.calls += 1
+        self.calls_out += 1
         response = self.handle.draw_many.remote([item for item, _ in batch])
         futures = [f for _, f in batch]
         task = asyncio.get_running_loop().create_task(_resolve(response))
         task.add_done_callback(lambda t: _settle(t, futures))
+        task.add_done_callback(self._returned)
         for f in futures:
             f.add_done_callback(lambda _f: _cancel_if_abandoned(response, task, futures))
+
+    @property
+    def waiting(self) -> int:
+        """Draws here, not yet in a call (a free call, or their window, ahead of them)."""
+        return sum(1 for _, f in self._pending if not f.done())
+
+    def _returned(self, _task: asyncio.Task) -> None:
+        """A call came back: what waited for a free call leaves now (it already waited its window)."""
+        self.calls_out -= 1
+        if self._pending:
+            self._send()
 
 
 def _settle(task: asyncio.Task, futures: list[asyncio.Future]) -> None:
@@ -122,7 +153,7 @@ class Drawer:
 
     def __init__(self, generators: Mapping[str, Any], timeouts: Mapping[str, float], replica_death_retries: int,
                  service_s_prior: float, metrics: Any, batch_sizes: Mapping[str, int] | None = None,
-                 batch_window_s: float = 0.005) -> None:
+                 batch_window_s: float = 0.005, calls_out: Mapping[str, int] | None = None) -> None:
         self.generators = dict(generators)
         self.timeouts = dict(timeouts)
         self.retries = replica_death_retries
@@ -130,7 +161,7 @@ class Drawer:
         self.service_s = {name: float(service_s_prior) for name in self.timeouts}
         self.metrics = metrics
         self.batchers = {  # candidates whose replicas batch (max_batch_size > 1): concurrent draws share calls
-            name: CallBatcher(handle, int((batch_sizes or {}).get(name, 1)), batch_window_s)
+            name: CallBatcher(handle, int((batch_sizes or {}).get(name, 1)), batch_window_s, (calls_out or {}).get(name))
             for name, handle in self.generators.items() if int((batch_sizes or {}).get(name, 1)) > 1
         }
 

@@ -375,6 +375,32 @@ def test_concurrent_draws_share_one_generator_call_and_each_gets_its_own_image(s
         assert all(np.abs(pixels[k] - pixels[4 + j]).max() > 1 for j in range(4) if j != k)
 
 
+def test_a_burst_waits_in_the_router_for_a_free_call_and_leaves_as_one_batch(served):
+    """One call out at most, four draws a call, a window that never elapses: of six draws, four fill
+    the first call; the other two wait in the router (not in a second call, not for their window)
+    and leave together the moment the first call comes back. Each gets the picture its seed draws alone."""
+    from ray import serve
+
+    from serve.drawing import CallBatcher
+
+    handle = serve.get_deployment_handle("Generator-tiny-sdxl-4", app_name="catimage")
+    seeds = [21, 22, 23, 24, 25, 26]
+    alone = [handle.remote(SIGN, seed, True).result() for seed in seeds]
+
+    async def burst() -> tuple[list, tuple[int, int], int]:
+        batcher = CallBatcher(handle, max_items=4, window_s=3600, max_calls=1)
+        draws = [asyncio.ensure_future(batcher.call(SIGN, seed, True)) for seed in seeds]
+        await asyncio.sleep(0)  # every draw handed to the batcher: the fourth sent the first call
+        while_first_out = (batcher.calls_out, batcher.waiting)
+        return await asyncio.gather(*draws), while_first_out, batcher.calls
+
+    shared, while_first_out, calls = asyncio.run(burst())
+    assert while_first_out == (1, 2) and calls == 2
+    pixels = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) for png in alone + shared]
+    for k in range(6):  # the same picture (a batch's float rounding may move a channel by one level)
+        assert np.abs(pixels[k] - pixels[6 + k]).max() <= 1
+
+
 def _pool_rows(served, prefix: str = "") -> dict:
     return {c["name"]: c for c in served.get(f"{prefix}/v1/pool").json()["candidates"]}
 
