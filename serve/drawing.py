@@ -10,6 +10,7 @@ every image that was paid for.
 # No `from __future__ import annotations` here, as in serve/app.py: Ray Serve reads annotations.
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -50,14 +51,20 @@ async def _resolve(response: Any) -> Any:
 
 
 CALLS_PER_REPLICA = 2
-"""Shared calls a router keeps out per generator replica: one drawing, one queued right behind it."""
+"""Shared calls a router keeps out per generator replica, at least: one drawing, one queued behind it."""
 
 
 def calls_out_per_candidate(candidates: Iterable[Any]) -> dict[str, int]:
-    """Each candidate's limit on calls out at once (`CallBatcher.max_calls`), from the most replicas
-    its pool entry lets it scale to: enough to keep every replica busy, few enough that a burst
-    waits in the router as growing batches rather than in Serve's queue as small calls."""
-    return {c.name: CALLS_PER_REPLICA * int(c.serve.autoscaling.max_replicas) for c in candidates}
+    """Each candidate's limit on calls out at once (`CallBatcher.max_calls`): per replica it may scale
+    to, its autoscaling target (Serve scales on ongoing calls, so calls past the target are what ask
+    for another replica) and at least two. Enough to keep every replica busy and to let the candidate
+    scale to its most replicas; few enough that a burst waits in the router as growing batches rather
+    than in Serve's queue as small calls."""
+    return {
+        c.name: max(CALLS_PER_REPLICA, math.ceil(c.serve.autoscaling.target_ongoing_requests))
+        * int(c.serve.autoscaling.max_replicas)
+        for c in candidates
+    }
 
 
 class CallBatcher:
