@@ -369,10 +369,17 @@ def test_concurrent_draws_share_one_generator_call_and_each_gets_its_own_image(s
 
     shared, calls = asyncio.run(together())
     assert calls == 1
-    pixels = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) for png in alone + shared]
-    for k in range(4):  # the same picture (a batch's float rounding may move a channel by one level)
-        assert np.abs(pixels[k] - pixels[4 + k]).max() <= 1
-        assert all(np.abs(pixels[k] - pixels[4 + j]).max() > 1 for j in range(4) if j != k)
+    _assert_each_is_its_own_seeds_picture(alone, shared)
+
+
+def _assert_each_is_its_own_seeds_picture(alone: list[bytes], shared: list[bytes]) -> None:
+    """shared[k] is the picture alone[k]'s seed draws (a batch's float rounding may move a channel by
+    one level), and no other seed's."""
+    decode = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) for png in alone + shared]
+    n = len(alone)
+    for k in range(n):
+        assert np.abs(decode[k] - decode[n + k]).max() <= 1
+        assert all(np.abs(decode[k] - decode[n + j]).max() > 1 for j in range(n) if j != k)
 
 
 def test_a_burst_waits_in_the_router_for_a_free_call_and_leaves_as_one_batch(served):
@@ -396,9 +403,7 @@ def test_a_burst_waits_in_the_router_for_a_free_call_and_leaves_as_one_batch(ser
 
     shared, while_first_out, calls = asyncio.run(burst())
     assert while_first_out == (1, 2) and calls == 2
-    pixels = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int) for png in alone + shared]
-    for k in range(6):  # the same picture (a batch's float rounding may move a channel by one level)
-        assert np.abs(pixels[k] - pixels[6 + k]).max() <= 1
+    _assert_each_is_its_own_seeds_picture(alone, shared)
 
 
 def _pool_rows(served, prefix: str = "") -> dict:
