@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import statistics
 import sys
@@ -381,19 +382,27 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.samples: list[tuple[float, float]] = []
         self._last: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seconds last seen
+        self.peak_processes: dict[str, int] = {}  # a Serve replica's actor name -> most processes seen at once
         self._halt = threading.Event()
 
     def cpu_now(self) -> float:
         import psutil
 
         me = psutil.Process()
+        replicas: dict[str, int] = {}
         for proc in [me, *me.children(recursive=True)]:
             try:
                 with proc.oneshot():
                     t = proc.cpu_times()
                     self._last[(proc.pid, proc.create_time())] = t.user + t.system
+                    title = " ".join(proc.cmdline())
             except psutil.Error:
-                pass
+                continue
+            if title.startswith("ray::ServeReplica:"):  # "ray::ServeReplica:<app>:<deployment>[.<method running>]"
+                name = title.split()[0].rsplit(":", 1)[-1].split(".")[0]  # (the world's names hold no dot)
+                replicas[name] = replicas.get(name, 0) + 1
+        for name, k in replicas.items():
+            self.peak_processes[name] = max(k, self.peak_processes.get(name, 0))
         return sum(self._last.values())
 
     def run(self) -> None:
@@ -477,20 +486,28 @@ def world_build_rate(workdir: Path, n_prompts: int, seeds: int) -> tuple[float, 
     return rate, per_cpu
 
 
-async def _world_load(url: str, prompts: list[str]) -> dict:
-    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+async def _world_load(url: str, prompts: list[str], budget: float | None = None) -> dict:
+    """Every prompt at once, one connection each. aiohttp (a dependency of Ray Serve) rather than httpx:
+    the load generator shares the two cores with what it measures, and httpx's connection pool
+    scans every connection per request (quadratic in the burst): 2-3 times the client CPU."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=len(prompts))
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
 
         async def one(i: int) -> tuple[float | None, str]:
             start = time.perf_counter()
             try:
                 # routed: one image per request, as the build draws (the shipped config cascades by default)
-                r = await client.post("/v1/generate", json={"prompt": prompts[i], "seed": i, "policy": "route"})
-            except httpx.HTTPError as err:
+                body = {"prompt": prompts[i], "seed": i, "policy": "route", **({} if budget is None else {"budget": budget})}
+                async with client.post("/v1/generate", json=body) as r:
+                    status, body = r.status, await r.read()
+            except (aiohttp.ClientError, TimeoutError) as err:
                 return None, f"{type(err).__name__}: {err}"
-            if r.status_code != 200 or not r.json().get("image"):
-                return None, f"HTTP {r.status_code}: {r.text[:200]}"
-            return (time.perf_counter() - start) * 1000, r.json()["candidate"]
+            answer = json.loads(body) if status == 200 else {}
+            if not answer.get("image"):
+                return None, f"HTTP {status}: {body[:200]!r}"
+            return (time.perf_counter() - start) * 1000, answer["candidate"]
 
         start = time.perf_counter()
         out = await asyncio.gather(*(one(i) for i in range(len(prompts))))
@@ -526,13 +543,59 @@ def _generator_batches(probes: int = 8) -> dict[str, tuple[int, int]]:
     return out
 
 
-def world_serve_rate(n: int, pool: Path | None = None) -> tuple[float, float]:
+def _report_burst(label: str, result: dict, cpu: float, roles: list[tuple[str, float]], costs: dict[str, float],
+                  batches: dict[str, tuple[int, int]], replicas: dict[str, int], n: int) -> tuple[float, float]:
+    """Print one burst's figures; (images/s, images per CPU-second) of its answered requests."""
+    lats = [ms for ms, _ in result["ok"]]
+    drawn: dict[str, int] = {}
+    for _, cand in result["ok"]:
+        drawn[cand] = drawn.get(cand, 0) + 1
+    rate = len(lats) / result["wall_s"]
+    print(f"  {label}: answered {len(lats)} of {n}, failed {len(result['errors'])}; wall {result['wall_s']:.1f} s; "
+          f"{rate:.1f} images/s; latency p50 {_pct(lats, 50) / 1000:.1f} s, p99 {_pct(lats, 99) / 1000:.1f} s")
+    mean_cost = sum(costs[c] * k for c, k in drawn.items()) / max(len(lats), 1)
+    print(f"    mean cost of an image drawn {mean_cost:.2f} GFLOPs (the build's: the pool's mean, "
+          f"{sum(costs.values()) / len(costs):.2f}): {rate * mean_cost:.1f} GFLOPs/s")
+    print(f"    drawn by {dict(sorted(drawn.items()))}; {len(lats) / max(cpu, 1e-9):.2f} images per CPU-second "
+          f"({cpu:.0f} CPU-s); generator replica processes, most at once: "
+          + ", ".join(f"{k[len('Generator-'):]} {v}" for k, v in sorted(replicas.items()) if k.startswith("Generator-")))
+    print("    images per generate() call (replicas seen through the handle, since deployment): "
+          + ", ".join(f"{c} {r / b:.1f} ({r} in {b})" for c, (r, b) in sorted(batches.items()) if b))
+    print(f"    CPU per image answered, by stage (ms; load avg {os.getloadavg()[0]:.1f}): "
+          + ", ".join(f"{r} {ms:.1f}" for r, ms in roles) + f"; all {sum(ms for _, ms in roles):.1f}")
+    for err in result["errors"][:5]:
+        print(f"      failed: {err}")
+    return rate, len(lats) / max(cpu, 1e-9)
+
+
+def _burst_of(url: str, prompts: list[str], budget: float | None) -> tuple[dict, float, list[tuple[str, float]], dict[str, int]]:
+    """One burst of concurrent requests: its result, CPU seconds, CPU per image by stage, and the most
+    replica processes of each deployment seen at once (counted from process titles: no call to Serve)."""
+    sampler = CpuSampler()
+    sampler.start()
+    t0, before = time.time(), cpu_by_process()
+    try:
+        result = asyncio.run(_world_load(url, prompts, budget))
+        cpu, after = sampler.between(t0, time.time()), cpu_by_process()
+    finally:
+        sampler.stop()
+    return result, cpu, cpu_by_role(before, after, len(result["ok"])), sampler.peak_processes
+
+
+def world_serve_rate(n: int, pool: Path | None = None) -> dict[str, tuple[float, float]]:
     """(images/s, images per CPU-second) of `n` concurrent /v1/generate on the shipped config
-    (optionally another pool file), answered ones only."""
+    (optionally another pool file), answered ones only, in three bursts of distinct prompts:
+    `cold`, right after deployment, at the config's budget (a candidate that needs a second replica
+    starts it during the burst); `warm`, right after it (the replicas it scaled to still up:
+    `downscale_delay_s` is 60 s), which compares with the build's steady rate (its actors' start-up
+    excluded); `equal work`, warm again at a budget equal to the pool's mean cost, the work per image
+    of the build, which draws every candidate alike (images/s of mixes that cost differently per
+    image do not compare)."""
     import ray
     import yaml
     from train_serve_fixtures import free_port
 
+    from catimage.tables.pool import load_pool
     from serve.app import build_app
 
     config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
@@ -541,66 +604,45 @@ def world_serve_rate(n: int, pool: Path | None = None) -> tuple[float, float]:
     if pool is not None:
         args["pool"] = str(pool)
         print(f"serve: pool {pool.name} instead of the shipped one")
+    costs = {c.name: float(c.cost) for c in load_pool(args["pool"]).candidates}
+    bursts = {"cold": None, "warm": None, "equal work": sum(costs.values()) / len(costs)}
     env_vars = (app.get("runtime_env") or {}).get("env_vars") or {}  # as `serve run` would give the replicas
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
+    figures = {}
     try:
         t = time.perf_counter()
         serve.run(build_app(args), name="catimage", route_prefix="/")
         print(f"serve: the shipped serve/config.yaml app deployed in {time.perf_counter() - t:.1f} s; "
-              f"{n} concurrent /v1/generate (load avg {os.getloadavg()[0]:.1f})", flush=True)
+              f"{len(bursts)} bursts of {n} concurrent /v1/generate (load avg {os.getloadavg()[0]:.1f})", flush=True)
         url = f"http://127.0.0.1:{port}"
         asyncio.run(_world_load(url, _world_prompts(8)))  # first calls: connections, first batches
-        sampler = CpuSampler()
-        sampler.start()
-        poller = ReplicaPoller("catimage", "Generator-small-8-g3")
-        poller.start()
-        t0, before = time.time(), cpu_by_process()
-        result = asyncio.run(_world_load(url, _world_prompts(n)[::-1]))
-        cpu, after = sampler.between(t0, time.time()), cpu_by_process()
-        batches = _generator_batches()
-        sampler.stop()
-        poller.stop()
+        prompts = _world_prompts(len(bursts) * n)[::-1]  # distinct prompts throughout: none answered from a cache
+        for k, (label, budget) in enumerate(bursts.items()):
+            result, cpu, roles, replicas = _burst_of(url, prompts[k * n:(k + 1) * n], budget)
+            at = f"budget {args.get('budget')} (the config's)" if budget is None else f"budget {budget:.2f} (the pool's mean cost)"
+            figures[label] = _report_burst(f"{label} burst, {at}", result, cpu, roles, costs, _generator_batches(), replicas, n)
     finally:
         serve.shutdown()
         ray.shutdown()
-    lats = [ms for ms, _ in result["ok"]]
-    drawn: dict[str, int] = {}
-    for _, cand in result["ok"]:
-        drawn[cand] = drawn.get(cand, 0) + 1
-    rate = len(lats) / result["wall_s"]
-    print(f"  answered {len(lats)} of {n}, failed {len(result['errors'])}; wall {result['wall_s']:.1f} s; "
-          f"{rate:.1f} images/s; latency p50 {_pct(lats, 50) / 1000:.1f} s, p99 {_pct(lats, 99) / 1000:.1f} s")
-    from catimage.tables.pool import load_pool
-
-    costs = {c.name: float(c.cost) for c in load_pool(args["pool"]).candidates}
-    mean_cost = sum(costs[c] * k for c, k in drawn.items()) / max(len(lats), 1)
-    print(f"  mean cost of an image drawn {mean_cost:.2f} GFLOPs (the build's: the pool's mean, "
-          f"{sum(costs.values()) / len(costs):.2f}): {rate * mean_cost:.1f} GFLOPs/s")
-    print(f"  drawn by {dict(sorted(drawn.items()))}; {len(lats) / max(cpu, 1e-9):.2f} images per CPU-second "
-          f"({cpu:.0f} CPU-s); Generator-small-8-g3 running replicas, peak {max(r for _, r, _ in poller.samples)}")
-    print("  images per generate() call (replicas seen through the handle, warm-up included): "
-          + ", ".join(f"{c} {r / b:.1f} ({r} in {b})" for c, (r, b) in sorted(batches.items()) if b))
-    roles = cpu_by_role(before, after, len(lats))
-    print(f"  CPU per image answered, by stage (ms; load avg {os.getloadavg()[0]:.1f}): "
-          + ", ".join(f"{r} {ms:.1f}" for r, ms in roles) + f"; all {sum(ms for _, ms in roles):.1f}")
-    for err in result["errors"][:5]:
-        print(f"    failed: {err}")
-    return rate, len(lats) / max(cpu, 1e-9)
+    return figures
 
 
 def world_main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="catimage-serve-world-") as tmp:
         build, build_cpu = world_build_rate(Path(tmp), args.build_prompts, args.build_seeds)
-        served, served_cpu = world_serve_rate(args.requests)
+        served = world_serve_rate(args.requests)
         if args.compare_unbatched:
-            before, before_cpu = world_serve_rate(args.requests, _unbatched_pool(Path(tmp)))
-            print(f"unbatched (the previous serve blocks): {before:.1f} images/s, {before_cpu:.2f} per CPU-second; "
-                  f"batched / unbatched {served / before:.2f} (wall), {served_cpu / before_cpu:.2f} (per CPU-second)")
-    print(f"serving / build steady throughput: {served:.1f} / {build:.1f} images/s = {served / build:.2f} (goal >= 0.7); "
-          f"per CPU-second {served_cpu:.2f} / {build_cpu:.2f} = {served_cpu / build_cpu:.2f} "
-          f"(the same ratio with the machine to ourselves)")
+            before = world_serve_rate(args.requests, _unbatched_pool(Path(tmp)))
+            for label in ("warm", "equal work"):
+                (now, now_cpu), (was, was_cpu) = served[label], before[label]
+                print(f"unbatched (the previous serve blocks), {label}: {was:.1f} images/s, {was_cpu:.2f} per CPU-second; "
+                      f"batched / unbatched {now / was:.2f} (wall), {now_cpu / was_cpu:.2f} (per CPU-second)")
+    for label, (rate, per_cpu) in served.items():
+        print(f"serving ({label} burst) / build steady throughput: {rate:.1f} / {build:.1f} images/s = {rate / build:.2f} "
+              f"(goal >= 0.7); per CPU-second {per_cpu:.2f} / {build_cpu:.2f} = {per_cpu / build_cpu:.2f} "
+              f"(the same ratio with the machine to ourselves)")
     return 0
 
 

@@ -249,7 +249,7 @@ def build_app(args: AppArgs | Mapping[str, Any]) -> serve.Application:
     demands = [deployment_demand(opts["name"], opts) for opts, _ in generators.values()]
     handles = {
         name: Generator.options(**opts).bind(name, cand.generator.model_dump(mode="json"), args.device,
-                                             cand.serve.max_batch_size, cand.serve.batch_wait_timeout_s)
+                                             cand.serve.max_batch_size, cand.serve.batch_wait_timeout_s, args.warmup)
         for name, (opts, cand) in generators.items()
     }
     return compose(args, handles, pool, meta, demands)

@@ -54,15 +54,28 @@ CALLS_PER_REPLICA = 2
 """Shared calls a router keeps out per generator replica, at least: one drawing, one queued behind it."""
 
 
-def calls_out_per_candidate(candidates: Iterable[Any]) -> dict[str, int]:
-    """Each candidate's limit on calls out at once (`CallBatcher.max_calls`): per replica it may scale
-    to, its autoscaling target (Serve scales on ongoing calls, so calls past the target are what ask
-    for another replica) and at least two. Enough to keep every replica busy and to let the candidate
-    scale to its most replicas; few enough that a burst waits in the router as growing batches rather
-    than in Serve's queue as small calls."""
+@dataclass(frozen=True)
+class CallLimits:
+    """How a router shares calls to one candidate's generator deployment (`CallBatcher`)."""
+
+    max_items: int  # draws per call: the generator's max_batch_size
+    max_calls: int  # calls out at once
+    max_partial_calls: int = 1  # calls out at once beyond which a call that is not full waits
+
+
+def call_limits(candidates: Iterable[Any]) -> dict[str, CallLimits]:
+    """Each pool candidate's limits. Calls out: per replica it may scale to, its autoscaling target
+    (Serve scales on ongoing calls, so calls past the target are what ask for another replica) and at
+    least two. Enough to keep every replica busy and to let the candidate scale to its most replicas;
+    few enough that a burst waits in the router as growing batches rather than in Serve's queue as
+    small calls. A call that is not full leaves only while no other call is out: only full batches
+    waiting, real load, make a candidate ask for another replica."""
     return {
-        c.name: max(CALLS_PER_REPLICA, math.ceil(c.serve.autoscaling.target_ongoing_requests))
-        * int(c.serve.autoscaling.max_replicas)
+        c.name: CallLimits(
+            max_items=max(int(c.serve.max_batch_size), 1),
+            max_calls=max(CALLS_PER_REPLICA, math.ceil(c.serve.autoscaling.target_ongoing_requests))
+            * int(c.serve.autoscaling.max_replicas),
+        )
         for c in candidates
     }
 
@@ -77,15 +90,20 @@ class CallBatcher:
     go out as one call, so the replica sees them together and batches them as one. At most
     `max_calls` calls are out at once: past that, draws wait here and leave together (up to
     `max_items` a call) as soon as a call comes back, so a burst reaches the replicas as full batches
-    instead of a queue of small calls. A call is cancelled only when every draw in it was (a draw that
-    gives up alone stops waiting, not drawing).
+    instead of a queue of small calls. A call that is not full leaves only while fewer than
+    `max_partial_calls` calls are out: a candidate with a trickle of draws keeps one small call out
+    and gathers the rest behind it, rather than a queue of small calls that Serve's autoscaler, which
+    counts calls, would read as load worth another replica. A call is cancelled only when every draw
+    in it was (a draw that gives up alone stops waiting, not drawing).
     """
 
-    def __init__(self, handle: Any, max_items: int, window_s: float, max_calls: int | None = None) -> None:
+    def __init__(self, handle: Any, max_items: int, window_s: float, max_calls: int | None = None,
+                 max_partial_calls: int | None = None) -> None:
         self.handle = handle
         self.max_items = int(max_items)
         self.window_s = float(window_s)
         self.max_calls = None if max_calls is None else max(int(max_calls), 1)
+        self.max_partial_calls = None if max_partial_calls is None else max(int(max_partial_calls), 1)
         self._pending: list[tuple[tuple[str, int, bool], asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
         self.calls = 0
@@ -106,9 +124,13 @@ class CallBatcher:
             self._timer.cancel()
             self._timer = None
         self._pending = [(item, f) for item, f in self._pending if not f.done()]
-        while self._pending and (self.max_calls is None or self.calls_out < self.max_calls):
+        while self._pending and self._may_send(full=len(self._pending) >= self.max_items):
             batch, self._pending = self._pending[:self.max_items], self._pending[self.max_items:]
             self._call(batch)
+
+    def _may_send(self, full: bool) -> bool:
+        limits = (self.max_calls,) if full else (self.max_calls, self.max_partial_calls)
+        return all(limit is None or self.calls_out < limit for limit in limits)
 
     def _call(self, batch: list[tuple[tuple[str, int, bool], asyncio.Future]]) -> None:
         self.calls += 1
@@ -159,17 +181,19 @@ class Drawer:
     """Generator handles with their timeouts, in-flight counts and measured service times."""
 
     def __init__(self, generators: Mapping[str, Any], timeouts: Mapping[str, float], replica_death_retries: int,
-                 service_s_prior: float, metrics: Any, batch_sizes: Mapping[str, int] | None = None,
-                 batch_window_s: float = 0.005, calls_out: Mapping[str, int] | None = None) -> None:
+                 service_s_prior: float, metrics: Any, limits: Mapping[str, CallLimits] | None = None,
+                 batch_window_s: float = 0.005) -> None:
         self.generators = dict(generators)
         self.timeouts = dict(timeouts)
         self.retries = replica_death_retries
         self.in_flight = {name: 0 for name in self.timeouts}
         self.service_s = {name: float(service_s_prior) for name in self.timeouts}
         self.metrics = metrics
+        limits = limits or {}
         self.batchers = {  # candidates whose replicas batch (max_batch_size > 1): concurrent draws share calls
-            name: CallBatcher(handle, int((batch_sizes or {}).get(name, 1)), batch_window_s, (calls_out or {}).get(name))
-            for name, handle in self.generators.items() if int((batch_sizes or {}).get(name, 1)) > 1
+            name: CallBatcher(handle, limits[name].max_items, batch_window_s, limits[name].max_calls,
+                              limits[name].max_partial_calls)
+            for name, handle in self.generators.items() if name in limits and limits[name].max_items > 1
         }
 
     async def _call(self, candidate: str, prompt: str, seed: int, want_image: bool) -> bytes | None:

@@ -6,6 +6,7 @@ of the Serve deployment that draws a candidate."""
 import asyncio
 import io
 import logging
+import time
 from typing import Any
 
 from ray import serve
@@ -46,7 +47,7 @@ class Generator:
 
     def __init__(
         self, candidate: str, spec: dict[str, Any], device: str | None = None,
-        max_batch_size: int = 1, batch_wait_timeout_s: float = 0.01,
+        max_batch_size: int = 1, batch_wait_timeout_s: float = 0.01, warmup: bool = False,
     ) -> None:
         from catimage.generators import make_generator
         from catimage.generators.spec import parse_generator_spec
@@ -55,7 +56,8 @@ class Generator:
         self._generator = make_generator(parse_generator_spec(spec), device=device)
         self._exclusive = getattr(self._generator, "pipe", None) is not None
         self._lock = asyncio.Lock()
-        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "interrupted": 0, "busy": 0, "unet_steps": 0}
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "interrupted": 0, "busy": 0, "unet_steps": 0,
+                       "warmup_steps": self._warm_up() if warmup else 0}
         unet = getattr(getattr(self._generator, "pipe", None), "unet", None)
         if unet is not None:  # a denoising step is one UNet call: what an interruption saves is countable
             unet.register_forward_hook(self._count_step)
@@ -76,6 +78,15 @@ class Generator:
         if len(images) != len(prompts):
             raise RuntimeError(f"generator {self.candidate} returned {len(images)} images for {len(prompts)} prompts")
         return images
+
+    def _warm_up(self) -> int:
+        """Before the replica reports ready (before the step counter is hooked): a first call's lazy
+        loads would otherwise land on the first requests, in the middle of a burst that scaled it up."""
+        start = time.perf_counter()
+        steps = self._generator.warm_up()
+        if steps:
+            log.info("generator %s warmed up in %.2f s", self.candidate, time.perf_counter() - start)
+        return steps
 
     def _count_step(self, *_: Any) -> None:
         self._stats["unet_steps"] += 1

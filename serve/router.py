@@ -42,7 +42,7 @@ from catimage.tables.pool import load_pool
 from catimage.tables.table import stable_prompt_id
 from serve.answers import generate_response, images_body
 from serve.auth import ApiKeys
-from serve.drawing import AllFailed, Drawer, calls_out_per_candidate
+from serve.drawing import AllFailed, Drawer, call_limits
 from serve.errors import BodyLimit, http_error, validation_error
 from serve.generator_deployment import deployment_name
 from serve.ledger import CostLedger, sync
@@ -168,7 +168,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.drawer = Drawer(generators, {n: c.serve.request_timeout_s for n, c in cands.items()},
                              self.args.replica_death_retries, self.args.load_aware.service_s_prior, self.metrics,
-                             batch_sizes=self.slots_per_replica, calls_out=calls_out_per_candidate(cands.values()))
+                             limits=call_limits(cands.values()))
         self.coordinator = coordinator
         self.ledger = CostLedger()
         self._feed_forward = bool(self.args.budget_controller is not None and self.args.budget_controller.feed_forward)

@@ -465,7 +465,7 @@ class AppArgs(BaseModel):
     )
     retry_after_s: float = Field(default=5.0, ge=0, description="Retry-After of overload 503s.")
     replica_death_retries: int = Field(default=1, ge=0, description="Retries of the same candidate when its replica died.")
-    warmup: bool = Field(default=True, description="Run the model once per input kind before reporting ready.")
+    warmup: bool = Field(default=True, description="Run the router's model once per input kind, and each in-process generator once (one denoising step), before reporting ready.")
     embedding_cache_size: int = Field(default=4096, ge=0, description="Prompts whose embeddings the router keeps (LRU).")
     route_chunk_size: int = Field(default=32, ge=1, description="/v1/route batches run this many prompts at a time.")
     decision_batch_size: int = Field(default=16, ge=1, description="Concurrent single-prompt decisions batched (@serve.batch).")

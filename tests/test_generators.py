@@ -321,6 +321,14 @@ def test_http_generator_retries_5xx_then_succeeds():
     assert "seed" not in srv.requests[-1]  # not sent unless the spec says the API takes one
 
 
+def test_http_generator_warm_up_calls_no_paid_api():
+    with _ImagesServer() as srv:
+        gen = make_generator(_http_spec(srv.url))
+        assert gen.warm_up() == 0
+        gen.generate(["a boat"], [1])
+    assert len(srv.requests) == 1  # the drawing's call only
+
+
 def test_http_generator_errors_are_clear(monkeypatch):
     monkeypatch.delenv("CATIMAGE_MISSING_KEY", raising=False)
     with pytest.raises(CatimageError, match="CATIMAGE_MISSING_KEY.*not set"):

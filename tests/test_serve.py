@@ -406,6 +406,45 @@ def test_a_burst_waits_in_the_router_for_a_free_call_and_leaves_as_one_batch(ser
     _assert_each_is_its_own_seeds_picture(alone, shared)
 
 
+def test_a_partial_call_waits_for_the_call_out_and_a_full_one_does_not(served, scripted_server):
+    """Four draws a call, three calls out at most, one of them partial; the scripted endpoint holds
+    every call until released (states are read while held: events, not times). A lone draw leaves on
+    its window; two draws that come while it is out wait behind it; four more make a full call with
+    those two, which leaves at once beside the first; the two left over wait until both are back, then
+    leave as one call and draw. Counted by hand: 3 calls, at most 2 out at once."""
+    from ray import serve
+
+    from serve.drawing import CallBatcher
+
+    handle = serve.get_deployment_handle("Generator-tiny-sd-2", app_name="scripted")
+    scripted_server.release.clear()
+    scripted_server.script[:] = ["hold"] * 5  # the lone draw's request and the full call's four
+
+    async def trickle() -> tuple[list, list[tuple[int, int]], int]:
+        batcher = CallBatcher(handle, max_items=4, window_s=0, max_calls=3, max_partial_calls=1)
+        draws = [asyncio.ensure_future(batcher.call(CAT, 1, True))]
+        deadline = time.monotonic() + 60
+        while batcher.calls_out == 0 and time.monotonic() < deadline:  # the lone draw's window elapses
+            await asyncio.sleep(0.001)
+        seen = [(batcher.calls_out, batcher.waiting)]
+        draws += [asyncio.ensure_future(batcher.call(CAT, seed, True)) for seed in (2, 3)]
+        await asyncio.sleep(0.05)  # their window elapses too: the held call out keeps them waiting
+        seen.append((batcher.calls_out, batcher.waiting))
+        draws += [asyncio.ensure_future(batcher.call(CAT, seed, True)) for seed in range(4, 8)]
+        await asyncio.sleep(0)  # handed over: the fourth waiting draw filled a call, which left
+        seen.append((batcher.calls_out, batcher.waiting))
+        scripted_server.release.set()
+        return await asyncio.gather(*draws, return_exceptions=True), seen, batcher.calls
+
+    try:
+        out, seen, calls = asyncio.run(trickle())
+    finally:
+        scripted_server.release.set()
+    assert seen == [(1, 0), (1, 2), (2, 2)] and calls == 3, (seen, calls)
+    # The held calls answer 500 once released; the last call (seeds 6 and 7) draws.
+    assert [isinstance(o, bytes) for o in out] == [False] * 5 + [True] * 2, out
+
+
 def _pool_rows(served, prefix: str = "") -> dict:
     return {c["name"]: c for c in served.get(f"{prefix}/v1/pool").json()["candidates"]}
 

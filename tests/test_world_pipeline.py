@@ -125,3 +125,19 @@ def test_cost_of_a_world_candidate_adds_up(exported):
         return 6 * (2 * t * (4 * 384 * 384 + 2 * 384 * 1536) + 4 * t * t * 384) + 2 * 384 * 384
     assert four.text_encoder * 1e12 == bert(32) + bert(2)
     assert plain.text_encoder * 1e12 == bert(32)
+
+
+def test_warm_up_loads_the_text_encoder_with_one_unet_call_and_changes_no_drawing(exported):
+    """A serving replica warms up before it reports ready: the lazily loaded text encoder loads now,
+    at one UNet call (one denoising step; guidance batches both halves into that call), and the
+    drawings after it are the drawings of a generator that never warmed up."""
+    spec = {"model": str(exported), "steps": 2, "scheduler": "ddim", "guidance_scale": 2.0}
+    warmed, cold = make_generator(spec, device="cpu"), make_generator(spec, device="cpu")
+    calls = []
+    warmed.pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    assert warmed.pipe._text_embedder is None
+    assert warmed.warm_up() == 1
+    assert len(calls) == 1 and warmed.pipe._text_embedder is not None
+    drawn = warmed.generate(["two blue squares"], [12])
+    assert len(calls) == 3  # the drawing itself: its two steps
+    assert np.array_equal(np.asarray(drawn[0]), np.asarray(cold.generate(["two blue squares"], [12])[0]))

@@ -103,6 +103,11 @@ class Generator(ABC):
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         """One PIL image per prompt, drawn with the matching seed."""
 
+    def warm_up(self) -> int:
+        """Pay the costs of a first call (lazy loads, first allocations) before any caller waits on
+        them; returns the denoising steps it drew. A hosted model is not called: each call costs."""
+        return 0
+
     def close(self) -> None:
         """Release clients or device memory; the generator is unusable afterwards."""
 
