@@ -104,15 +104,16 @@ class CallBatcher:
         self.window_s = float(window_s)
         self.max_calls = None if max_calls is None else max(int(max_calls), 1)
         self.max_partial_calls = None if max_partial_calls is None else max(int(max_partial_calls), 1)
-        self._pending: list[tuple[tuple[str, int, bool], asyncio.Future]] = []
+        self._pending: list[tuple[tuple, asyncio.Future]] = []  # ((prompt, seed, want_image[, tokens]), future)
         self._timer: asyncio.TimerHandle | None = None
         self.calls = 0
         self.calls_out = 0
 
-    async def call(self, prompt: str, seed: int, want_image: bool) -> bytes | None:
+    async def call(self, prompt: str, seed: int, want_image: bool, tokens: Any = None) -> bytes | None:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append(((prompt, seed, want_image), future))
+        item = (prompt, seed, want_image) if tokens is None else (prompt, seed, want_image, tokens)
+        self._pending.append((item, future))
         if len(self._pending) >= self.max_items:
             self._send()
         elif self._timer is None:
@@ -132,7 +133,7 @@ class CallBatcher:
         limits = (self.max_calls,) if full else (self.max_calls, self.max_partial_calls)
         return all(limit is None or self.calls_out < limit for limit in limits)
 
-    def _call(self, batch: list[tuple[tuple[str, int, bool], asyncio.Future]]) -> None:
+    def _call(self, batch: list[tuple[tuple, asyncio.Future]]) -> None:
         self.calls += 1
         self.calls_out += 1
         response = self.handle.draw_many.remote([item for item, _ in batch])
@@ -177,13 +178,26 @@ def _cancel_if_abandoned(response: Any, task: asyncio.Task, futures: list[asynci
         task.cancel()
 
 
+TEXT_FEATURES_TIMEOUT_S = 10.0
+"""How long a router waits for a generator to say which text features it takes, once per candidate."""
+
+
 class Drawer:
-    """Generator handles with their timeouts, in-flight counts and measured service times."""
+    """Generator handles with their timeouts, in-flight counts and measured service times.
+
+    `prompt_tokens(prompt)` gives (the router's embedder identity, the prompt's per-token features)
+    when the router has them (its embedding cache), or None. A generator whose text encoder is that
+    embedder (`Generator.text_features`, asked once per candidate) gets them with the draw instead
+    of running the same encoder again on the same prompt.
+    """
 
     def __init__(self, generators: Mapping[str, Any], timeouts: Mapping[str, float], replica_death_retries: int,
                  service_s_prior: float, metrics: Any, limits: Mapping[str, CallLimits] | None = None,
-                 batch_window_s: float = 0.005) -> None:
+                 batch_window_s: float = 0.005,
+                 prompt_tokens: Callable[[str], tuple[dict[str, Any], Any] | None] | None = None) -> None:
         self.generators = dict(generators)
+        self.prompt_tokens = prompt_tokens
+        self._text_features: dict[str, asyncio.Task] = {}
         self.timeouts = dict(timeouts)
         self.retries = replica_death_retries
         self.in_flight = {name: 0 for name in self.timeouts}
@@ -196,13 +210,34 @@ class Drawer:
             for name, handle in self.generators.items() if name in limits and limits[name].max_items > 1
         }
 
+    async def _features_of(self, candidate: str) -> dict[str, Any] | None:
+        """The candidate's `text_features` (asked once; None if it takes none or cannot say)."""
+        try:
+            return await asyncio.wait_for(_resolve(self.generators[candidate].text_features.remote()),
+                                          min(TEXT_FEATURES_TIMEOUT_S, self.timeouts[candidate]))
+        except Exception as err:  # noqa: BLE001 - an older or failing generator: it encodes its own prompts
+            log.warning("generator %s did not say which text features it takes (%s); it encodes its own", candidate, err)
+            return None
+
+    async def _tokens_for(self, candidate: str, prompt: str) -> Any:
+        """The prompt's tokens when the candidate's generator takes the router's, else None."""
+        given = None if self.prompt_tokens is None else self.prompt_tokens(prompt)
+        if given is None:
+            return None
+        if candidate not in self._text_features:
+            self._text_features[candidate] = asyncio.ensure_future(self._features_of(candidate))
+        identity, tokens = given
+        return tokens if await asyncio.shield(self._text_features[candidate]) == identity else None
+
     async def _call(self, candidate: str, prompt: str, seed: int, want_image: bool) -> bytes | None:
         """One draw: alone, its own generator call (cancelled on timeout: the replica stops drawing);
         while other draws of the candidate are in flight, through its CallBatcher."""
+        tokens = await self._tokens_for(candidate, prompt)
         alone = self.in_flight[candidate] == 0  # no queue ahead (as far as this router knows)
         batcher = None if alone else self.batchers.get(candidate)
-        response = None if batcher is not None else self.generators[candidate].remote(prompt, seed, want_image)
-        waiting = batcher.call(prompt, seed, want_image) if batcher is not None else _resolve(response)
+        args = (prompt, seed, want_image) if tokens is None else (prompt, seed, want_image, tokens)
+        response = None if batcher is not None else self.generators[candidate].remote(*args)
+        waiting = batcher.call(prompt, seed, want_image, tokens) if batcher is not None else _resolve(response)
         self._count(candidate, +1)
         start = time.perf_counter()
         try:

@@ -2,12 +2,14 @@
 
 Wraps the bundle's embedder in place (`RouterModel.embedder`), so `RouterModel.predict` uses it
 unchanged. Both outputs of one model pass (pooled and per-token) are kept, so a prompt embedded
-for one estimator kind is cached for the other too. Not thread-safe by itself: the router calls it
-from its single model thread only.
+for one estimator kind is cached for the other too. The router embeds from its single model thread;
+`features_of` reads from the event loop (a generator that takes these tokens gets them with the
+draw), so the store is guarded by a lock, held only around the dictionary, never around the model.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +26,8 @@ class LruEmbeddingCache:
         self.inner = inner
         self.size = int(size)
         self._store: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._identity = inner.identity()
         self.hits = 0
         self.misses = 0
 
@@ -32,23 +36,30 @@ class LruEmbeddingCache:
 
     def _lookup(self, prompts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         prompts = list(prompts)
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._store))
+        with self._lock:
+            known = {p: self._store[p] for p in prompts if p in self._store}
+        missing = list(dict.fromkeys(p for p in prompts if p not in known))
         self.misses += len(missing)
         self.hits += len(prompts) - len(missing)
-        fresh: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if missing:
             pooled, tokens = self.inner.encode_with_tokens(missing)
-            fresh = {p: (pooled[i], tokens[i]) for i, p in enumerate(missing)}
-        out = []
-        for p in prompts:
-            item = fresh.get(p) or self._store[p]
-            out.append(item)
-            if self.size:
-                self._store[p] = item
-                self._store.move_to_end(p)
-        while len(self._store) > self.size:
-            self._store.popitem(last=False)
+            known.update({p: (pooled[i], tokens[i]) for i, p in enumerate(missing)})
+        out = [known[p] for p in prompts]
+        if self.size:
+            with self._lock:
+                for p in prompts:
+                    self._store[p] = known[p]
+                    self._store.move_to_end(p)
+                while len(self._store) > self.size:
+                    self._store.popitem(last=False)
         return out
+
+    def features_of(self, prompt: str) -> tuple[dict[str, Any], np.ndarray] | None:
+        """(the embedder's identity, the prompt's per-token features) if cached, else None; never
+        runs the model (safe from any thread)."""
+        with self._lock:
+            item = self._store.get(prompt)
+        return None if item is None else (self._identity, item[1])
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
         items = self._lookup(prompts)

@@ -55,9 +55,10 @@ class Generator:
         self.candidate = candidate
         self._generator = make_generator(parse_generator_spec(spec), device=device)
         self._exclusive = getattr(self._generator, "pipe", None) is not None
+        self._text_features = self._generator.text_features
         self._lock = asyncio.Lock()
         self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "interrupted": 0, "busy": 0, "unet_steps": 0,
-                       "warmup_steps": self._warm_up() if warmup else 0}
+                       "given_tokens": 0, "warmup_steps": self._warm_up() if warmup else 0}
         unet = getattr(getattr(self._generator, "pipe", None), "unet", None)
         if unet is not None:  # a denoising step is one UNet call: what an interruption saves is countable
             unet.register_forward_hook(self._count_step)
@@ -67,12 +68,17 @@ class Generator:
             self._draw_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         log.info("generator %s ready (max_batch_size=%d)", candidate, max_batch_size)
 
-    def _draw(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+    def _draw(self, prompts: list[str], seeds: list[int], tokens: list[Any] | None = None) -> list[Any]:
         self._stats["batches"] += 1
         self._stats["largest_batch"] = max(self._stats["largest_batch"], len(prompts))
         self._stats["busy"] += 1
+        given = sum(t is not None for t in tokens or [])
+        self._stats["given_tokens"] += given
         try:
-            images = self._generator.generate(prompts, seeds)
+            if given:
+                images = self._generator.generate(prompts, seeds, prompt_tokens=tokens)
+            else:
+                images = self._generator.generate(prompts, seeds)
         finally:
             self._stats["busy"] -= 1
         if len(images) != len(prompts):
@@ -96,10 +102,10 @@ class Generator:
         if pipe is not None:
             pipe._interrupt = True  # diffusers checks it before every denoising step
 
-    async def _draw_cancellable(self, prompts: list[str], seeds: list[int]) -> list[Any]:
+    async def _draw_cancellable(self, prompts: list[str], seeds: list[int], tokens: list[Any] | None) -> list[Any]:
         """Draw in a thread; if this request is cancelled, stop the pipeline and wait for the thread
         (so the pipeline is never used by two threads), then let the cancellation through."""
-        task = asyncio.ensure_future(asyncio.to_thread(self._draw, prompts, seeds))
+        task = asyncio.ensure_future(asyncio.to_thread(self._draw, prompts, seeds, tokens))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -110,33 +116,42 @@ class Generator:
                 await asyncio.wait({task}, timeout=0.05)
             raise
 
-    def _draw_encoded(self, items: list[tuple[str, int, bool]]) -> list[bytes | None]:
+    def _draw_encoded(self, items: list[tuple[str, int, bool, Any]]) -> list[bytes | None]:
         """One generate() call for the batch, and the PNGs of those who want one, in one thread hop."""
-        images = self._draw([p for p, _, _ in items], [s for _, s, _ in items])
-        return [_png_bytes(image) if want else None for image, (_, _, want) in zip(images, items)]
+        images = self._draw([p for p, _, _, _ in items], [s for _, s, _, _ in items], [t for _, _, _, t in items])
+        return [_png_bytes(image) if want else None for image, (_, _, want, _) in zip(images, items)]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _draw_batch(self, items: list[tuple[str, int, bool]]) -> list[bytes | None]:
+    async def _draw_batch(self, items: list[tuple[str, int, bool, Any]]) -> list[bytes | None]:
         return await asyncio.to_thread(self._draw_encoded, items)
 
     def stats(self) -> dict[str, Any]:
         """Requests and generate() calls this replica served, and where it draws (`.stats.remote()`)."""
         return {**self._stats, "device": str(getattr(self._generator, "device", "remote"))}
 
-    async def draw_many(self, items: list[tuple[str, int, bool]]) -> list[bytes | None]:
-        """Several draws a router sent as one call (serve/drawing.py CallBatcher): each is drawn as if
-        it came alone, so they join this replica's batches together; in order."""
-        return list(await asyncio.gather(*(self(prompt, seed, want) for prompt, seed, want in items)))
+    def text_features(self) -> dict[str, Any] | None:
+        """The text encoder whose per-token features a draw may bring (`tokens`), or None: a router
+        that computed them for its decision hands them over instead of this replica encoding again."""
+        return self._text_features
 
-    async def __call__(self, prompt: str, seed: int, want_image: bool = True) -> bytes | None:
+    async def draw_many(self, items: list[tuple]) -> list[bytes | None]:
+        """Several draws a router sent as one call (serve/drawing.py CallBatcher): each is drawn as if
+        it came alone, so they join this replica's batches together; in order. An item is (prompt,
+        seed, want_image) or (prompt, seed, want_image, tokens)."""
+        return list(await asyncio.gather(*(self(*item) for item in items)))
+
+    async def __call__(self, prompt: str, seed: int, want_image: bool = True, tokens: Any = None) -> bytes | None:
+        """`tokens`: the prompt's `text_features` tokens, (T, d) float32, or None (encoded here)."""
         self._stats["requests"] += 1
+        if tokens is not None and self._text_features is None:
+            tokens = None  # a generator that encodes its own prompts ignores them
         if self._batched:
-            return await self._draw_batch((prompt, seed, want_image))
+            return await self._draw_batch((prompt, seed, want_image, tokens))
         if self._exclusive:
             async with self._lock:
-                image = (await self._draw_cancellable([prompt], [seed]))[0]
+                image = (await self._draw_cancellable([prompt], [seed], [tokens]))[0]
         else:
-            image = (await asyncio.to_thread(self._draw, [prompt], [seed]))[0]
+            image = (await asyncio.to_thread(self._draw, [prompt], [seed], [tokens]))[0]
         if not want_image:
             return None
         return await asyncio.to_thread(_png_bytes, image)

@@ -168,7 +168,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.drawer = Drawer(generators, {n: c.serve.request_timeout_s for n, c in cands.items()},
                              self.args.replica_death_retries, self.args.load_aware.service_s_prior, self.metrics,
-                             limits=call_limits(cands.values()))
+                             limits=call_limits(cands.values()), prompt_tokens=self._prompt_tokens)
         self.coordinator = coordinator
         self.ledger = CostLedger()
         self._feed_forward = bool(self.args.budget_controller is not None and self.args.budget_controller.feed_forward)
@@ -303,6 +303,12 @@ class Router:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         return name
+
+    def _prompt_tokens(self, prompt: str) -> tuple[dict[str, Any], np.ndarray] | None:
+        """What the serving model's embedder computed for `prompt` (identity, per-token features),
+        from its embedding cache; None when not cached. For generators with the same text encoder."""
+        features_of = getattr(self.state.model.router.embedder, "features_of", None)
+        return None if features_of is None else features_of(prompt)
 
     # --- predictions on the model thread ------------------------------------------------------
     def _predict_many_now(self, state: ModelState, prompts: list[str], plans: bool) -> tuple[np.ndarray, Any]:

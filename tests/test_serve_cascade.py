@@ -280,3 +280,34 @@ def test_scorer_replica_killed_under_load_fails_no_request(served):
             if a["scored"]:
                 assert a["decision_score"] == (0.0 if a["candidate"] == "blank" else 1.0)
     assert replicas[0] not in replica_actors(KILL_APP, "Scorer-scene_score")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_router_hands_its_prompt_tokens_to_a_world_generator(served):
+    """small-2 conditions on MiniLM, the router's embedder: the Drawer asks it once which features it
+    takes, then each draw brings the prompt's tokens and the replica encodes nothing (counted by the
+    replica); the pictures are those the prompts draw. Tokens of another embedder are not sent."""
+    from ray import serve
+
+    from catimage.features.registry import make_embedder
+    from serve.drawing import Drawer
+    from serve.router import RouterMetrics
+
+    handle = serve.get_deployment_handle("Gen-small-2", app_name=KILL_APP)
+    minilm = make_embedder("minilm")  # the test's own encoder, standing for the router's
+    prompts = PROMPTS[:2]
+    tokens = dict(zip(prompts, minilm.encode_with_tokens(prompts)[1]))
+    alone = [handle.remote(p, 5, True).result() for p in prompts]  # encoded by the replica
+
+    async def draw(identity: dict) -> list:
+        drawer = Drawer({"small-2": handle}, {"small-2": 120.0}, 0, 1.0, RouterMetrics(),
+                        prompt_tokens=lambda p: (identity, tokens[p]))
+        return [await drawer.draw(p, ["small-2"], 5, True, lambda _c: None) for p in prompts]
+
+    before = handle.stats.remote().result()["given_tokens"]
+    drawn = asyncio.run(draw(minilm.identity()))
+    assert handle.stats.remote().result()["given_tokens"] == before + 2
+    assert all(_png_equal(d.png, a) for d, a in zip(drawn, alone))
+    asyncio.run(draw(make_embedder("minilm", path="/models/another-minilm").identity()))
+    assert handle.stats.remote().result()["given_tokens"] == before + 2

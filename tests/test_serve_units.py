@@ -88,6 +88,22 @@ def test_embedding_cache_returns_the_wrapped_embedders_values_and_evicts():
     assert cache.misses == 4 and cache.hits == 2
 
 
+def test_embedding_cache_hands_out_cached_tokens_only():
+    """What a generator with the same text encoder gets with a draw: the inner embedder's own tokens
+    for a cached prompt, with its identity; nothing (and no model run) for an uncached or evicted one."""
+    from serve.embedding_cache import LruEmbeddingCache
+
+    inner = make_embedder("tfidf").fit(["a red cat", "a blue boat", "a green tree"])
+    cache = LruEmbeddingCache(inner, size=1)
+    assert cache.features_of("a red cat") is None and cache.misses == 0
+    cache.encode(["a red cat"])
+    identity, tokens = cache.features_of("a red cat")
+    assert identity == inner.identity()
+    np.testing.assert_array_equal(tokens, inner.encode_with_tokens(["a red cat"])[1][0])
+    cache.encode(["a blue boat"])  # size 1: "a red cat" is evicted
+    assert cache.features_of("a red cat") is None and cache.misses == 2
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [

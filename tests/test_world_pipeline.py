@@ -141,3 +141,27 @@ def test_warm_up_loads_the_text_encoder_with_one_unet_call_and_changes_no_drawin
     drawn = warmed.generate(["two blue squares"], [12])
     assert len(calls) == 3  # the drawing itself: its two steps
     assert np.array_equal(np.asarray(drawn[0]), np.asarray(cold.generate(["two blue squares"], [12])[0]))
+
+
+def test_given_prompt_tokens_draw_what_the_prompts_draw_without_encoding_them(exported):
+    """A router that already ran MiniLM hands its tokens over: an unguided pipeline given every
+    prompt's tokens never loads its own encoder, and draws the same pictures as from the prompts; a
+    guided one given some of them encodes the rest (and the empty prompt) and draws the same too."""
+    from catimage.features.registry import make_embedder
+
+    prompts, seeds = ["a red circle", "two blue squares above a green triangle"], [3, 4]
+    tokens = make_embedder("minilm").encode_with_tokens(prompts)[1]  # the test's own encoder, as a router's
+    for guidance, given in ((1.0, list(tokens)), (2.0, [None, tokens[1]])):
+        spec = {"model": str(exported), "steps": 2, "scheduler": "ddim", "guidance_scale": guidance}
+        handed, plain = make_generator(spec, device="cpu"), make_generator(spec, device="cpu")
+        assert handed.text_features == make_embedder("minilm").identity()
+        drawn = handed.generate(prompts, seeds, prompt_tokens=given)
+        assert (handed.pipe._text_embedder is None) == (guidance == 1.0)
+        for a, b in zip(drawn, plain.generate(prompts, seeds)):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prompt_tokens_of_another_width_are_refused(exported):
+    gen = make_generator({"model": str(exported), "steps": 1, "scheduler": "ddim", "guidance_scale": 1.0}, device="cpu")
+    with pytest.raises(ValueError, match="MiniLM features"):
+        gen.generate(["a red circle"], [1], prompt_tokens=[np.zeros((4, 512), np.float32)])

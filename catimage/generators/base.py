@@ -98,6 +98,9 @@ class Generator(ABC):
     """Draws one image per (prompt, seed). Loads its model once, in the constructor."""
 
     spec: GeneratorSpec
+    text_features: dict[str, Any] | None = None
+    """The text encoder (an `Embedder.identity()`) whose per-token features `generate` takes as
+    `prompt_tokens` instead of encoding the prompts itself; None: it encodes its own."""
 
     @abstractmethod
     def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from catimage.generators.refs import resolve_model
 from catimage.generators.spec import DiffusersSpec, scheduler_class_name
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -207,8 +209,18 @@ class DiffusersGenerator(Generator):
         """The starting noise for `seeds` (before the scheduler scales it by init_noise_sigma)."""
         return self.noise(seeds)[1]
 
+    @property
+    def text_features(self) -> dict[str, Any] | None:
+        """The text encoder (an `Embedder.identity()`) whose per-token features `generate` takes as
+        `prompt_tokens` in place of encoding the prompts; None when the pipeline encodes its own."""
+        identity = getattr(self.pipe, "text_feature_identity", None)
+        return None if identity is None else identity()
+
     @torch.inference_mode()
-    def generate(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+    def generate(self, prompts: list[str], seeds: list[int],
+                 prompt_tokens: Sequence[np.ndarray | None] | None = None) -> list[Image.Image]:
+        """`prompt_tokens`: per prompt, its `text_features` tokens or None (encoded here); only for a
+        pipeline that has `text_features`."""
         self._check_batch(prompts, seeds)
         if not prompts:
             return []
@@ -224,6 +236,10 @@ class DiffusersGenerator(Generator):
         }
         if self.settings.guidance_scale is not None:
             kwargs["guidance_scale"] = self.settings.guidance_scale
+        if prompt_tokens is not None:
+            if self.text_features is None:
+                raise CatimageError(f"{type(self.pipe).__name__} encodes its own prompts; it takes no prompt_tokens")
+            kwargs["prompt_tokens"] = list(prompt_tokens)
         return list(self.pipe(**kwargs).images)
 
     WARM_UP_PROMPT = "a red circle"

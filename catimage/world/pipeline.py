@@ -12,7 +12,9 @@ the unconditional input (the training drops the text to "" at random).
 `scheduler` components, `save_pretrained` / `from_pretrained` round-trip it, and `__call__` takes the
 usual arguments (prompt, num_inference_steps, guidance_scale, height, width, generator, latents,
 output_type) and returns an `ImagePipelineOutput`. MiniLM is not a saved component (it ships in its
-own package): the pipeline loads it on first use.
+own package): the pipeline loads it on first use. Like diffusers' `prompt_embeds`, `prompt_tokens`
+takes text features computed elsewhere with the same encoder (`text_feature_identity`): a router
+that already ran MiniLM on the prompt hands them over instead of the pipeline running it again.
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ def text_tokens(embedder: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, to
     return tokens, tokens.abs().sum(-1) > 0
 
 
+def text_tokens_of(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`text_tokens` of per-prompt (T_i, 384) arrays (padded here as an embedder pads them)."""
+    from catimage.features.base import pad_token_arrays
+
+    tokens = torch.from_numpy(pad_token_arrays([np.asarray(a, dtype=np.float32) for a in arrays], TEXT_DIM))
+    return tokens, tokens.abs().sum(-1) > 0
+
+
 def pad_tokens(tokens: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad the token axis to `length` (so conditional and unconditional rows can be stacked)."""
     extra = length - tokens.shape[1]
@@ -75,6 +85,7 @@ class WorldPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self._text_embedder: Any = None
+        self._empty_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -86,6 +97,13 @@ class WorldPipeline(DiffusionPipeline):
         """Channels of the denoised sample (the UNet also takes the coordinate planes)."""
         return IMAGE_CHANNELS * PACK * PACK
 
+    @staticmethod
+    def text_feature_identity() -> dict[str, Any]:
+        """The text encoder whose per-token features `prompt_tokens` takes (an `Embedder.identity()`)."""
+        from catimage.features.registry import make_embedder
+
+        return make_embedder("minilm").identity()
+
     def text_embedder(self) -> Any:
         if self._text_embedder is None:
             from catimage.features.registry import make_embedder
@@ -93,12 +111,31 @@ class WorldPipeline(DiffusionPipeline):
             self._text_embedder = make_embedder("minilm")
         return self._text_embedder
 
-    def encode_prompt(self, prompts: Sequence[str], guidance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokens(self, prompts: Sequence[str], given: Sequence[np.ndarray | None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and mask of `prompts`: those `given` as they are, the rest encoded here."""
+        if given is None:
+            return text_tokens(self.text_embedder(), prompts)
+        if len(given) != len(prompts):
+            raise ValueError(f"prompt_tokens holds {len(given)} entries for {len(prompts)} prompts")
+        missing = [i for i, t in enumerate(given) if t is None]
+        encoded = self.text_embedder().encode_with_tokens([prompts[i] for i in missing])[1] if missing else []
+        arrays = list(given)
+        for row, i in enumerate(missing):
+            arrays[i] = encoded[row]
+        bad = [a.shape for a in arrays if a.ndim != 2 or a.shape[1] != TEXT_DIM]
+        if bad:
+            raise ValueError(f"prompt_tokens must be (tokens, {TEXT_DIM}) MiniLM features, got shapes {bad[:3]}")
+        return text_tokens_of(arrays)
+
+    def encode_prompt(self, prompts: Sequence[str], guidance: bool,
+                      prompt_tokens: Sequence[np.ndarray | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked [unconditional; conditional] tokens and masks when guiding, else conditional only."""
-        tokens, mask = text_tokens(self.text_embedder(), prompts)
+        tokens, mask = self._tokens(prompts, prompt_tokens)
         if not guidance:
             return tokens, mask
-        empty, empty_mask = text_tokens(self.text_embedder(), [""])
+        if self._empty_tokens is None:  # the unconditional input: the same for every call
+            self._empty_tokens = text_tokens(self.text_embedder(), [""])
+        empty, empty_mask = self._empty_tokens
         length = max(tokens.shape[1], empty.shape[1])
         tokens, mask = pad_tokens(tokens, mask, length)
         empty, empty_mask = pad_tokens(empty, empty_mask, length)
@@ -121,6 +158,7 @@ class WorldPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        prompt_tokens: Sequence[np.ndarray | None] | None = None,
     ) -> ImagePipelineOutput | tuple:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         size = self.unet.config.sample_size * PACK
@@ -135,7 +173,7 @@ class WorldPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         guide = guidance_scale > 1.0
-        tokens, mask = self.encode_prompt(prompts, guide)
+        tokens, mask = self.encode_prompt(prompts, guide, prompt_tokens)
         tokens, mask = tokens.to(device, dtype), mask.to(device)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sample = latents.to(device, dtype) * self.scheduler.init_noise_sigma
