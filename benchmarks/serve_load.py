@@ -9,9 +9,14 @@ pool (catimage/data/world_pool.yaml: 7 candidates, both metrics scored) over `--
 prompts x `--build-seeds` seeds, its steady images/s read from its part files as
 benchmarks/build_throughput.py does (rows after the first part file / time from the first to the
 last); then the shipped serve/config.yaml app (world router, world pool, its batching and queues) on
-a fresh local Ray, `--requests` concurrent /v1/generate (all at once) of distinct world prompts, each
-with its PNG: answered, failed, images/s of answered requests over the wall time, p50/p99, candidates
-drawn, and serving / build (goal >= 0.7 with 0 failed).
+a fresh local Ray, three bursts of `--requests` concurrent /v1/generate (all at once) of distinct
+world prompts, each with its PNG: `cold` right after deployment at the config's budget (a candidate
+that scales starts its replica during the burst), `warm` right after (replicas up, as the build's
+steady rate has its actors up), `equal work` warm at a budget equal to the pool's mean cost (the
+build's work per image: it draws every candidate alike). Per burst: answered, failed, images/s of
+answered requests over the wall time, p50/p99, candidates drawn, images per generate() call, CPU per
+image by stage; then serving / build for each (goal >= 0.7 with 0 failed). The load generator is
+aiohttp and counts replicas from process titles: it shares the two cores with what it measures.
 
 What it does, all on 127.0.0.1 with a local Ray (2 CPUs) and the tiny pool:
 
