@@ -406,6 +406,16 @@ def test_a_burst_waits_in_the_router_for_a_free_call_and_leaves_as_one_batch(ser
     _assert_each_is_its_own_seeds_picture(alone, shared)
 
 
+def test_in_process_generators_warm_up_before_ready_and_hosted_ones_do_not(served):
+    """build_app's `warmup: true` (the default): an in-process pipeline drew one image at one denoising
+    step before its replica reported ready; a hosted endpoint was not called (each call costs)."""
+    from ray import serve
+
+    local = serve.get_deployment_handle("Generator-tiny-sdxl-4", app_name="catimage").stats.remote().result()
+    hosted = serve.get_deployment_handle("Generator-tiny-sd-2", app_name="scripted").stats.remote().result()
+    assert local["warmup_steps"] == 1 and hosted["warmup_steps"] == 0, (local, hosted)
+
+
 def test_a_partial_call_waits_for_the_call_out_and_a_full_one_does_not(served, scripted_server):
     """Four draws a call, three calls out at most, one of them partial; the scripted endpoint holds
     every call until released (states are read while held: events, not times). A lone draw leaves on
