@@ -107,8 +107,9 @@ def start_local_ray(**kwargs) -> None:
 
 class ScriptedImageServer:
     """A real hosted images endpoint on loopback (OpenAI's `{"data": [{"b64_json": ...}]}`) whose
-    answers the test scripts, one per request in order: "ok" (a 64x64 PNG), "fail" (HTTP 500), or
-    "hold" (wait until `release` is set, then HTTP 500). With the script empty it answers "ok".
+    answers the test scripts, one per request in order: "ok" (a 64x64 PNG), "fail" (HTTP 500),
+    "hold" (wait until `release` is set, then HTTP 500) or "wait" (wait until `release` is set, then
+    "ok"). With the script empty it answers "ok".
 
     `arrived` is set when a "hold" request is being held: tests wait on these events, never on time.
     """
@@ -137,10 +138,10 @@ class ScriptedImageServer:
                 with server._lock:
                     action = server.script.pop(0) if server.script else "ok"
                     server.served.append(action)
-                if action == "hold":
+                if action in ("hold", "wait"):
                     server.arrived.set()
-                    server.release.wait(120)
-                ok = action == "ok"
+                    server.release.wait(600)
+                ok = action in ("ok", "wait")
                 body = server.ok_body if ok else b'{"error": {"message": "scripted failure"}}'
                 self.send_response(200 if ok else 500)
                 self.send_header("content-type", "application/json")
