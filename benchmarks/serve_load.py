@@ -391,18 +391,9 @@ class CpuSampler(threading.Thread):
         self._halt = threading.Event()
 
     def cpu_now(self) -> float:
-        import psutil
-
-        me = psutil.Process()
         replicas: dict[str, int] = {}
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                with proc.oneshot():
-                    t = proc.cpu_times()
-                    self._last[(proc.pid, proc.create_time())] = t.user + t.system
-                    title = " ".join(proc.cmdline())
-            except psutil.Error:
-                continue
+        for key, (title, cpu) in process_table().items():
+            self._last[key] = cpu
             if title.startswith("ray::ServeReplica:"):  # "ray::ServeReplica:<app>:<deployment>[.<method running>]"
                 name = title.split()[0].rsplit(":", 1)[-1].split(".")[0]  # (the world's names hold no dot)
                 replicas[name] = replicas.get(name, 0) + 1
@@ -434,9 +425,9 @@ CPU_ROLES = (  # (what a process's command line holds, the stage it is counted i
 )
 
 
-def cpu_by_process() -> dict[tuple[int, float], tuple[str, float]]:
-    """CPU seconds so far of this process and every process it started, each with its stage (CPU_ROLES;
-    anything else: Ray's own processes and this load generator)."""
+def process_table() -> dict[tuple[int, float], tuple[str, float]]:
+    """(pid, create time) -> (command line, CPU seconds so far) of this process and every process it
+    started (one that exits meanwhile is left out)."""
     import psutil
 
     me = psutil.Process()
@@ -444,13 +435,20 @@ def cpu_by_process() -> dict[tuple[int, float], tuple[str, float]]:
     for proc in [me, *me.children(recursive=True)]:
         try:
             with proc.oneshot():
-                line, t = " ".join(proc.cmdline()), proc.cpu_times()
-                key = (proc.pid, proc.create_time())
+                t = proc.cpu_times()
+                out[(proc.pid, proc.create_time())] = (" ".join(proc.cmdline()), t.user + t.system)
         except psutil.Error:
             continue
-        role = next((r for k, r in CPU_ROLES if k in line), "Ray's own processes, the load generator")
-        out[key] = (role, t.user + t.system)
     return out
+
+
+def cpu_by_process() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds so far of this process and every process it started, each with its stage (CPU_ROLES;
+    anything else: Ray's own processes and this load generator)."""
+    return {
+        key: (next((r for k, r in CPU_ROLES if k in line), "Ray's own processes, the load generator"), cpu)
+        for key, (line, cpu) in process_table().items()
+    }
 
 
 def cpu_by_role(before: dict, after: dict, images: int) -> list[tuple[str, float]]:

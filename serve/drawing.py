@@ -45,6 +45,12 @@ class AllFailed(Exception):
         super().__init__("; ".join(f"{t['candidate']}: {t['reason']}" for t in tried))
 
 
+def draw_args(prompt: str, seed: int, want_image: bool, tokens: Any = None) -> tuple:
+    """The arguments of one draw (`Generator.__call__`), tokens only when there are some: a generator
+    that takes none keeps its three-argument call."""
+    return (prompt, seed, want_image) if tokens is None else (prompt, seed, want_image, tokens)
+
+
 async def _resolve(response: Any) -> Any:
     """A DeploymentResponse as a coroutine (what asyncio.wait_for cancels on timeout)."""
     return await response
@@ -112,8 +118,7 @@ class CallBatcher:
     async def call(self, prompt: str, seed: int, want_image: bool, tokens: Any = None) -> bytes | None:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        item = (prompt, seed, want_image) if tokens is None else (prompt, seed, want_image, tokens)
-        self._pending.append((item, future))
+        self._pending.append((draw_args(prompt, seed, want_image, tokens), future))
         if len(self._pending) >= self.max_items:
             self._send()
         elif self._timer is None:
@@ -235,8 +240,7 @@ class Drawer:
         tokens = await self._tokens_for(candidate, prompt)
         alone = self.in_flight[candidate] == 0  # no queue ahead (as far as this router knows)
         batcher = None if alone else self.batchers.get(candidate)
-        args = (prompt, seed, want_image) if tokens is None else (prompt, seed, want_image, tokens)
-        response = None if batcher is not None else self.generators[candidate].remote(*args)
+        response = None if batcher is not None else self.generators[candidate].remote(*draw_args(prompt, seed, want_image, tokens))
         waiting = batcher.call(prompt, seed, want_image, tokens) if batcher is not None else _resolve(response)
         self._count(candidate, +1)
         start = time.perf_counter()

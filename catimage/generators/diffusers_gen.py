@@ -216,18 +216,12 @@ class DiffusersGenerator(Generator):
         identity = getattr(self.pipe, "text_feature_identity", None)
         return None if identity is None else identity()
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[str], seeds: list[int],
-                 prompt_tokens: Sequence[np.ndarray | None] | None = None) -> list[Image.Image]:
-        """`prompt_tokens`: per prompt, its `text_features` tokens or None (encoded here); only for a
-        pipeline that has `text_features`."""
-        self._check_batch(prompts, seeds)
-        if not prompts:
-            return []
+    def _pipe_kwargs(self, prompts: list[str], seeds: list[int], steps: int) -> dict[str, Any]:
+        """The pipeline call that draws `prompts` with `seeds` in `steps` denoising steps."""
         gens, latents = self.noise(seeds)
         kwargs: dict[str, Any] = {
             "prompt": list(prompts),
-            "num_inference_steps": self.settings.steps,
+            "num_inference_steps": steps,
             "height": self.height,
             "width": self.width,
             "latents": latents.to(self.device, self.dtype),
@@ -236,6 +230,17 @@ class DiffusersGenerator(Generator):
         }
         if self.settings.guidance_scale is not None:
             kwargs["guidance_scale"] = self.settings.guidance_scale
+        return kwargs
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], seeds: list[int],
+                 prompt_tokens: Sequence[np.ndarray | None] | None = None) -> list[Image.Image]:
+        """`prompt_tokens`: per prompt, its `text_features` tokens or None (encoded here); only for a
+        pipeline that has `text_features`."""
+        self._check_batch(prompts, seeds)
+        if not prompts:
+            return []
+        kwargs = self._pipe_kwargs(prompts, seeds, self.settings.steps)
         if prompt_tokens is not None:
             if self.text_features is None:
                 raise CatimageError(f"{type(self.pipe).__name__} encodes its own prompts; it takes no prompt_tokens")
@@ -248,14 +253,7 @@ class DiffusersGenerator(Generator):
     def warm_up(self) -> int:
         """One image at one denoising step: the text encoder, the UNet and the decoder each run once
         (a lazily loaded text encoder loads now), at a fraction of a drawing's cost."""
-        _, latents = self.noise([0])
-        kwargs: dict[str, Any] = {
-            "prompt": [self.WARM_UP_PROMPT], "num_inference_steps": 1, "height": self.height, "width": self.width,
-            "latents": latents.to(self.device, self.dtype), "output_type": "pil",
-        }
-        if self.settings.guidance_scale is not None:
-            kwargs["guidance_scale"] = self.settings.guidance_scale
-        self.pipe(**kwargs)
+        self.pipe(**self._pipe_kwargs([self.WARM_UP_PROMPT], [0], steps=1))
         return 1
 
     def close(self) -> None:

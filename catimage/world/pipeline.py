@@ -56,12 +56,11 @@ def with_coords(sample: torch.Tensor) -> torch.Tensor:
 
 def text_tokens(embedder: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """MiniLM per-token features (B, T, 384) float32 and the mask of real tokens (B, T) bool."""
-    tokens = torch.from_numpy(np.ascontiguousarray(embedder.encode_tokens(list(prompts)), dtype=np.float32))
-    return tokens, tokens.abs().sum(-1) > 0
+    return text_tokens_of(embedder.encode_with_tokens(list(prompts))[1])
 
 
 def text_tokens_of(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`text_tokens` of per-prompt (T_i, 384) arrays (padded here as an embedder pads them)."""
+    """`text_tokens` of per-prompt (T_i, 384) arrays (padded as an embedder pads them)."""
     from catimage.features.base import pad_token_arrays
 
     tokens = torch.from_numpy(pad_token_arrays([np.asarray(a, dtype=np.float32) for a in arrays], TEXT_DIM))
@@ -113,8 +112,7 @@ class WorldPipeline(DiffusionPipeline):
 
     def _tokens(self, prompts: Sequence[str], given: Sequence[np.ndarray | None] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and mask of `prompts`: those `given` as they are, the rest encoded here."""
-        if given is None:
-            return text_tokens(self.text_embedder(), prompts)
+        given = [None] * len(prompts) if given is None else given
         if len(given) != len(prompts):
             raise ValueError(f"prompt_tokens holds {len(given)} entries for {len(prompts)} prompts")
         missing = [i for i, t in enumerate(given) if t is None]
